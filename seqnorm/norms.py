@@ -1,0 +1,312 @@
+"""The four normalizations as modules, and their per-step forms for recurrent cells.
+
+``BatchNorm``, ``LayerNorm``, ``InstanceNorm`` and ``GroupNorm`` work on ``(N, C, *)`` tensors
+with a per-channel gain and shift (DESIGN.md §1). Inside a cell the vector at one time step is
+``(N, F)``: ``RecurrentGroupNorm`` (layer norm for one group) normalizes each sample on its own,
+``RecurrentBatchNorm`` each feature over the batch with statistics kept per time step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as SF
+
+NORMS = ("none", "layer", "group", "batch")
+"""The choices for a cell's ``norm`` argument."""
+
+
+class _ChannelNorm(nn.Module):
+    """Shared parameters of the ``(N, C, *)`` normalizations: a per-channel gain and shift."""
+
+    def __init__(self, num_channels: int, eps: float, affine: bool, bias: bool, device, dtype):
+        super().__init__()
+        if not isinstance(num_channels, int) or num_channels < 1:
+            raise ValueError(f"Expected argument `num_channels` to be a positive int, got {num_channels!r}")
+        if not eps > 0:
+            raise ValueError(f"Expected argument `eps` to be positive, got {eps!r}")
+        self.num_channels, self.eps = num_channels, eps
+        kw = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(num_channels, **kw)) if affine else None
+        self.bias = nn.Parameter(torch.empty(num_channels, **kw)) if affine and bias else None
+        self.gain_init = 1.0
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.constant_(self.weight, self.gain_init)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def _check(self, x: Tensor) -> None:
+        if x.dim() < 2 or x.shape[1] != self.num_channels:
+            raise ValueError(
+                f"Expected input of shape (N, {self.num_channels}, *), got {tuple(x.shape)}"
+            )
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, eps={self.eps}, affine={self.weight is not None}"
+
+
+class GroupNorm(_ChannelNorm):
+    """Group normalization over ``(N, C, *)``: one mean and variance per sample and group.
+
+    Wu & He, "Group Normalization", 2018. ``num_groups=1`` is layer norm and
+    ``num_groups=num_channels`` is instance norm.
+
+    Args:
+        num_groups: G, which must divide ``num_channels``.
+        num_channels: C.
+        eps: added to the variance.
+        affine: learn a per-channel gain (initialized to 1) and shift (to 0).
+        bias: with ``affine``, also learn the shift.
+
+    Example:
+        >>> norm = GroupNorm(2, 4)
+        >>> norm(torch.randn(3, 4, 5)).shape
+        torch.Size([3, 4, 5])
+    """
+
+    def __init__(
+        self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+        bias: bool = True, device=None, dtype=None,
+    ):
+        super().__init__(num_channels, eps, affine, bias, device, dtype)
+        check_groups(num_groups, num_channels, "num_channels")
+        self.num_groups = num_groups
+        self.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
+        return SF.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_groups}, {super().extra_repr()}"
+
+
+class LayerNorm(GroupNorm):
+    """Layer normalization over ``(N, C, *)``: one mean and variance per sample (Ba et al., 2016).
+
+    Unlike ``torch.nn.LayerNorm`` the gain and shift are per channel, as for the other three.
+
+    Example:
+        >>> LayerNorm(4)(torch.randn(3, 4)).shape
+        torch.Size([3, 4])
+    """
+
+    def __init__(self, num_channels: int, eps=1e-5, affine=True, bias=True, device=None, dtype=None):
+        super().__init__(1, num_channels, eps, affine, bias, device, dtype)
+
+    def extra_repr(self) -> str:
+        return _ChannelNorm.extra_repr(self)
+
+
+class InstanceNorm(GroupNorm):
+    """Instance normalization over ``(N, C, *)``: one mean and variance per sample and channel.
+
+    Ulyanov et al., 2016. Needs at least one ``*`` axis: over ``(N, C)`` alone every output would
+    be 0.
+
+    Example:
+        >>> InstanceNorm(4)(torch.randn(3, 4, 10)).shape
+        torch.Size([3, 4, 10])
+    """
+
+    def __init__(self, num_channels: int, eps=1e-5, affine=True, bias=True, device=None, dtype=None):
+        super().__init__(num_channels, num_channels, eps, affine, bias, device, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 3:
+            raise ValueError(
+                f"Expected input of shape (N, C, L, ...) for instance norm, got {tuple(x.shape)}: "
+                "without a spatial or time axis each statistic covers a single number"
+            )
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return _ChannelNorm.extra_repr(self)
+
+
+class BatchNorm(_ChannelNorm):
+    """Batch normalization over ``(N, C, *)``: one mean and variance per channel.
+
+    Ioffe & Szegedy, 2015. Running statistics as in ``torch.nn.BatchNorm1d``.
+
+    Example:
+        >>> BatchNorm(4)(torch.randn(8, 4, 5)).shape
+        torch.Size([8, 4, 5])
+    """
+
+    def __init__(
+        self, num_channels: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
+        bias: bool = True, track_running_stats: bool = True, device=None, dtype=None,
+    ):
+        super().__init__(num_channels, eps, affine, bias, device, dtype)
+        self.momentum = momentum
+        kw = {"device": device, "dtype": dtype}
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_channels, **kw))
+            self.register_buffer("running_var", torch.ones(num_channels, **kw))
+        else:
+            self.running_mean = self.running_var = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.running_mean is not None:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
+        if self.training and x.numel() // self.num_channels < 2:
+            raise ValueError(
+                f"Expected more than one value per channel in training, got input {tuple(x.shape)}"
+            )
+        return SF.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias,
+            self.training, self.momentum, self.eps,
+        )
+
+
+class RecurrentGroupNorm(GroupNorm):
+    """Layer or group normalization of the features at each step of a recurrent cell.
+
+    Normalizes the last axis: input ``(*, F)``, each leading index a separate sample, so it works
+    at batch size 1 and never mixes samples or steps. The ``step`` and ``mask`` arguments of
+    :class:`RecurrentBatchNorm` are accepted and need nothing here.
+
+    Example:
+        >>> RecurrentGroupNorm(4, 8)(torch.randn(5, 3, 8)).shape
+        torch.Size([5, 3, 8])
+    """
+
+    def forward(self, x: Tensor, step: int = 0, mask: Tensor | None = None) -> Tensor:
+        y = SF.group_norm(x.reshape(-1, x.shape[-1]), self.num_groups, self.weight, self.bias, self.eps)
+        return y.reshape(x.shape)
+
+
+class RecurrentBatchNorm(_ChannelNorm):
+    """Batch normalization with separate statistics for each time step (Cooijmans et al., 2016).
+
+    Input ``(T, N, F)`` holds steps ``step, ..., step + T - 1`` (or ``(N, F)``, one step). In
+    training each step is normalized with the mean and variance over its valid samples; each of
+    the first ``max_steps`` steps keeps its own running statistics, later steps share the last.
+    A step with fewer than two valid samples uses its running statistics; eval mode uses them
+    always. Gains start at 0.1, as the paper recommends.
+
+    Args:
+        num_features: F.
+        max_steps: how many steps keep their own running statistics.
+        momentum: as in ``torch.nn.BatchNorm1d``.
+        bias: learn a shift (the cells' input and recurrent projections rely on the RNN biases).
+        sync: under an initialized ``torch.distributed`` process group, take the statistics over
+            the global batch (like ``torch.nn.SyncBatchNorm``).
+
+    Example:
+        >>> bn = RecurrentBatchNorm(8, max_steps=100)
+        >>> bn(torch.randn(20, 4, 8)).shape
+        torch.Size([20, 4, 8])
+    """
+
+    def __init__(
+        self, num_features: int, max_steps: int = 1000, eps: float = 1e-5, momentum: float = 0.1,
+        bias: bool = True, sync: bool = False, device=None, dtype=None,
+    ):
+        super().__init__(num_features, eps, True, bias, device, dtype)
+        check_positive_int(max_steps, "max_steps")
+        self.max_steps, self.momentum, self.sync = max_steps, momentum, sync
+        self.gain_init = 0.1
+        kw = {"device": device, "dtype": dtype}
+        self.register_buffer("running_mean", torch.zeros(max_steps, num_features, **kw))
+        self.register_buffer("running_var", torch.ones(max_steps, num_features, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self.running_mean.zero_()
+        self.running_var.fill_(1)
+
+    def forward(self, x: Tensor, step: int = 0, mask: Tensor | None = None) -> Tensor:
+        one_step = x.dim() == 2
+        if one_step:
+            x = x.unsqueeze(0)
+            mask = None if mask is None else mask.unsqueeze(0)
+        if x.dim() != 3 or x.shape[-1] != self.num_channels:
+            raise ValueError(f"Expected input of shape (T, N, {self.num_channels}), got {tuple(x.shape)}")
+        if self.training and x.shape[1] < 2 and not self._synced():
+            raise ValueError(
+                "Expected a batch of more than one sample for batch norm in training, got batch "
+                f"size {x.shape[1]}: there are no batch statistics. Use norm='layer' or "
+                "norm='group', or call .eval() to use the running statistics"
+            )
+        y = SF.recurrent_batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, mask=mask,
+            start=step, training=self.training, momentum=self.momentum, eps=self.eps,
+            all_reduce=_all_reduce_sum if self._synced() else None,
+        )
+        return y.squeeze(0) if one_step else y
+
+    def _synced(self) -> bool:
+        dist = torch.distributed
+        return self.sync and self.training and dist.is_available() and dist.is_initialized()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, max_steps={self.max_steps}, sync={self.sync}"
+
+
+def _all_reduce_sum(x: Tensor) -> Tensor:
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(x)
+
+
+def check_positive_int(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Expected argument `{name}` to be an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"Expected argument `{name}` to be at least 1, got {value}")
+
+
+def check_groups(groups, features: int, features_name: str) -> None:
+    check_positive_int(groups, "groups")
+    if features % groups:
+        raise ValueError(
+            f"Expected argument `groups` to divide {features_name}={features}, got groups={groups}"
+        )
+
+
+def check_norm(norm) -> None:
+    """Reject anything a recurrent cell cannot use, saying what it can."""
+    if norm == "instance":
+        raise ValueError(
+            "Expected argument `norm` to be one of " + ", ".join(map(repr, NORMS)) + ", got "
+            "'instance': at one time step each sample and feature is a single number, so instance "
+            "norm would always output 0. Use norm='layer' (one group) or norm='group'"
+        )
+    if norm not in NORMS:
+        raise ValueError(
+            f"Expected argument `norm` to be one of {', '.join(map(repr, NORMS))}, got {norm!r}"
+        )
+
+
+def step_norm(
+    norm: str, features: int, groups: int, *, bias: bool, eps: float, max_steps: int,
+    sync: bool = False, device=None, dtype=None,
+) -> nn.Module | None:
+    """The normalization of ``features`` per step that a cell with ``norm`` applies (None: none)."""
+    kw = {"eps": eps, "bias": bias, "device": device, "dtype": dtype}
+    if norm == "none":
+        return None
+    if norm == "batch":
+        return RecurrentBatchNorm(features, max_steps, sync=sync, **kw)
+    return RecurrentGroupNorm(groups if norm == "group" else 1, features, **kw)
+
+
+def at_step(norm: nn.Module | None, step: int, mask: Tensor | None) -> Callable[[Tensor], Tensor] | None:
+    """``norm`` bound to a time step: only batch norm needs to know which step and samples."""
+    if isinstance(norm, RecurrentBatchNorm):
+        return lambda x: norm(x, step=step, mask=mask)
+    return norm
