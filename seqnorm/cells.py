@@ -28,8 +28,18 @@ def check_cell_args(input_size, hidden_size, norm, groups, eps, max_steps) -> No
 
 
 def add_cell_parameters(
-    module: nn.Module, suffix: str, input_size: int, hidden_size: int, gates: int, bias: bool,
-    norm: str, groups: int, eps: float, max_steps: int, cell_norm: bool, factory: dict,
+    module: nn.Module,
+    suffix: str,
+    input_size: int,
+    hidden_size: int,
+    gates: int,
+    bias: bool,
+    norm: str,
+    groups: int,
+    eps: float,
+    max_steps: int,
+    cell_norm: bool,
+    factory: dict,
 ) -> None:
     """Register one cell's weights under torch's names, and its norms beside them.
 
@@ -70,16 +80,34 @@ class _CellBase(nn.Module):
     _cell_norm: bool
 
     def __init__(
-        self, input_size: int, hidden_size: int, bias: bool = True, norm: str = "layer",
-        groups: int = 1, eps: float = 1e-5, max_steps: int = 1000, device=None, dtype=None,
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        norm: str = "layer",
+        groups: int = 1,
+        eps: float = 1e-5,
+        max_steps: int = 1000,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
         check_cell_args(input_size, hidden_size, norm, groups, eps, max_steps)
         self.input_size, self.hidden_size, self.bias = input_size, hidden_size, bias
         self.norm, self.groups, self.eps, self.max_steps = norm, groups, eps, max_steps
         add_cell_parameters(
-            self, "", input_size, hidden_size, self._gates, bias, norm, groups, eps, max_steps,
-            self._cell_norm, {"device": device, "dtype": dtype},
+            self,
+            "",
+            input_size,
+            hidden_size,
+            self._gates,
+            bias,
+            norm,
+            groups,
+            eps,
+            max_steps,
+            self._cell_norm,
+            {"device": device, "dtype": dtype},
         )
         self.reset_parameters()
 
@@ -100,8 +128,8 @@ class _CellBase(nn.Module):
             raise TypeError(f"Expected argument `input` to be a Tensor, got {type(input).__name__}")
         if input.dim() not in (1, 2) or input.shape[-1] != self.input_size:
             raise ValueError(
-                f"Expected argument `input` of shape (N, {self.input_size}) or ({self.input_size},), "
-                f"got {tuple(input.shape)}"
+                f"Expected argument `input` of shape (N, {self.input_size}) or "
+                f"({self.input_size},), got {tuple(input.shape)}"
             )
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
@@ -121,7 +149,9 @@ class _CellBase(nn.Module):
 
 
 class LSTMCell(_CellBase):
-    """An LSTM cell with layer, group or batch normalization (Ba et al., 2016; Cooijmans et al., 2016).
+    """An LSTM cell with layer, group or batch normalization.
+
+    Layer norm: Ba et al., 2016 (eqs. 20-22); batch norm: Cooijmans et al., 2016.
 
     ``gates = Nx(x W_ih^T) + Nh(h W_hh^T) + b_ih + b_hh``; ``c' = sig(f) c + sig(i) tanh(g)``;
     ``h' = sig(o) tanh(Nc(c'))``. Arguments and parameter names are those of
@@ -150,12 +180,21 @@ class LSTMCell(_CellBase):
             h = c = x.new_zeros(n, self.hidden_size)
         else:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise TypeError(f"Expected argument `hx` to be a tuple (h, c), got {type(hx).__name__}")
+                raise TypeError(
+                    f"Expected argument `hx` to be a tuple (h, c), got {type(hx).__name__}"
+                )
             h = self._check_state(hx[0], "hx[0]", n, batched)
             c = self._check_state(hx[1], "hx[1]", n, batched)
-        gx = SF.lstm_input(x, self.weight_ih, self.bias_ih, self.bias_hh, at_step(self.norm_ih, step, None))
+        gx = SF.lstm_input(
+            x, self.weight_ih, self.bias_ih, self.bias_hh, at_step(self.norm_ih, step, None)
+        )
         h, c = SF.lstm_step(
-            gx, h, c, self.weight_hh, at_step(self.norm_hh, step, None), at_step(self.norm_c, step, None)
+            gx,
+            h,
+            c,
+            self.weight_hh,
+            at_step(self.norm_hh, step, None),
+            at_step(self.norm_c, step, None),
         )
         return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
 
@@ -179,7 +218,11 @@ class GRUCell(_CellBase):
     def forward(self, input: Tensor, hx: Tensor | None = None, *, step: int = 0) -> Tensor:
         x, batched = self._check_input(input)
         n = x.shape[0]
-        h = x.new_zeros(n, self.hidden_size) if hx is None else self._check_state(hx, "hx", n, batched)
+        h = (
+            x.new_zeros(n, self.hidden_size)
+            if hx is None
+            else self._check_state(hx, "hx", n, batched)
+        )
         gx = SF.gru_input(x, self.weight_ih, self.bias_ih, at_step(self.norm_ih, step, None))
         h = SF.gru_step(gx, h, self.weight_hh, self.bias_hh, at_step(self.norm_hh, step, None))
         return h if batched else h.squeeze(0)

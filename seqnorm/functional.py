@@ -58,7 +58,7 @@ def group_norm(
         >>> torch.allclose(group_norm(x, 4), torch.nn.functional.instance_norm(x), atol=1e-6)
         True
     """
-    n, c = x.shape[:2]
+    n = x.shape[0]
     xs = x.to(_stats_dtype(x)).reshape(n, groups, -1)  # (N, G, C/G * prod(*))
     var, mean = torch.var_mean(xs, dim=-1, keepdim=True, correction=0)
     x_hat = ((xs - mean) * torch.rsqrt(var + eps)).reshape(x.shape)
@@ -157,10 +157,8 @@ def recurrent_batch_norm(
     if not training:
         mean, var = run_mean, run_var
     else:
-        if mask is None:
-            w = xs.new_ones(xs.shape[:2] + (1,))
-        else:
-            w = mask.to(xs.dtype).unsqueeze(-1)  # (T, N, 1)
+        valid = torch.ones_like(xs[..., 0]) if mask is None else mask.to(xs.dtype)
+        w = valid.unsqueeze(-1)  # (T, N, 1)
         count, total = w.sum(1), (xs * w).sum(1)  # (T, 1), (T, F)
         if all_reduce is not None:
             count, total = all_reduce(count), all_reduce(total)
@@ -181,22 +179,34 @@ def recurrent_batch_norm(
 
 
 def _update_running(running: Tensor, batch: Tensor, use: Tensor, slot: Tensor, momentum: float):
-    """Move the rows ``slot`` of ``running`` towards ``batch`` where ``use``.
+    """Move rows ``slot`` of ``running`` towards ``batch`` where ``use``, as if step by step.
 
-    Steps that share a row (those past the last one) move it by their average. Only the touched
-    range of rows is read and written, so a one-step call costs O(F), not O(S F).
+    Steps past the last row share it; each moves it in turn, so a whole sequence updates the
+    statistics exactly as one call per step would: a step followed by ``k`` later updates of the
+    same row keeps weight ``momentum * (1 - momentum) ** k``. Only the touched range of rows is
+    read and written, so a one-step call costs O(F), not O(S F).
     """
     lo = int(slot[0])
     rows = running[lo : int(slot[-1]) + 1]  # (R, F), a view
-    weight = use.to(batch.dtype)  # (T, 1)
-    hits = rows.new_zeros(rows.shape[0], 1).index_add_(0, slot - lo, weight.to(rows.dtype))
-    sums = torch.zeros_like(rows).index_add_(0, slot - lo, (batch * weight).to(rows.dtype))
-    target = sums / hits.clamp(min=1)
-    rows.copy_(torch.where(hits > 0, rows.lerp(target, momentum), rows))
+    index = slot - lo
+    used = use.squeeze(1).to(rows.dtype)  # (T,)
+    hits = rows.new_zeros(rows.shape[0]).index_add_(0, index, used)  # (R,)
+    # Slots never decrease along the steps, so the updates after step t that hit its row are
+    # the row's hits minus those up to and including t.
+    upto = torch.cumsum(used, 0) - torch.cumsum(hits, 0)[index] + hits[index]  # (T,)
+    later = hits[index] - upto
+    keep = 1 - momentum
+    weight = used * momentum * keep**later  # (T,)
+    moved = torch.zeros_like(rows).index_add_(0, index, batch.to(rows.dtype) * weight.unsqueeze(1))
+    rows.copy_(rows * (keep**hits).unsqueeze(1) + moved)
 
 
 def lstm_input(
-    x: Tensor, weight_ih: Tensor, bias_ih: Tensor | None, bias_hh: Tensor | None, norm_ih: Norm | None
+    x: Tensor,
+    weight_ih: Tensor,
+    bias_ih: Tensor | None,
+    bias_hh: Tensor | None,
+    norm_ih: Norm | None,
 ) -> Tensor:
     """The input half of the LSTM gates, for all steps at once: ``Nx(x W_ih^T) + b_ih + b_hh``.
 

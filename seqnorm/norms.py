@@ -25,7 +25,9 @@ class _ChannelNorm(nn.Module):
     def __init__(self, num_channels: int, eps: float, affine: bool, bias: bool, device, dtype):
         super().__init__()
         if not isinstance(num_channels, int) or num_channels < 1:
-            raise ValueError(f"Expected argument `num_channels` to be a positive int, got {num_channels!r}")
+            raise ValueError(
+                f"Expected argument `num_channels` to be a positive int, got {num_channels!r}"
+            )
         if not eps > 0:
             raise ValueError(f"Expected argument `eps` to be positive, got {eps!r}")
         self.num_channels, self.eps = num_channels, eps
@@ -70,8 +72,14 @@ class GroupNorm(_ChannelNorm):
     """
 
     def __init__(
-        self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-        bias: bool = True, device=None, dtype=None,
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        bias: bool = True,
+        device=None,
+        dtype=None,
     ):
         super().__init__(num_channels, eps, affine, bias, device, dtype)
         check_groups(num_groups, num_channels, "num_channels")
@@ -96,7 +104,9 @@ class LayerNorm(GroupNorm):
         torch.Size([3, 4])
     """
 
-    def __init__(self, num_channels: int, eps=1e-5, affine=True, bias=True, device=None, dtype=None):
+    def __init__(
+        self, num_channels: int, eps=1e-5, affine=True, bias=True, device=None, dtype=None
+    ):
         super().__init__(1, num_channels, eps, affine, bias, device, dtype)
 
     def extra_repr(self) -> str:
@@ -114,7 +124,9 @@ class InstanceNorm(GroupNorm):
         torch.Size([3, 4, 10])
     """
 
-    def __init__(self, num_channels: int, eps=1e-5, affine=True, bias=True, device=None, dtype=None):
+    def __init__(
+        self, num_channels: int, eps=1e-5, affine=True, bias=True, device=None, dtype=None
+    ):
         super().__init__(num_channels, num_channels, eps, affine, bias, device, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -140,8 +152,15 @@ class BatchNorm(_ChannelNorm):
     """
 
     def __init__(
-        self, num_channels: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
-        bias: bool = True, track_running_stats: bool = True, device=None, dtype=None,
+        self,
+        num_channels: int,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        affine: bool = True,
+        bias: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
     ):
         super().__init__(num_channels, eps, affine, bias, device, dtype)
         self.momentum = momentum
@@ -166,8 +185,14 @@ class BatchNorm(_ChannelNorm):
                 f"Expected more than one value per channel in training, got input {tuple(x.shape)}"
             )
         return SF.batch_norm(
-            x, self.running_mean, self.running_var, self.weight, self.bias,
-            self.training, self.momentum, self.eps,
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.training,
+            self.momentum,
+            self.eps,
         )
 
 
@@ -184,7 +209,9 @@ class RecurrentGroupNorm(GroupNorm):
     """
 
     def forward(self, x: Tensor, step: int = 0, mask: Tensor | None = None) -> Tensor:
-        y = SF.group_norm(x.reshape(-1, x.shape[-1]), self.num_groups, self.weight, self.bias, self.eps)
+        y = SF.group_norm(
+            x.reshape(-1, x.shape[-1]), self.num_groups, self.weight, self.bias, self.eps
+        )
         return y.reshape(x.shape)
 
 
@@ -212,8 +239,15 @@ class RecurrentBatchNorm(_ChannelNorm):
     """
 
     def __init__(
-        self, num_features: int, max_steps: int = 1000, eps: float = 1e-5, momentum: float = 0.1,
-        bias: bool = True, sync: bool = False, device=None, dtype=None,
+        self,
+        num_features: int,
+        max_steps: int = 1000,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        bias: bool = True,
+        sync: bool = False,
+        device=None,
+        dtype=None,
     ):
         super().__init__(num_features, eps, True, bias, device, dtype)
         check_positive_int(max_steps, "max_steps")
@@ -235,7 +269,9 @@ class RecurrentBatchNorm(_ChannelNorm):
             x = x.unsqueeze(0)
             mask = None if mask is None else mask.unsqueeze(0)
         if x.dim() != 3 or x.shape[-1] != self.num_channels:
-            raise ValueError(f"Expected input of shape (T, N, {self.num_channels}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"Expected input of shape (T, N, {self.num_channels}), got {tuple(x.shape)}"
+            )
         if self.training and x.shape[1] < 2 and not self._synced():
             raise ValueError(
                 "Expected a batch of more than one sample for batch norm in training, got batch "
@@ -243,8 +279,16 @@ class RecurrentBatchNorm(_ChannelNorm):
                 "norm='group', or call .eval() to use the running statistics"
             )
         y = SF.recurrent_batch_norm(
-            x, self.running_mean, self.running_var, self.weight, self.bias, mask=mask,
-            start=step, training=self.training, momentum=self.momentum, eps=self.eps,
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            mask=mask,
+            start=step,
+            training=self.training,
+            momentum=self.momentum,
+            eps=self.eps,
             all_reduce=_all_reduce_sum if self._synced() else None,
         )
         return y.squeeze(0) if one_step else y
@@ -265,7 +309,9 @@ def _all_reduce_sum(x: Tensor) -> Tensor:
 
 def check_positive_int(value, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"Expected argument `{name}` to be an int, got {type(value).__name__} {value!r}")
+        raise TypeError(
+            f"Expected argument `{name}` to be an int, got {type(value).__name__} {value!r}"
+        )
     if value < 1:
         raise ValueError(f"Expected argument `{name}` to be at least 1, got {value}")
 
@@ -293,8 +339,16 @@ def check_norm(norm) -> None:
 
 
 def step_norm(
-    norm: str, features: int, groups: int, *, bias: bool, eps: float, max_steps: int,
-    sync: bool = False, device=None, dtype=None,
+    norm: str,
+    features: int,
+    groups: int,
+    *,
+    bias: bool,
+    eps: float,
+    max_steps: int,
+    sync: bool = False,
+    device=None,
+    dtype=None,
 ) -> nn.Module | None:
     """The normalization of ``features`` per step that a cell with ``norm`` applies (None: none)."""
     kw = {"eps": eps, "bias": bias, "device": device, "dtype": dtype}
@@ -305,7 +359,9 @@ def step_norm(
     return RecurrentGroupNorm(groups if norm == "group" else 1, features, **kw)
 
 
-def at_step(norm: nn.Module | None, step: int, mask: Tensor | None) -> Callable[[Tensor], Tensor] | None:
+def at_step(
+    norm: nn.Module | None, step: int, mask: Tensor | None
+) -> Callable[[Tensor], Tensor] | None:
     """``norm`` bound to a time step: only batch norm needs to know which step and samples."""
     if isinstance(norm, RecurrentBatchNorm):
         return lambda x: norm(x, step=step, mask=mask)

@@ -29,16 +29,32 @@ class _RNNBase(nn.Module):
     _num_states: int
 
     def __init__(
-        self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-        batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-        norm: str = "layer", groups: int = 1, eps: float = 1e-5, max_steps: int = 1000,
-        device=None, dtype=None,
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        norm: str = "layer",
+        groups: int = 1,
+        eps: float = 1e-5,
+        max_steps: int = 1000,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
         check_cell_args(input_size, hidden_size, norm, groups, eps, max_steps)
         check_positive_int(num_layers, "num_layers")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
-            raise ValueError(f"Expected argument `dropout` to be a number in [0, 1], got {dropout!r}")
+        if (
+            isinstance(dropout, bool)
+            or not isinstance(dropout, (int, float))
+            or not 0 <= dropout <= 1
+        ):
+            raise ValueError(
+                f"Expected argument `dropout` to be a number in [0, 1], got {dropout!r}"
+            )
         if dropout > 0 and num_layers == 1:
             warnings.warn(
                 f"dropout={dropout} acts between layers, so with num_layers=1 it does nothing",
@@ -53,8 +69,18 @@ class _RNNBase(nn.Module):
             layer_input = input_size if layer == 0 else hidden_size * directions
             for suffix in self._suffixes(layer):
                 add_cell_parameters(
-                    self, suffix, layer_input, hidden_size, self._gates, bias, norm, groups, eps,
-                    max_steps, self._cell_norm, {"device": device, "dtype": dtype},
+                    self,
+                    suffix,
+                    layer_input,
+                    hidden_size,
+                    self._gates,
+                    bias,
+                    norm,
+                    groups,
+                    eps,
+                    max_steps,
+                    self._cell_norm,
+                    {"device": device, "dtype": dtype},
                 )
         self.reset_parameters()
 
@@ -84,7 +110,9 @@ class _RNNBase(nn.Module):
             s += f", groups={self.groups}"
         return s
 
-    def _direction(self, x: Tensor, mask: Tensor | None, state: State, suffix: str) -> tuple[Tensor, State]:
+    def _direction(
+        self, x: Tensor, mask: Tensor | None, state: State, suffix: str
+    ) -> tuple[Tensor, State]:
         """Run one direction of one layer over ``x`` ``(T, N, H_in)``; return ``(T, N, H)`` and
         the final state."""
         raise NotImplementedError
@@ -115,7 +143,9 @@ class _RNNBase(nn.Module):
                 if d == 0:
                     out, last = self._direction(layer_input, mask, first, suffix)
                 else:
-                    out, last = self._direction(_reversed(layer_input, reverse), mask, first, suffix)
+                    out, last = self._direction(
+                        _reversed(layer_input, reverse), mask, first, suffix
+                    )
                     out = _reversed(out, reverse)
                 outputs.append(out)
                 finals.append(last)
@@ -130,7 +160,9 @@ class _RNNBase(nn.Module):
             out_sorted = output if order is None else output.index_select(1, order)
             lengths_sorted = lengths.cpu() if order is None else lengths.cpu()[order.cpu()]
             data = pack_padded_sequence(out_sorted, lengths_sorted).data
-            output = PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+            output = PackedSequence(
+                data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices
+            )
         elif not batched:
             output, final = output.squeeze(1), tuple(s.squeeze(1) for s in final)
         elif self.batch_first:
@@ -158,14 +190,17 @@ class _RNNBase(nn.Module):
         """Return ``(T, N, H_in)`` input, validated lengths or None, batched, the PackedSequence."""
         if isinstance(input, PackedSequence):
             if lengths is not None:
-                raise ValueError("Expected argument `lengths` to be None for a PackedSequence input, "
-                                 "which carries its own lengths")
+                raise ValueError(
+                    "Expected argument `lengths` to be None for a PackedSequence input, "
+                    "which carries its own lengths"
+                )
             x, lengths = pad_packed_sequence(input)
             self._check_features(x)
             return x, lengths, True, input
         if not isinstance(input, Tensor):
             raise TypeError(
-                f"Expected argument `input` to be a Tensor or PackedSequence, got {type(input).__name__}"
+                "Expected argument `input` to be a Tensor or PackedSequence, got "
+                f"{type(input).__name__}"
             )
         if input.dim() not in (2, 3):
             layout = "(N, L, H_in)" if self.batch_first else "(L, N, H_in)"
@@ -198,11 +233,15 @@ class _RNNBase(nn.Module):
             return (zeros,) * self._num_states
         parts = (hx,) if self._num_states == 1 else hx
         if self._num_states > 1 and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
-            raise TypeError(f"Expected argument `hx` to be a tuple (h_0, c_0), got {type(hx).__name__}")
+            raise TypeError(
+                f"Expected argument `hx` to be a tuple (h_0, c_0), got {type(hx).__name__}"
+            )
         names = ["hx"] if self._num_states == 1 else ["hx[0] (h_0)", "hx[1] (c_0)"]
         for part, name in zip(parts, names):
             if not isinstance(part, Tensor):
-                raise TypeError(f"Expected argument `{name}` to be a Tensor, got {type(part).__name__}")
+                raise TypeError(
+                    f"Expected argument `{name}` to be a Tensor, got {type(part).__name__}"
+                )
             if tuple(part.shape) != shape:
                 raise ValueError(
                     f"Expected argument `{name}` of shape {shape} (num_layers * num_directions, "
@@ -219,7 +258,8 @@ def _check_lengths(lengths, n: int, steps: int) -> Tensor:
         raise ValueError(f"Expected argument `lengths` to be 1-D, got shape {tuple(lengths.shape)}")
     if lengths.numel() != n:
         raise ValueError(
-            f"Expected argument `lengths` to hold one length per sample ({n}), got {lengths.numel()}"
+            f"Expected argument `lengths` to hold one length per sample ({n}), got "
+            f"{lengths.numel()}"
         )
     low, high = int(lengths.min()), int(lengths.max())
     if low < 1 or high > steps:
@@ -264,7 +304,9 @@ class LSTM(_RNNBase):
     _gates, _cell_norm, _num_states = 4, True, 2
 
     def forward(
-        self, input: Tensor | PackedSequence, hx: tuple[Tensor, Tensor] | None = None,
+        self,
+        input: Tensor | PackedSequence,
+        hx: tuple[Tensor, Tensor] | None = None,
         lengths: Tensor | None = None,
     ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
         output, (h_n, c_n) = self._forward(input, hx, lengths)
@@ -274,13 +316,18 @@ class LSTM(_RNNBase):
         weight_hh = getattr(self, f"weight_hh{suffix}")
         norm_hh, norm_c = getattr(self, f"norm_hh{suffix}"), getattr(self, f"norm_c{suffix}")
         gx = SF.lstm_input(  # (T, N, 4H), all steps at once
-            x, getattr(self, f"weight_ih{suffix}"), getattr(self, f"bias_ih{suffix}"),
-            getattr(self, f"bias_hh{suffix}"), at_step(getattr(self, f"norm_ih{suffix}"), 0, mask),
+            x,
+            getattr(self, f"weight_ih{suffix}"),
+            getattr(self, f"bias_ih{suffix}"),
+            getattr(self, f"bias_hh{suffix}"),
+            at_step(getattr(self, f"norm_ih{suffix}"), 0, mask),
         )
 
         def step(gx_t, state, t, valid):
             h, c = state
-            return SF.lstm_step(gx_t, h, c, weight_hh, at_step(norm_hh, t, valid), at_step(norm_c, t, valid))
+            return SF.lstm_step(
+                gx_t, h, c, weight_hh, at_step(norm_hh, t, valid), at_step(norm_c, t, valid)
+            )
 
         return self._recur(gx, mask, state, step)
 
@@ -304,7 +351,10 @@ class GRU(_RNNBase):
     _gates, _cell_norm, _num_states = 3, False, 1
 
     def forward(
-        self, input: Tensor | PackedSequence, hx: Tensor | None = None, lengths: Tensor | None = None
+        self,
+        input: Tensor | PackedSequence,
+        hx: Tensor | None = None,
+        lengths: Tensor | None = None,
     ) -> tuple[Tensor | PackedSequence, Tensor]:
         output, (h_n,) = self._forward(input, hx, lengths)
         return output, h_n
@@ -313,7 +363,9 @@ class GRU(_RNNBase):
         weight_hh, bias_hh = getattr(self, f"weight_hh{suffix}"), getattr(self, f"bias_hh{suffix}")
         norm_hh = getattr(self, f"norm_hh{suffix}")
         gx = SF.gru_input(  # (T, N, 3H), all steps at once
-            x, getattr(self, f"weight_ih{suffix}"), getattr(self, f"bias_ih{suffix}"),
+            x,
+            getattr(self, f"weight_ih{suffix}"),
+            getattr(self, f"bias_ih{suffix}"),
             at_step(getattr(self, f"norm_ih{suffix}"), 0, mask),
         )
 

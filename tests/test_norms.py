@@ -1,0 +1,159 @@
+"""The four normalizations against their formulas in float64 and against torch.nn."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from seqnorm import norms
+
+
+def formula(x, dims, eps=1e-5):
+    mean = x.mean(dim=dims, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps)
+
+
+def affine(y, w, b):
+    shape = [1, -1] + [1] * (y.dim() - 2)
+    return y * w.reshape(shape) + b.reshape(shape)
+
+
+def randomize(module):
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.uniform_(-0.5, 0.5)
+    return module
+
+
+X = torch.randn(6, 8, 5, dtype=torch.float64)
+
+
+def test_layer_norm_formula():
+    m = randomize(norms.LayerNorm(8, dtype=torch.float64))
+    assert_close(m(X), affine(formula(X, (1, 2)), m.weight, m.bias))
+
+
+def test_instance_norm_formula():
+    m = randomize(norms.InstanceNorm(8, dtype=torch.float64))
+    assert_close(m(X), affine(formula(X, (2,)), m.weight, m.bias))
+
+
+def test_group_norm_formula():
+    m = randomize(norms.GroupNorm(4, 8, dtype=torch.float64))
+    y = formula(X.reshape(6, 4, 2, 5), (2, 3)).reshape(X.shape)
+    assert_close(m(X), affine(y, m.weight, m.bias))
+
+
+def test_batch_norm_formula_and_running_statistics():
+    m = randomize(norms.BatchNorm(8, dtype=torch.float64))
+    assert_close(m(X), affine(formula(X, (0, 2)), m.weight, m.bias))
+    var = X.var(dim=(0, 2), unbiased=True)
+    assert_close(m.running_mean, 0.1 * X.mean(dim=(0, 2)))
+    assert_close(m.running_var, 0.9 + 0.1 * var)
+    m.eval()
+    want = (X - m.running_mean.reshape(1, -1, 1)) / torch.sqrt(
+        m.running_var.reshape(1, -1, 1) + 1e-5
+    )
+    assert_close(m(X), affine(want, m.weight, m.bias))
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "x"),
+    [
+        pytest.param(
+            lambda: norms.GroupNorm(4, 8), lambda: torch.nn.GroupNorm(4, 8), X.float(), id="group"
+        ),
+        pytest.param(
+            lambda: norms.LayerNorm(8),
+            lambda: torch.nn.LayerNorm(8),
+            X.float()[:, :, 0],
+            id="layer-2d",
+        ),
+        pytest.param(
+            lambda: norms.LayerNorm(8, affine=False),
+            lambda: torch.nn.LayerNorm([8, 5], elementwise_affine=False),
+            X.float(),
+            id="layer-3d",
+        ),
+        pytest.param(
+            lambda: norms.InstanceNorm(8),
+            lambda: torch.nn.InstanceNorm1d(8, affine=True),
+            X.float(),
+            id="instance",
+        ),
+        pytest.param(
+            lambda: norms.BatchNorm(8), lambda: torch.nn.BatchNorm1d(8), X.float(), id="batch"
+        ),
+    ],
+)
+def test_equals_torch(ours, theirs, x):
+    a, b = ours(), theirs()
+    if a.weight is not None:
+        randomize(a)
+        b.load_state_dict(a.state_dict(), strict=False)
+    for training in (True, False):
+        a.train(training)
+        b.train(training)
+        assert_close(a(x), b(x))
+    if isinstance(a, norms.BatchNorm):
+        assert_close(a.running_var, b.running_var)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="divide num_channels=8, got groups=3"):
+        norms.GroupNorm(3, 8)
+    with pytest.raises(ValueError, match=r"\(N, 8, \*\)"):
+        norms.LayerNorm(8)(torch.randn(2, 7))
+    with pytest.raises(ValueError, match="single number"):
+        norms.InstanceNorm(8)(torch.randn(2, 8))
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        norms.BatchNorm(8)(torch.randn(1, 8))
+
+
+class TestRecurrentBatchNorm:
+    def test_per_step_statistics_over_valid_samples(self):
+        bn = norms.RecurrentBatchNorm(3, max_steps=10, dtype=torch.float64)
+        x = torch.randn(4, 5, 3, dtype=torch.float64)
+        mask = torch.ones(4, 5, dtype=torch.bool)
+        mask[2, 3:] = False  # step 2: samples 3 and 4 are padding
+        y = bn(x, mask=mask)
+        for t in range(4):
+            valid = x[t][mask[t]]
+            want = 0.1 * formula(valid, (0,))
+            assert_close(y[t][mask[t]], want)
+
+    def test_fewer_than_two_valid_uses_that_steps_running_statistics(self):
+        bn = norms.RecurrentBatchNorm(3, max_steps=10, dtype=torch.float64)
+        with torch.no_grad():
+            bn.running_mean[5] = torch.tensor([1.0, 2.0, 3.0])
+            bn.running_var[5] = torch.tensor([4.0, 5.0, 6.0])
+        before = bn.running_mean.clone()
+        x = torch.randn(3, 4, 3, dtype=torch.float64)  # steps 4, 5, 6
+        mask = torch.ones(3, 4, dtype=torch.bool)
+        mask[1, 1:] = False
+        y = bn(x, step=4, mask=mask)
+        want = (
+            0.1
+            * (x[1, 0] - before[5])
+            / torch.sqrt(torch.tensor([4.0, 5.0, 6.0], dtype=torch.float64) + 1e-5)
+        )
+        assert_close(y[1, 0], want)
+        assert torch.equal(bn.running_mean[5], before[5])  # not updated from a single sample
+        assert not torch.equal(bn.running_mean[4], before[4])
+
+    def test_batch_of_one_in_training_raises(self):
+        bn = norms.RecurrentBatchNorm(3)
+        with pytest.raises(ValueError, match=r"batch size 1.*norm='layer'"):
+            bn(torch.randn(4, 1, 3))
+        bn.eval()
+        assert bn(torch.randn(4, 1, 3)).shape == (4, 1, 3)
+
+    def test_one_step_call_equals_slice_of_sequence_call(self):
+        a = norms.RecurrentBatchNorm(3, max_steps=4)
+        b = norms.RecurrentBatchNorm(3, max_steps=4)
+        x = torch.randn(6, 5, 3)
+        whole = a(x)
+        steps = torch.stack([b(x[t], step=t) for t in range(6)])
+        assert_close(whole, steps)
+        assert_close(a.running_mean, b.running_mean)
+        assert_close(a.running_var, b.running_var)
