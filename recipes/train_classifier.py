@@ -1,0 +1,32 @@
+"""Train a (normalized) recurrent text classifier with LightningCLI.
+
+    python recipes/train_classifier.py fit --config configs/cls_mr_polarity_ln_lstm.yaml --data.path ../shared/data/mr_polarity.tsv
+    python recipes/train_classifier.py test --config configs/cls_mr_polarity_ln_lstm.yaml --data.path ../shared/data/mr_polarity.tsv --ckpt_path last
+
+Subcommands: fit, validate, test, predict. The vocabulary and the number of classes are linked
+from the DataModule to the model.
+"""
+
+from lightning.pytorch.cli import LightningCLI
+
+from seqnorm.lightning import SequenceClassifier, TextClassificationDataModule
+
+
+class ClassifierCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser):
+        parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.num_classes")
+
+
+def main(args=None, run=True):
+    return ClassifierCLI(
+        SequenceClassifier,
+        TextClassificationDataModule,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+if __name__ == "__main__":
+    main()

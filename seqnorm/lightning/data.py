@@ -1,0 +1,391 @@
+"""DataModules for character- and word-level language modelling and text classification.
+
+All text is loaded through Hugging Face ``datasets``: a hub name for users with internet, or a
+local file (plain text, csv/tsv, json, parquet). The vocabulary is built from the training text
+the first time it is needed and travels with the model's hyperparameters, so a checkpoint alone
+can be evaluated or sampled.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+
+import lightning as L
+import torch
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+LOCAL_FORMATS = {".txt": "text", ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json",
+                 ".parquet": "parquet"}  # fmt: skip
+
+
+def load_local(path: str, **kwargs):
+    """A local file as a ``datasets.Dataset`` (its single ``train`` split), checked first."""
+    import datasets
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Expected argument `path` to be an existing file, got {path!r}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"Expected argument `path` to be a non-empty file, got empty {path!r}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in LOCAL_FORMATS:
+        raise ValueError(
+            f"Expected argument `path` to end in one of {sorted(LOCAL_FORMATS)}, got {path!r}"
+        )
+    if ext == ".tsv":
+        kwargs.setdefault("delimiter", "\t")
+    return datasets.load_dataset(LOCAL_FORMATS[ext], data_files=path, split="train", **kwargs)
+
+
+def load_hub(name: str, config: str | None = None):
+    """All splits of a hub data set (needs internet)."""
+    import datasets
+
+    return datasets.load_dataset(name, config)
+
+
+def python_docs_text() -> str:
+    """About 465 K characters of English documentation that ship with Python itself."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+class Vocabulary:
+    """Token <-> id. Index 0 is ``<pad>``, 1 is ``<unk>``; tokens sorted by count, then by text."""
+
+    PAD, UNK = "<pad>", "<unk>"
+
+    def __init__(self, tokens: list[str]):
+        self.tokens = list(tokens)
+        self.index = {t: i for i, t in enumerate(self.tokens)}
+
+    @classmethod
+    def build(cls, counts: collections.Counter, min_freq: int = 1, max_size: int | None = None):
+        kept = sorted(
+            (t for t, c in counts.items() if c >= min_freq), key=lambda t: (-counts[t], t)
+        )
+        return cls([cls.PAD, cls.UNK, *kept[: None if max_size is None else max_size - 2]])
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, tokens) -> list[int]:
+        unk = self.index[self.UNK]
+        return [self.index.get(t, unk) for t in tokens]
+
+    def decode(self, ids, sep: str = "") -> str:
+        return sep.join(self.tokens[i] for i in ids)
+
+
+class StreamBatches(Dataset):
+    """A token stream cut into ``batch_size`` parallel streams, read ``bptt`` tokens at a time.
+
+    Item ``k`` is the ``(batch_size, bptt + 1)`` window ``k`` of every stream, so consecutive
+    items continue each other and a language model can carry its hidden state across them
+    (truncated backpropagation through time). Under data parallelism, process ``rank`` of
+    ``world`` takes every ``world``-th stream.
+    """
+
+    def __init__(
+        self, ids: torch.Tensor, batch_size: int, bptt: int, rank: int = 0, world: int = 1
+    ):
+        streams = batch_size * world
+        length = (len(ids) - 1) // streams
+        if length < 2:
+            raise ValueError(
+                f"Expected at least {2 * streams + 1} tokens for batch_size={batch_size} on "
+                f"{world} process(es), got {len(ids)}"
+            )
+        self.data = ids[: streams * length + 1]
+        self.starts = torch.arange(rank, streams, world) * length  # (batch_size,)
+        self.length, self.bptt = length, bptt
+
+    def __len__(self) -> int:
+        return -(-(self.length - 1) // self.bptt)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        lo = k * self.bptt
+        width = min(self.bptt, self.length - lo) + 1
+        index = self.starts.unsqueeze(1) + lo + torch.arange(width)  # (batch_size, width)
+        return self.data[index]
+
+
+class _LMDataModule(L.LightningDataModule):
+    """Shared loading and batching of the language-model DataModules."""
+
+    level: str
+
+    def __init__(
+        self,
+        path: str | None = None,
+        hub: str | None = None,
+        hub_config: str | None = None,
+        text_field: str = "text",
+        batch_size: int = 32,
+        bptt: int = 100,
+        val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
+        min_freq: int = 1,
+        max_vocab: int | None = None,
+    ):
+        super().__init__()
+        if path is not None and hub is not None:
+            raise ValueError(f"Expected one of `path` or `hub`, got path={path!r} and hub={hub!r}")
+        for name, value in (("batch_size", batch_size), ("bptt", bptt)):
+            if value < 1:
+                raise ValueError(f"Expected argument `{name}` to be at least 1, got {value}")
+        if not (val_fraction > 0 and test_fraction > 0 and val_fraction + test_fraction < 1):
+            raise ValueError("Expected `val_fraction` and `test_fraction` in (0, 1) with sum < 1")
+        self.path, self.hub, self.hub_config, self.text_field = path, hub, hub_config, text_field
+        self.batch_size, self.bptt = batch_size, bptt
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.min_freq, self.max_vocab = min_freq, max_vocab
+        self._splits: dict[str, list[str]] | None = None
+        self._vocab: Vocabulary | None = None
+
+    def tokenize(self, text: str) -> list[str]:
+        raise NotImplementedError
+
+    def _texts(self) -> dict[str, str]:
+        """The raw text of each split."""
+        if self.hub is not None:
+            splits = load_hub(self.hub, self.hub_config)
+            join = lambda split: "\n".join(splits[split][self.text_field])
+            return {"train": join("train"), "val": join("validation"), "test": join("test")}
+        if self.path is None:
+            text = python_docs_text()
+        else:
+            data = (
+                load_local(self.path, sample_by="document")
+                if self.path.endswith(".txt")
+                else load_local(self.path)
+            )
+            if self.text_field not in data.column_names:
+                raise ValueError(
+                    f"Expected a column `text_field`={self.text_field!r} in {self.path!r}, "
+                    f"got columns {data.column_names}"
+                )
+            text = "\n".join(data[self.text_field])
+        n = len(text)
+        a = int(n * (1 - self.val_fraction - self.test_fraction))
+        b = int(n * (1 - self.test_fraction))
+        return {"train": text[:a], "val": text[a:b], "test": text[b:]}
+
+    def _load(self) -> None:
+        if self._splits is None:
+            self._splits = {k: self.tokenize(v) for k, v in self._texts().items()}
+            counts = collections.Counter(self._splits["train"])
+            self._vocab = Vocabulary.build(counts, self.min_freq, self.max_vocab)
+
+    @property
+    def vocab(self) -> list[str]:
+        """The tokens, index = id (linked to the model in the recipes)."""
+        self._load()
+        return self._vocab.tokens
+
+    def setup(self, stage: str | None = None) -> None:
+        self._load()
+        rank, world = (
+            (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        )
+        self.datasets = {
+            split: StreamBatches(
+                torch.tensor(self._vocab.encode(tokens)), self.batch_size, self.bptt,
+                *((rank, world) if split == "train" else (0, 1)),
+            )
+            for split, tokens in self._splits.items()
+        }  # fmt: skip
+
+    def _loader(self, split: str) -> StatefulDataLoader:
+        # batch_size=None: each item is already a batch; order is fixed to carry the hidden state.
+        return StatefulDataLoader(self.datasets[split], batch_size=None, shuffle=False)
+
+    def train_dataloader(self):
+        return self._loader("train")
+
+    def val_dataloader(self):
+        return self._loader("val")
+
+    def test_dataloader(self):
+        return self._loader("test")
+
+
+class CharLMDataModule(_LMDataModule):
+    """Character-level language modelling data.
+
+    With neither ``path`` nor ``hub``, the text is Python's own documentation (``pydoc_data``),
+    so the default runs offline. A local file is split 90/5/5 into train/val/test in order; a hub
+    data set uses its own train/validation/test splits.
+
+    Example:
+        >>> dm = CharLMDataModule(batch_size=4, bptt=50)
+        >>> dm.setup()
+        >>> dm.train_dataloader().dataset[0].shape
+        torch.Size([4, 51])
+    """
+
+    level = "char"
+
+    def tokenize(self, text: str) -> list[str]:
+        return list(text)
+
+
+class WordLMDataModule(_LMDataModule):
+    """Word-level language modelling data: whitespace words, ``<eos>`` at each line end.
+
+    Words rarer than ``min_freq`` (or beyond ``max_vocab``) become ``<unk>``.
+    """
+
+    level = "word"
+
+    def tokenize(self, text: str) -> list[str]:
+        return [w for line in text.split("\n") if line.strip() for w in [*line.split(), "<eos>"]]
+
+
+WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words and punctuation marks."""
+    return WORD.findall(text.lower())
+
+
+class TextClassificationDataModule(L.LightningDataModule):
+    """Sentences or documents with integer labels, padded per batch with their lengths.
+
+    Local files (csv/tsv/json/parquet) are shuffled with ``seed`` and split into train/val/test by
+    ``val_fraction``/``test_fraction``; hub data sets keep their splits (one without a test split,
+    or with unlabelled test rows like SST-2, tests on its validation split).
+
+    Batches are ``(tokens (N, L), lengths (N,), labels (N,))``.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        hub: str | None = None,
+        hub_config: str | None = None,
+        text_column: str = "text",
+        label_column: str = "label",
+        num_classes: int = 2,
+        batch_size: int = 32,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        min_freq: int = 2,
+        max_vocab: int | None = 20000,
+        max_length: int = 400,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if (path is None) == (hub is None):
+            raise ValueError(
+                f"Expected exactly one of `path` or `hub`, got path={path!r}, hub={hub!r}"
+            )
+        if batch_size < 1:
+            raise ValueError(f"Expected argument `batch_size` to be at least 1, got {batch_size}")
+        if num_classes < 2:
+            raise ValueError(f"Expected argument `num_classes` to be at least 2, got {num_classes}")
+        self.path, self.hub, self.hub_config = path, hub, hub_config
+        self.text_column, self.label_column, self.num_classes = (
+            text_column,
+            label_column,
+            num_classes,
+        )
+        self.batch_size, self.val_fraction, self.test_fraction = (
+            batch_size,
+            val_fraction,
+            test_fraction,
+        )
+        self.min_freq, self.max_vocab, self.max_length, self.seed = (
+            min_freq,
+            max_vocab,
+            max_length,
+            seed,
+        )
+        self._splits = None
+        self._vocab: Vocabulary | None = None
+
+    def _raw(self):
+        if self.hub is not None:
+            data = load_hub(self.hub, self.hub_config)
+            test = (
+                data["test"]
+                if "test" in data and min(data["test"][self.label_column]) >= 0
+                else None
+            )
+            val = data.get("validation")
+            if val is None:
+                parts = data["train"].train_test_split(self.val_fraction, seed=self.seed)
+                data, val = {"train": parts["train"]}, parts["test"]
+            return {"train": data["train"], "val": val, "test": test if test is not None else val}
+        data = load_local(self.path)
+        for arg, column in (("text_column", self.text_column), ("label_column", self.label_column)):
+            if column not in data.column_names:
+                raise ValueError(
+                    f"Expected a column `{arg}`={column!r} in {self.path!r}, got columns {data.column_names}"
+                )
+        held = data.train_test_split(self.val_fraction + self.test_fraction, seed=self.seed)
+        rest = held["test"].train_test_split(
+            self.test_fraction / (self.val_fraction + self.test_fraction), seed=self.seed
+        )
+        return {"train": held["train"], "val": rest["train"], "test": rest["test"]}
+
+    def _load(self) -> None:
+        if self._splits is not None:
+            return
+        splits = {}
+        for name, data in self._raw().items():
+            labels = [int(v) for v in data[self.label_column]]
+            bad = [v for v in labels if not 0 <= v < self.num_classes]
+            if bad:
+                raise ValueError(
+                    f"Expected labels in [0, {self.num_classes - 1}] (num_classes={self.num_classes}) "
+                    f"in column {self.label_column!r}, got {bad[0]} in the {name} split"
+                )
+            splits[name] = (
+                [words(t)[: self.max_length] or ["<unk>"] for t in data[self.text_column]],
+                labels,
+            )
+        self._vocab = Vocabulary.build(
+            collections.Counter(w for doc in splits["train"][0] for w in doc),
+            self.min_freq,
+            self.max_vocab,
+        )
+        self._splits = {
+            name: [(torch.tensor(self._vocab.encode(doc)), y) for doc, y in zip(docs, labels)]
+            for name, (docs, labels) in splits.items()
+        }
+
+    @property
+    def vocab(self) -> list[str]:
+        self._load()
+        return self._vocab.tokens
+
+    def setup(self, stage: str | None = None) -> None:
+        self._load()
+
+    @staticmethod
+    def collate(items):
+        docs, labels = zip(*items)
+        lengths = torch.tensor([len(d) for d in docs])
+        tokens = torch.nn.utils.rnn.pad_sequence(list(docs), batch_first=True)  # 0 = <pad>
+        return tokens, lengths, torch.tensor(labels)
+
+    def _loader(self, split: str, shuffle: bool) -> StatefulDataLoader:
+        # Training drops a last partial batch: a batch of one has no batch-norm statistics.
+        return StatefulDataLoader(
+            self._splits[split], batch_size=self.batch_size, shuffle=shuffle,
+            drop_last=shuffle and len(self._splits[split]) > self.batch_size, collate_fn=self.collate,
+        )  # fmt: skip
+
+    def train_dataloader(self):
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self):
+        return self._loader("test", shuffle=False)

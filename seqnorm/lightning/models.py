@@ -1,0 +1,325 @@
+"""LightningModules: a language model with truncated BPTT and a sequence classifier."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+
+import seqnorm
+from seqnorm.norms import RecurrentBatchNorm
+
+CELLS = ("lstm", "gru")
+IMPLEMENTATIONS = ("seqnorm", "torch")
+
+
+def build_rnn(
+    cell: str,
+    implementation: str,
+    input_size: int,
+    hidden_size: int,
+    num_layers: int,
+    dropout: float,
+    norm: str,
+    groups: int,
+    bidirectional: bool = False,
+) -> nn.Module:
+    """A seqnorm RNN, or ``torch.nn.LSTM``/``GRU`` (no normalization) for comparison."""
+    if cell not in CELLS:
+        raise ValueError(f"Expected argument `cell` to be one of {CELLS}, got {cell!r}")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"Expected argument `implementation` to be one of {IMPLEMENTATIONS}, got {implementation!r}"
+        )
+    kw = {"num_layers": num_layers, "dropout": dropout if num_layers > 1 else 0.0,
+          "bidirectional": bidirectional, "batch_first": True}  # fmt: skip
+    if implementation == "torch":
+        if norm != "none":
+            raise ValueError(f"Expected norm='none' with implementation='torch', got norm={norm!r}")
+        return getattr(nn, cell.upper())(input_size, hidden_size, **kw)
+    return getattr(seqnorm, cell.upper())(input_size, hidden_size, norm=norm, groups=groups, **kw)
+
+
+def sync_batch_norm(module: nn.Module, sync: bool = True) -> None:
+    """Let every recurrent batch norm in ``module`` take its statistics over all processes."""
+    for m in module.modules():
+        if isinstance(m, RecurrentBatchNorm):
+            m.sync = sync
+
+
+def _detach(state):
+    return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+
+
+class LanguageModel(L.LightningModule):
+    """Embedding, a (normalized) RNN and a decoder, trained with truncated BPTT.
+
+    Consecutive batches continue each other (see ``StreamBatches``), so the hidden state is
+    carried across them, detached, and reset at each epoch start. It is saved in checkpoints, so
+    a run resumed mid-epoch goes on exactly where it stopped. Logs loss and bits per character
+    (``level="char"``) or perplexity (``level="word"``).
+
+    Args:
+        vocab: the tokens (linked from the DataModule; saved with the checkpoint).
+        level: ``"char"`` or ``"word"``.
+        cell: ``"lstm"`` or ``"gru"``; implementation: ``"seqnorm"`` or ``"torch"`` (baseline).
+        norm, groups: as in :class:`seqnorm.LSTM`.
+        optimizer: a callable that takes the parameters (``torch.optim.Adam`` by default).
+    """
+
+    def __init__(
+        self,
+        vocab: list[str],
+        level: str = "char",
+        cell: str = "lstm",
+        norm: str = "layer",
+        groups: int = 1,
+        implementation: str = "seqnorm",
+        embedding_dim: int = 64,
+        hidden_size: int = 256,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        lr: float = 2e-3,
+        momentum: float = 0.0,
+        optimizer: str = "adam",
+        grad_clip_norm: float | None = None,
+    ):
+        super().__init__()
+        if level not in ("char", "word"):
+            raise ValueError(f"Expected argument `level` to be 'char' or 'word', got {level!r}")
+        if optimizer not in ("adam", "sgd"):
+            raise ValueError(
+                f"Expected argument `optimizer` to be 'adam' or 'sgd', got {optimizer!r}"
+            )
+        self.save_hyperparameters()
+        self.vocab = list(vocab)
+        self.embedding = nn.Embedding(len(vocab), embedding_dim)
+        self.rnn = build_rnn(
+            cell, implementation, embedding_dim, hidden_size, num_layers, dropout, norm, groups
+        )
+        self.decoder = nn.Linear(hidden_size, len(vocab))
+        self.metrics = nn.ModuleDict(
+            {f"{s}_loss": torchmetrics.MeanMetric() for s in ("train", "val", "test")}
+        )
+        self._state: dict[str, object] = {}
+
+    def forward(self, tokens: torch.Tensor, state=None):
+        """``tokens`` ``(N, L)`` -> logits ``(N, L, V)`` and the RNN state."""
+        output, state = self.rnn(self.embedding(tokens), state)
+        return self.decoder(output), state
+
+    def _step(self, batch: torch.Tensor, split: str) -> torch.Tensor:
+        x, y = batch[:, :-1], batch[:, 1:]
+        state = self._state.get(split)
+        n = x.shape[0]
+        if state is not None and (state[0] if isinstance(state, tuple) else state).shape[1] != n:
+            state = None
+        logits, state = self(x, state)
+        self._state[split] = _detach(state)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        metric = self.metrics[f"{split}_loss"]
+        metric(loss.detach(), weight=y.numel())
+        self.log(
+            f"{split}_loss",
+            metric,
+            prog_bar=split != "test",
+            on_step=split == "train",
+            on_epoch=True,
+        )
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        self._state.pop("train", None)
+
+    def on_validation_epoch_start(self) -> None:
+        self._state.pop("val", None)
+
+    def on_test_epoch_start(self) -> None:
+        self._state.pop("test", None)
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_derived("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_derived("test")
+
+    def _log_derived(self, split: str) -> None:
+        loss = self.metrics[f"{split}_loss"].compute()
+        if self.hparams.level == "char":
+            self.log(f"{split}_bpc", loss / math.log(2), prog_bar=True)
+        else:
+            self.log(f"{split}_ppl", torch.exp(loss), prog_bar=True)
+
+    def on_fit_start(self) -> None:
+        sync_batch_norm(self, self.trainer.world_size > 1)
+
+    def configure_optimizers(self):
+        if self.hparams.optimizer == "sgd":
+            return torch.optim.SGD(
+                self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum
+            )
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ):
+        clip = self.hparams.grad_clip_norm or gradient_clip_val
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rnn_state"] = self._state.get("train")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if checkpoint.get("rnn_state") is not None:
+            self._state["train"] = checkpoint["rnn_state"]
+
+    @torch.no_grad()
+    def generate(
+        self, prompt: str = "", length: int = 200, temperature: float = 1.0, seed: int | None = None
+    ) -> str:
+        """Sample ``length`` tokens after ``prompt`` (``temperature`` > 0; lower is more certain)."""
+        if not temperature > 0:
+            raise ValueError(f"Expected argument `temperature` to be positive, got {temperature!r}")
+        was_training = self.training
+        self.eval()
+        index = {t: i for i, t in enumerate(self.vocab)}
+        sep = "" if self.hparams.level == "char" else " "
+        tokens = list(prompt) if sep == "" else prompt.split()
+        ids = [index.get(t, 1) for t in tokens] or [index.get("\n", index.get("<eos>", 1))]
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        logits, state = self(torch.tensor([ids], device=self.device))
+        out = []
+        for _ in range(length):
+            probs = torch.softmax(logits[0, -1].float().cpu() / temperature, dim=-1)
+            probs[0] = 0  # never <pad>
+            nxt = int(torch.multinomial(probs, 1, generator=generator))
+            out.append(self.vocab[nxt])
+            logits, state = self(torch.tensor([[nxt]], device=self.device), state)
+        self.train(was_training)
+        return prompt + sep + sep.join(out) if prompt and sep else prompt + sep.join(out)
+
+
+class SequenceClassifier(L.LightningModule):
+    """Embedding, a (normalized, optionally bidirectional) RNN over padded batches, mean pooling
+    over each sample's valid steps only, and a linear classifier. Logs loss, accuracy and F1.
+
+    Args:
+        vocab: the tokens (linked from the DataModule).
+        num_classes: linked from the DataModule.
+    """
+
+    def __init__(
+        self,
+        vocab: list[str],
+        num_classes: int = 2,
+        cell: str = "lstm",
+        norm: str = "layer",
+        groups: int = 1,
+        implementation: str = "seqnorm",
+        embedding_dim: int = 100,
+        hidden_size: int = 128,
+        num_layers: int = 1,
+        bidirectional: bool = True,
+        dropout: float = 0.0,
+        lr: float = 2e-3,
+        momentum: float = 0.0,
+        optimizer: str = "adam",
+    ):
+        super().__init__()
+        if optimizer not in ("adam", "sgd"):
+            raise ValueError(
+                f"Expected argument `optimizer` to be 'adam' or 'sgd', got {optimizer!r}"
+            )
+        self.save_hyperparameters()
+        self.vocab = list(vocab)
+        self.embedding = nn.Embedding(len(vocab), embedding_dim, padding_idx=0)
+        self.rnn = build_rnn(
+            cell,
+            implementation,
+            embedding_dim,
+            hidden_size,
+            num_layers,
+            dropout,
+            norm,
+            groups,
+            bidirectional,
+        )
+        self.classifier = nn.Linear(hidden_size * (2 if bidirectional else 1), num_classes)
+        task = {"task": "multiclass", "num_classes": num_classes}
+        self.metrics = nn.ModuleDict(
+            {
+                f"{split}_{name}": metric
+                for split in ("train", "val", "test")
+                for name, metric in (
+                    ("acc", torchmetrics.Accuracy(**task)),
+                    ("f1", torchmetrics.F1Score(**task, average="macro")),
+                )
+            }
+        )
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``tokens`` ``(N, L)``, ``lengths`` ``(N,)`` -> logits ``(N, classes)``."""
+        x = self.embedding(tokens)
+        if self.hparams.implementation == "torch":
+            packed = nn.utils.rnn.pack_padded_sequence(
+                x, lengths.cpu(), batch_first=True, enforce_sorted=False
+            )
+            output, _ = self.rnn(packed)
+            output, _ = nn.utils.rnn.pad_packed_sequence(
+                output, batch_first=True, total_length=x.shape[1]
+            )
+        else:
+            output, _ = self.rnn(x, lengths=lengths)
+        pooled = output.sum(1) / lengths.to(output.dtype).unsqueeze(1)  # padding outputs are zero
+        return self.classifier(pooled)
+
+    def _step(self, batch, split: str) -> torch.Tensor:
+        tokens, lengths, labels = batch
+        logits = self(tokens, lengths)
+        loss = F.cross_entropy(logits, labels)
+        self.log(f"{split}_loss", loss, prog_bar=True, on_step=split == "train", on_epoch=True,
+                 batch_size=len(labels))  # fmt: skip
+        for name in ("acc", "f1"):
+            metric = self.metrics[f"{split}_{name}"]
+            metric(logits, labels)
+            self.log(
+                f"{split}_{name}", metric, prog_bar=name == "acc", on_epoch=True, on_step=False
+            )
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def predict_step(self, batch, batch_idx):
+        tokens, lengths, _ = batch
+        return self(tokens, lengths).argmax(-1)
+
+    def on_fit_start(self) -> None:
+        sync_batch_norm(self, self.trainer.world_size > 1)
+
+    def configure_optimizers(self):
+        if self.hparams.optimizer == "sgd":
+            return torch.optim.SGD(
+                self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum
+            )
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
