@@ -64,8 +64,8 @@ def test_every_config_parses_and_instantiates(config, monkeypatch, text_file, ts
     assert first.startswith("# python recipes/"), "each config starts with the command that runs it"
     recipe = train_lm if "train_lm.py" in first else train_classifier
     args = ["--config", config]
-    if "local" in config or "pydoc" in config:
-        args += [f"--data.init_args.path={text_file}"] if "local" in config else []
+    if "local" in config:
+        args += [f"--data.init_args.path={text_file}"]
     if "mr_polarity" in config:
         args += [f"--data.path={tsv_file}"]
     cli = recipe.main(args, run=False)

@@ -51,6 +51,13 @@ def sync_batch_norm(module: nn.Module, sync: bool = True) -> None:
             m.sync = sync
 
 
+def make_optimizer(parameters, hparams) -> torch.optim.Optimizer:
+    """Adam, or plain SGD (``momentum`` 0 is pure SGD), from the model's hyperparameters."""
+    if hparams.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=hparams.lr, momentum=hparams.momentum)
+    return torch.optim.Adam(parameters, lr=hparams.lr)
+
+
 def _detach(state):
     return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
 
@@ -167,11 +174,7 @@ class LanguageModel(L.LightningModule):
         sync_batch_norm(self, self.trainer.world_size > 1)
 
     def configure_optimizers(self):
-        if self.hparams.optimizer == "sgd":
-            return torch.optim.SGD(
-                self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum
-            )
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        return make_optimizer(self.parameters(), self.hparams)
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
@@ -318,8 +321,4 @@ class SequenceClassifier(L.LightningModule):
         sync_batch_norm(self, self.trainer.world_size > 1)
 
     def configure_optimizers(self):
-        if self.hparams.optimizer == "sgd":
-            return torch.optim.SGD(
-                self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum
-            )
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        return make_optimizer(self.parameters(), self.hparams)
