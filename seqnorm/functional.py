@@ -58,11 +58,9 @@ def group_norm(
         >>> torch.allclose(group_norm(x, 4), torch.nn.functional.instance_norm(x), atol=1e-6)
         True
     """
-    n = x.shape[0]
-    xs = x.to(_stats_dtype(x)).reshape(n, groups, -1)  # (N, G, C/G * prod(*))
-    var, mean = torch.var_mean(xs, dim=-1, keepdim=True, correction=0)
-    x_hat = ((xs - mean) * torch.rsqrt(var + eps)).reshape(x.shape)
-    return _affine(x_hat, weight, bias, channel_dim=1)
+    xs = x.to(_stats_dtype(x))
+    cast = lambda p: None if p is None else p.to(xs.dtype)
+    return F.group_norm(xs, groups, cast(weight), cast(bias), eps)
 
 
 def layer_norm(x: Tensor, weight=None, bias=None, eps: float = 1e-5) -> Tensor:
@@ -216,12 +214,11 @@ def lstm_input(
     Returns:
         ``(T, N, 4H)`` or ``(N, 4H)``.
     """
-    gx = F.linear(x, weight_ih)  # (..., 4H)
-    if norm_ih is not None:
-        gx = norm_ih(gx)
-    if bias_ih is not None:
-        gx = gx + (bias_ih + bias_hh)
-    return gx
+    bias = None if bias_ih is None else bias_ih + bias_hh
+    if norm_ih is None:
+        return F.linear(x, weight_ih, bias)  # (..., 4H)
+    gx = norm_ih(F.linear(x, weight_ih))
+    return gx if bias is None else gx + bias
 
 
 def lstm_step(
@@ -257,12 +254,10 @@ def gru_input(x: Tensor, weight_ih: Tensor, bias_ih: Tensor | None, norm_ih: Nor
     Returns:
         ``(T, N, 3H)`` or ``(N, 3H)``.
     """
-    gx = F.linear(x, weight_ih)  # (..., 3H)
-    if norm_ih is not None:
-        gx = norm_ih(gx)
-    if bias_ih is not None:
-        gx = gx + bias_ih
-    return gx
+    if norm_ih is None:
+        return F.linear(x, weight_ih, bias_ih)  # (..., 3H)
+    gx = norm_ih(F.linear(x, weight_ih))
+    return gx if bias_ih is None else gx + bias_ih
 
 
 def gru_step(

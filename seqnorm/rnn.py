@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import functional as SF
+from . import fused
 from .cells import add_cell_parameters, check_cell_args, reset_cell_parameters
 from .norms import at_step, check_positive_int
 
@@ -27,6 +28,9 @@ class _RNNBase(nn.Module):
     _gates: int
     _cell_norm: bool
     _num_states: int
+    use_fused: bool = True
+    """Run the time loop in the fused C++ kernel where it applies (see :mod:`seqnorm.fused`);
+    set to False on an instance to run the readable per-step Python loop."""
 
     def __init__(
         self,
@@ -322,6 +326,8 @@ class LSTM(_RNNBase):
             getattr(self, f"bias_hh{suffix}"),
             at_step(getattr(self, f"norm_ih{suffix}"), 0, mask),
         )
+        if self.use_fused and fused.applies(gx, *state, weight_hh, norms=(norm_hh, norm_c)):
+            return fused.lstm(gx, (state[0], state[1]), weight_hh, norm_hh, norm_c, mask)
 
         def step(gx_t, state, t, valid):
             h, c = state
@@ -368,6 +374,9 @@ class GRU(_RNNBase):
             getattr(self, f"bias_ih{suffix}"),
             at_step(getattr(self, f"norm_ih{suffix}"), 0, mask),
         )
+        if self.use_fused and fused.applies(gx, state[0], weight_hh, bias_hh, norms=(norm_hh,)):
+            out, h = fused.gru(gx, state[0], weight_hh, bias_hh, norm_hh, mask)
+            return out, (h,)
 
         def step(gx_t, state, t, valid):
             return (SF.gru_step(gx_t, state[0], weight_hh, bias_hh, at_step(norm_hh, t, valid)),)

@@ -1,0 +1,219 @@
+"""Speed and memory of seqnorm's LSTM and GRU against torch.nn and a naive per-step loop.
+
+    python benchmarks/bench_rnn.py --json runs/bench_rnn.json
+
+For each shape (A: batch 32, 100 steps, input 128, hidden 256; B: the same at batch 1, pure SGD;
+C: batch 64, 200 steps, input 256, hidden 512) and each implementation it measures the forward
+pass in eval mode without gradients, and forward plus backward in training mode (median of
+``--repeats`` runs after ``--warmup`` runs), and the peak memory allocated during one training
+step (from the profiler's allocation events). Ratios are against ``torch.nn.LSTM`` for LSTMs and
+``torch.nn.GRU`` for GRUs, measured in the same run. The naive loop is how most public CPU
+implementations of layer-normalized cells work: ``nn.Linear`` and ``nn.LayerNorm`` modules
+called at every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+import seqnorm
+
+SHAPES = {  # batch, steps, input, hidden
+    "A": (32, 100, 128, 256),
+    "B": (1, 100, 128, 256),
+    "C": (64, 200, 256, 512),
+}
+
+
+class NaiveLNLSTM(nn.Module):
+    """Layer-normalized LSTM (Ba et al. 2016) as a Python loop of nn.Linear and nn.LayerNorm."""
+
+    def __init__(self, input_size, hidden_size):
+        super().__init__()
+        self.ih, self.hh = (
+            nn.Linear(input_size, 4 * hidden_size),
+            nn.Linear(hidden_size, 4 * hidden_size),
+        )
+        self.ln_ih, self.ln_hh = nn.LayerNorm(4 * hidden_size), nn.LayerNorm(4 * hidden_size)
+        self.ln_c = nn.LayerNorm(hidden_size)
+        self.hidden_size = hidden_size
+
+    def forward(self, x):
+        h = c = x.new_zeros(x.shape[1], self.hidden_size)
+        outputs = []
+        for x_t in x:
+            gates = self.ln_ih(self.ih(x_t)) + self.ln_hh(self.hh(h))
+            i, f, g, o = gates.chunk(4, 1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(self.ln_c(c))
+            outputs.append(h)
+        return torch.stack(outputs), (h, c)
+
+
+class NaiveLNGRU(nn.Module):
+    """Layer-normalized GRU as a Python loop of nn.Linear and nn.LayerNorm."""
+
+    def __init__(self, input_size, hidden_size):
+        super().__init__()
+        self.ih, self.hh = (
+            nn.Linear(input_size, 3 * hidden_size),
+            nn.Linear(hidden_size, 3 * hidden_size),
+        )
+        self.ln_ih, self.ln_hh = nn.LayerNorm(3 * hidden_size), nn.LayerNorm(3 * hidden_size)
+        self.hidden_size = hidden_size
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[1], self.hidden_size)
+        outputs = []
+        for x_t in x:
+            xr, xz, xn = self.ln_ih(self.ih(x_t)).chunk(3, 1)
+            hr, hz, hn = self.ln_hh(self.hh(h)).chunk(3, 1)
+            r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+            h = (1 - z) * torch.tanh(xn + r * hn) + z * h
+            outputs.append(h)
+        return torch.stack(outputs), h
+
+
+# name -> (family, factory(input, hidden)); the first of each family is its baseline.
+IMPLEMENTATIONS = {
+    "torch.nn.LSTM": ("LSTM", lambda i, h: nn.LSTM(i, h)),
+    "naive LN-LSTM loop": ("LSTM", NaiveLNLSTM),
+    "seqnorm LSTM (no norm)": ("LSTM", lambda i, h: seqnorm.LSTM(i, h, norm="none")),
+    "seqnorm LN-LSTM": ("LSTM", lambda i, h: seqnorm.LSTM(i, h, norm="layer")),
+    "seqnorm GN-LSTM (4 groups)": ("LSTM", lambda i, h: seqnorm.LSTM(i, h, norm="group", groups=4)),
+    "seqnorm BN-LSTM": ("LSTM", lambda i, h: seqnorm.LSTM(i, h, norm="batch")),
+    "torch.nn.GRU": ("GRU", lambda i, h: nn.GRU(i, h)),
+    "naive LN-GRU loop": ("GRU", NaiveLNGRU),
+    "seqnorm LN-GRU": ("GRU", lambda i, h: seqnorm.GRU(i, h, norm="layer")),
+    "seqnorm GN-GRU (4 groups)": ("GRU", lambda i, h: seqnorm.GRU(i, h, norm="group", groups=4)),
+}
+
+
+def median_ms(fn, warmup: int, repeats: int, before=None) -> float:
+    times = []
+    for k in range(warmup + repeats):
+        if before is not None:
+            before()
+        start = time.perf_counter()
+        fn()
+        if k >= warmup:
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def peak_mb(fn) -> float:
+    """Peak of the bytes allocated and not yet freed while ``fn`` runs, from the profiler."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def measure(name: str, shape: str, args) -> dict:
+    batch, steps, input_size, hidden = SHAPES[shape]
+    torch.manual_seed(0)
+    model = IMPLEMENTATIONS[name][1](input_size, hidden)
+    x = torch.randn(steps, batch, input_size)
+
+    def forward():
+        with torch.no_grad():
+            model(x)
+
+    def train_step():
+        output, _ = model(x)
+        output.sum().backward()
+
+    model.eval()
+    result = {"fwd_ms": median_ms(forward, args.warmup, args.repeats)}
+    if "BN" in name and batch == 1:  # batch norm has no batch statistics at batch size 1
+        return {**result, "fwd_bwd_ms": None, "peak_mb": None}
+    model.train()
+    result["fwd_bwd_ms"] = median_ms(
+        train_step, args.warmup, args.repeats, before=lambda: model.zero_grad(set_to_none=True)
+    )
+    model.zero_grad(set_to_none=True)
+    result["peak_mb"] = peak_mb(train_step)
+    return result
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument(
+        "--only", nargs="+", default=list(IMPLEMENTATIONS), choices=list(IMPLEMENTATIONS)
+    )
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    seqnorm.fused.available()  # compile the kernel (once) before anything is timed
+    rows = []
+    for shape in args.shapes:
+        base = {}
+        for name in args.only:
+            family = IMPLEMENTATIONS[name][0]
+            row = {"shape": shape, "implementation": name, **measure(name, shape, args)}
+            base.setdefault(family, row)
+            b = base[family]
+            row["fwd_ratio"] = row["fwd_ms"] / b["fwd_ms"]
+            row["fwd_bwd_ratio"] = row["fwd_bwd_ms"] and row["fwd_bwd_ms"] / b["fwd_bwd_ms"]
+            row["peak_ratio"] = row["peak_mb"] and row["peak_mb"] / b["peak_mb"]
+            rows.append(row)
+            print(_line(row), flush=True)
+    machine = {
+        "processor": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "fused": seqnorm.fused.available(),
+    }
+    print(f"\n{machine}\n")
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "args": vars(args), "rows": rows}, f, indent=2)
+
+
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _line(r: dict) -> str:
+    return (
+        f"{r['shape']} {r['implementation']:<28} fwd {_fmt(r['fwd_ms'], '8.1f')} ms "
+        f"({_fmt(r['fwd_ratio'], '.2f')}x)  fwd+bwd {_fmt(r['fwd_bwd_ms'], '8.1f')} ms "
+        f"({_fmt(r['fwd_bwd_ratio'], '.2f')}x)  peak {_fmt(r['peak_mb'], '7.1f')} MB "
+        f"({_fmt(r['peak_ratio'], '.2f')}x)"
+    )
+
+
+def table(rows: list[dict]) -> str:
+    """The results as a Markdown table."""
+    lines = [
+        "| shape | implementation | fwd ms | fwd ratio | fwd+bwd ms | fwd+bwd ratio | peak MB | peak ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        cells = [
+            _fmt(r["fwd_ms"], ".1f"), _fmt(r["fwd_ratio"], ".2f"),
+            _fmt(r["fwd_bwd_ms"], ".1f"), _fmt(r["fwd_bwd_ratio"], ".2f"),
+            _fmt(r["peak_mb"], ".1f"), _fmt(r["peak_ratio"], ".2f"),
+        ]  # fmt: skip
+        lines.append(f"| {r['shape']} | {r['implementation']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

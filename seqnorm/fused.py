@@ -1,0 +1,186 @@
+"""The fused recurrence: the time loop of :class:`seqnorm.LSTM` and :class:`seqnorm.GRU` in C++.
+
+``csrc/recurrence.cpp`` runs the recurrent half of every step (the product with ``W_hh``, its
+normalization, the gates and the state update) in one C++ loop, and a hand-written backward
+through time that computes the gradient of ``W_hh`` as one matrix product after the loop. It is
+compiled with ``torch.utils.cpp_extension`` the first time it is needed (about half a minute,
+then cached in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
+
+The layers use it for float32 and float64 on CPU outside autocast and ``torch.compile``, and
+fall back to the readable per-step Python loop (the reference the tests check this against)
+everywhere else: on CUDA, under autocast, when compiling, for synchronized batch norm, when
+``SEQNORM_FUSED=0`` is set, and when no C++ compiler is available (with one warning saying why).
+It supports first derivatives only.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .functional import _update_running
+from .norms import RecurrentBatchNorm
+
+_NONE, _GROUP, _BATCH = 0, 1, 2
+_loaded: bool | None = None
+
+
+def available() -> bool:
+    """Whether the fused kernel can run here, compiling it on the first call."""
+    global _loaded
+    if _loaded is None:
+        _loaded = False
+        if os.environ.get("SEQNORM_FUSED", "1") == "0":
+            return False
+        try:
+            from torch.utils.cpp_extension import load
+
+            source = Path(__file__).with_name("csrc") / "recurrence.cpp"
+            load("seqnorm_fused", [str(source)], extra_cflags=["-O3"], is_python_module=False)
+            _loaded = True
+        except Exception as error:  # no compiler, no ninja, no headers: the Python loop still works
+            warnings.warn(
+                f"seqnorm could not build its fused C++ recurrence ({type(error).__name__}: "
+                f"{error}); LSTM and GRU run the slower per-step Python loop instead",
+                stacklevel=3,
+            )
+    return _loaded
+
+
+def applies(x: Tensor, *tensors: Tensor | None, norms: tuple[nn.Module | None, ...]) -> bool:
+    """Whether the fused kernel computes exactly what the Python loop would for these inputs."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return False
+    if any(t is not None and t.dtype != x.dtype for t in tensors):
+        return False
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+        return False
+    if any(isinstance(n, RecurrentBatchNorm) and n._synced() for n in norms):
+        return False
+    return available()
+
+
+def lstm(
+    gx: Tensor,
+    state: tuple[Tensor, Tensor],
+    weight_hh: Tensor,
+    norm_hh: nn.Module | None,
+    norm_c: nn.Module | None,
+    mask: Tensor | None,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """The LSTM time loop: ``gx`` ``(T, N, 4H)`` from :func:`seqnorm.functional.lstm_input`,
+    ``state`` ``(h_0, c_0)`` each ``(N, H)``; returns the ``(T, N, H)`` outputs and ``(h, c)``."""
+    spec = _Spec(norm_hh, norm_c, gx.shape[0], mask)
+    gamma_hh = None if norm_hh is None else norm_hh.weight
+    gamma_c, beta_c = (None, None) if norm_c is None else (norm_c.weight, norm_c.bias)
+    h0, c0 = state
+    out, h, c = _LSTM.apply(gx.contiguous(), h0, c0, weight_hh, gamma_hh, gamma_c, beta_c, spec)
+    return out, (h, c)
+
+
+def gru(
+    gx: Tensor,
+    h0: Tensor,
+    weight_hh: Tensor,
+    bias_hh: Tensor | None,
+    norm_hh: nn.Module | None,
+    mask: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """The GRU time loop: ``gx`` ``(T, N, 3H)`` from :func:`seqnorm.functional.gru_input`;
+    returns the ``(T, N, H)`` outputs and ``h``."""
+    spec = _Spec(norm_hh, None, gx.shape[0], mask)
+    gamma = None if norm_hh is None else norm_hh.weight
+    return _GRU.apply(gx.contiguous(), h0, weight_hh, bias_hh, gamma, spec)
+
+
+class _Spec:
+    """The kernel's view of the per-step norms of one direction: kind, groups, eps, training,
+    the mask and, for batch norm, the running statistics of steps ``0..T-1``."""
+
+    def __init__(self, norm: nn.Module | None, norm_c: nn.Module | None, steps: int, mask):
+        self.norms = [n for n in (norm, norm_c) if n is not None]
+        self.mask = None if mask is None else mask.contiguous()
+        self.kind = (
+            _NONE if norm is None else _BATCH if isinstance(norm, RecurrentBatchNorm) else _GROUP
+        )
+        self.groups = norm.num_groups if self.kind == _GROUP else 1
+        self.eps = norm.eps if norm is not None else 1e-5
+        self.training = norm is not None and norm.training
+        self.running = [None] * 4
+        if self.kind == _BATCH:
+            self.slot = torch.arange(steps).clamp_(max=norm.max_steps - 1)
+            self.running = [
+                s for n in self.norms for s in (n.running_mean[self.slot], n.running_var[self.slot])
+            ]
+            self.running += [None] * (4 - len(self.running))
+
+    def args(self):
+        return self.mask, self.kind, self.groups, self.eps, self.training
+
+    def update_running(self, bstats: list[Tensor], counts: Tensor) -> None:
+        """Move the running statistics as the per-step Python loop would (one update per step)."""
+        if self.kind != _BATCH or not self.training:
+            return
+        count = counts.to(bstats[0].dtype).unsqueeze(1)  # (T, 1)
+        use = count >= 2
+        for norm, (mean, var) in zip(self.norms, bstats):
+            unbiased = var * count / (count - 1).clamp(min=1)
+            _update_running(norm.running_mean, mean, use, self.slot, norm.momentum)
+            _update_running(norm.running_var, unbiased, use, self.slot, norm.momentum)
+
+
+def _grads(ctx, *grads):
+    """Return only the gradients autograd asked for (None for inputs that need none)."""
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
+
+
+class _LSTM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gx, h0, c0, w_hh, gamma_hh, gamma_c, beta_c, spec: _Spec):
+        ops = torch.ops.seqnorm_fused
+        (out, hs, cs, acts, tc, xhat_hh, rstd_hh, xhat_c, rstd_c, bstats_hh, bstats_c, counts) = (
+            ops.lstm_forward(
+                gx, h0, c0, w_hh, *spec.args(), gamma_hh, gamma_c, beta_c, *spec.running
+            )
+        )
+        spec.update_running([bstats_hh, bstats_c], counts)
+        ctx.spec = spec
+        ctx.save_for_backward(
+            w_hh, gamma_hh, gamma_c, hs, cs, acts, tc, xhat_hh, rstd_hh, xhat_c, rstd_c, counts
+        )
+        return out, hs[-1].clone(), cs[-1].clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_h, grad_c):
+        w_hh, gamma_hh, gamma_c, *saved = ctx.saved_tensors
+        dgx, dh0, dc0, dw, dgamma_hh, dgamma_c, dbeta_c = torch.ops.seqnorm_fused.lstm_backward(
+            grad_out, grad_h, grad_c, w_hh, *ctx.spec.args(), gamma_hh, gamma_c, *saved
+        )
+        return _grads(ctx, dgx, dh0, dc0, dw, dgamma_hh, dgamma_c, dbeta_c, None)
+
+
+class _GRU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gx, h0, w_hh, bias_hh, gamma_hh, spec: _Spec):
+        ops = torch.ops.seqnorm_fused
+        out, hs, acts, ghn, xhat, rstd, bstats, counts = ops.gru_forward(
+            gx, h0, w_hh, bias_hh, *spec.args(), gamma_hh, *spec.running[:2]
+        )
+        spec.update_running([bstats], counts)
+        ctx.spec, ctx.has_bias = spec, bias_hh is not None
+        ctx.save_for_backward(w_hh, gamma_hh, hs, acts, ghn, xhat, rstd, counts)
+        return out, hs[-1].clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_h):
+        w_hh, gamma_hh, *saved = ctx.saved_tensors
+        dgx, dh0, dw, dbias, dgamma = torch.ops.seqnorm_fused.gru_backward(
+            grad_out, grad_h, w_hh, ctx.has_bias, *ctx.spec.args(), gamma_hh, *saved
+        )
+        return _grads(ctx, dgx, dh0, dw, dbias, dgamma, None)

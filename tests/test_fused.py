@@ -1,0 +1,203 @@
+"""The fused C++ recurrence against the readable Python loop it replaces, and its own gradcheck."""
+
+import copy
+
+import pytest
+import torch
+from conftest import NORM_CASES, make
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.testing import assert_close
+
+import seqnorm
+from seqnorm import fused
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="no C++ toolchain to build it")
+
+LENGTHS = torch.tensor([9, 4, 7, 1, 9, 2])  # a lone sample at the last steps: batch-norm fallback
+
+CASES = [
+    pytest.param(cls, norm, bidir, mode, id=f"{norm}-{cls}-{'bi' if bidir else 'uni'}-{mode}")
+    for cls in ["LSTM", "GRU"]
+    for norm in NORM_CASES
+    for bidir in [False, True]
+    for mode in ["full", "lengths", "packed"]
+]
+
+
+def _run(model, x, hx, mode):
+    """Outputs, final states, every gradient and every buffer after one training step."""
+    model.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    hx = tuple(h.detach().requires_grad_() for h in hx)
+    state_in = hx if len(hx) == 2 else hx[0]
+    if mode == "packed":
+        out, state = model(pack_padded_sequence(x, LENGTHS, enforce_sorted=False), state_in)
+        out = pad_packed_sequence(out, total_length=x.shape[0])[0]
+    else:
+        out, state = model(x, state_in, lengths=None if mode == "full" else LENGTHS)
+    states = state if isinstance(state, tuple) else (state,)
+    weights = [
+        torch.linspace(-1, 1, t.numel(), dtype=t.dtype).reshape(t.shape) for t in (out, *states)
+    ]
+    sum((t * w).sum() for t, w in zip((out, *states), weights)).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    return out, states, x.grad, [h.grad for h in hx], grads, dict(model.named_buffers())
+
+
+@pytest.mark.parametrize(("cls", "norm", "bidir", "mode"), CASES)
+def test_fused_matches_python_loop(cls, norm, bidir, mode, monkeypatch):
+    model, x, hx = _case(cls, norm, bidir)
+    reference = copy.deepcopy(model)
+    reference.use_fused = False
+
+    calls = []
+    monkeypatch.setattr(fused, "_LSTM" if cls == "LSTM" else "_GRU", _counting(calls, cls))
+    got = _run(model, x, hx, mode)
+    assert len(calls) == 2 * (2 if bidir else 1)  # every layer and direction took the fused path
+    want = _run(reference, x, hx, mode)
+    assert len(calls) == 2 * (2 if bidir else 1)  # and the reference did not
+
+    for g, w in zip(_outputs(got), _outputs(want)):
+        assert_close(g, w)
+    assert got[4].keys() == want[4].keys()
+    for name in want[4]:  # every parameter's gradient
+        assert_close(got[4][name], want[4][name], msg=lambda m, name=name: f"{name}: {m}")
+    for name in want[5]:  # batch norm's running statistics, moved identically
+        assert_close(got[5][name], want[5][name])
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+@pytest.mark.parametrize("norm", NORM_CASES)
+def test_fused_float32_is_accurate(cls, norm):
+    """In float32 the kernel is within float32 rounding of the float64 result, like the loop."""
+    model, x, hx = _case(cls, norm, True)
+    want = _run(model, x, hx, "lengths")
+    got = _run(copy.deepcopy(model).float(), x.float(), tuple(h.float() for h in hx), "lengths")
+    pairs = [*zip(_outputs(got), _outputs(want)), *((got[4][k], want[4][k]) for k in want[4])]
+    for g, w in pairs:  # error relative to the largest entry: padding zeros need no rtol
+        assert (g.double() - w).abs().max() <= 5e-3 * w.abs().max()
+
+
+def _outputs(run):
+    """The output, final states and the gradients of the input and initial states of a run."""
+    out, states, dx, dhx = run[:4]
+    return [out, *states, dx, *dhx]
+
+
+def _case(cls, norm, bidir):
+    model = make(cls, norm, hidden_size=16, bidirectional=bidir, num_layers=2)
+    x = torch.randn(9, 6, 5, dtype=torch.float64)
+    dirs = 2 if bidir else 1
+    hx = tuple(
+        torch.randn(2 * dirs, 6, 16, dtype=torch.float64) for _ in range(2 if cls == "LSTM" else 1)
+    )
+    return model, x, hx
+
+
+def _counting(calls, cls):
+    original = fused._LSTM if cls == "LSTM" else fused._GRU
+
+    class Counting(original):
+        @staticmethod
+        def forward(ctx, *args):
+            calls.append(1)
+            return original.forward(ctx, *args)
+
+    return Counting
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+@pytest.mark.parametrize("norm", NORM_CASES)
+def test_fused_eval_mode_matches_python_loop(cls, norm):
+    model = make(cls, norm, hidden_size=16).eval()
+    if norm == "batch":  # non-trivial running statistics
+        for name, buf in model.named_buffers():
+            buf.uniform_(0.5, 1.5) if "var" in name else buf.normal_()
+    reference = copy.deepcopy(model)
+    reference.use_fused = False
+    x = torch.randn(7, 1, 5, dtype=torch.float64)  # batch of one: fine in eval mode
+    with torch.no_grad():
+        assert_close(model(x)[0], reference(x)[0])
+
+
+@pytest.mark.parametrize("norm", NORM_CASES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_lstm_function_gradcheck(norm, masked):
+    model = make("LSTM", norm, hidden_size=8)
+    norm_hh, norm_c = model.norm_hh_l0, model.norm_c_l0
+    t, n, h = 4, 3, 8
+    mask = (
+        torch.tensor([[1, 1, 1], [1, 0, 1], [1, 0, 1], [0, 0, 1]], dtype=torch.bool)
+        if masked
+        else None
+    )
+    gx = torch.randn(t, n, 4 * h, dtype=torch.float64, requires_grad=True)
+    h0, c0 = (torch.randn(n, h, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    params = [model.weight_hh_l0] + (
+        [] if norm_hh is None else [norm_hh.weight, norm_c.weight, norm_c.bias]
+    )
+
+    def f(gx, h0, c0, w, *norm_params):  # the kernel reads only eps, groups, stats from the norms
+        gammas = norm_params or (None, None, None)
+        return fused._LSTM.apply(gx, h0, c0, w, *gammas, fused._Spec(norm_hh, norm_c, t, mask))
+
+    inputs = (gx, h0, c0, *(p.detach().clone().requires_grad_() for p in params))
+    model.eval() if norm == "batch" and masked else model.train()  # both batch-norm modes
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("norm", NORM_CASES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_gru_function_gradcheck(norm, masked):
+    model = make("GRU", norm, hidden_size=8)
+    norm_hh = model.norm_hh_l0
+    t, n, h = 4, 3, 8
+    mask = (
+        torch.tensor([[1, 1, 1], [1, 0, 1], [1, 0, 1], [0, 0, 1]], dtype=torch.bool)
+        if masked
+        else None
+    )
+    gx = torch.randn(t, n, 3 * h, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(n, h, dtype=torch.float64, requires_grad=True)
+    w, b = (p.detach().clone().requires_grad_() for p in (model.weight_hh_l0, model.bias_hh_l0))
+    gamma = None if norm_hh is None else norm_hh.weight.detach().clone().requires_grad_()
+
+    def f(gx, h0, w, b, gamma):
+        return fused._GRU.apply(gx, h0, w, b, gamma, fused._Spec(norm_hh, None, t, mask))
+
+    model.eval() if norm == "batch" and masked else model.train()
+    assert torch.autograd.gradcheck(f, (gx, h0, w, b, gamma))
+
+
+def test_python_loop_where_the_kernel_does_not_apply():
+    lstm = seqnorm.LSTM(4, 8)
+    x = torch.randn(3, 2, 4)
+    assert fused.applies(x, norms=(lstm.norm_hh_l0,))
+    assert not fused.applies(x.half(), norms=())
+    assert not fused.applies(x, x.double(), norms=())  # mixed dtypes
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fused.applies(x, norms=())
+    bn = seqnorm.LSTM(4, 8, norm="batch").norm_hh_l0
+    bn.sync = True
+    assert fused.applies(x, norms=(bn,))  # sync without a process group: local statistics
+
+
+def test_build_failure_warns_and_falls_back(monkeypatch):
+    import torch.utils.cpp_extension
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(fused, "_loaded", None)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", broken)
+    with pytest.warns(UserWarning, match="no compiler here"):
+        assert not fused.available()
+    lstm = seqnorm.LSTM(4, 8)
+    out, _ = lstm(torch.randn(3, 2, 4))  # the Python loop
+    assert out.shape == (3, 2, 8)
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setattr(fused, "_loaded", None)
+    monkeypatch.setenv("SEQNORM_FUSED", "0")
+    assert not fused.available()
