@@ -60,6 +60,11 @@ def group_norm(
     """
     xs = x.to(_stats_dtype(x))
     cast = lambda p: None if p is None else p.to(xs.dtype)
+    if x.dim() == 2:  # the same statistics; ATen's layer norm is the faster kernel
+        if groups == 1:
+            return F.layer_norm(xs, xs.shape[1:], cast(weight), cast(bias), eps)
+        x_hat = F.layer_norm(xs.reshape(x.shape[0], groups, -1), (x.shape[1] // groups,), eps=eps)
+        return _affine(x_hat.reshape(x.shape), weight, bias, channel_dim=1)
     return F.group_norm(xs, groups, cast(weight), cast(bias), eps)
 
 
@@ -152,6 +157,9 @@ def recurrent_batch_norm(
     slot = (torch.arange(x.shape[0], device=x.device) + start).clamp_(max=steps - 1)  # (T,)
     run_mean, run_var = running_mean[slot], running_var[slot]  # (T, F)
     xs = x.to(_stats_dtype(x))
+    if mask is None and all_reduce is None:
+        running = (running_mean, running_var, slot, momentum)
+        return _batch_norm_all_valid(xs, run_mean, run_var, running, weight, bias, training, eps)
     if not training:
         mean, var = run_mean, run_var
     else:
@@ -174,6 +182,32 @@ def recurrent_batch_norm(
             _update_running(running_var, unbiased, use_batch, slot, momentum)
     x_hat = (xs - mean.unsqueeze(1)) * torch.rsqrt(var.unsqueeze(1) + eps)
     return _affine(x_hat, weight, bias, channel_dim=2)
+
+
+def _batch_norm_all_valid(xs, run_mean, run_var, running, weight, bias, training, eps):
+    """:func:`recurrent_batch_norm` without padding: one call of ATen's batch norm with a channel
+    per (step, feature), which saves only its input for the backward."""
+    steps, n, f = xs.shape
+    use_batch = training and n >= 2
+    if use_batch:
+        with torch.no_grad():
+            var, mean = torch.var_mean(xs, dim=1, correction=0)  # (T, F)
+            running_mean, running_var, slot, momentum = running
+            use = torch.ones(steps, 1, dtype=torch.bool, device=xs.device)
+            _update_running(running_mean, mean, use, slot, momentum)
+            _update_running(running_var, var * n / (n - 1), use, slot, momentum)
+    channels = xs.permute(0, 2, 1).reshape(1, steps * f, n)  # statistics over the samples
+    tile = lambda p: None if p is None else p.to(xs.dtype).repeat(steps)
+    y = F.batch_norm(
+        channels,
+        None if use_batch else run_mean.reshape(-1),
+        None if use_batch else run_var.reshape(-1),
+        tile(weight),
+        tile(bias),
+        training=use_batch,
+        eps=eps,
+    )
+    return y.reshape(steps, f, n).permute(0, 2, 1)
 
 
 def _update_running(running: Tensor, batch: Tensor, use: Tensor, slot: Tensor, momentum: float):
@@ -218,7 +252,7 @@ def lstm_input(
     if norm_ih is None:
         return F.linear(x, weight_ih, bias)  # (..., 4H)
     gx = norm_ih(F.linear(x, weight_ih))
-    return gx if bias is None else gx + bias
+    return gx if bias is None else gx.add_(bias)  # in place: gx is the norm's own new tensor
 
 
 def lstm_step(
@@ -257,7 +291,7 @@ def gru_input(x: Tensor, weight_ih: Tensor, bias_ih: Tensor | None, norm_ih: Nor
     if norm_ih is None:
         return F.linear(x, weight_ih, bias_ih)  # (..., 3H)
     gx = norm_ih(F.linear(x, weight_ih))
-    return gx if bias_ih is None else gx + bias_ih
+    return gx if bias_ih is None else gx.add_(bias_ih)  # in place: gx is the norm's new tensor
 
 
 def gru_step(

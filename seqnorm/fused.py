@@ -40,7 +40,14 @@ def available() -> bool:
             from torch.utils.cpp_extension import load
 
             source = Path(__file__).with_name("csrc") / "recurrence.cpp"
-            load("seqnorm_fused", [str(source)], extra_cflags=["-O3"], is_python_module=False)
+            flags = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"]
+            load(
+                "seqnorm_fused",
+                [str(source)],
+                extra_cflags=flags,
+                extra_ldflags=["-lgomp"],  # the libgomp.so.1 torch itself loads
+                is_python_module=False,
+            )
             _loaded = True
         except Exception as error:  # no compiler, no ninja, no headers: the Python loop still works
             warnings.warn(
@@ -141,25 +148,20 @@ def _grads(ctx, *grads):
 class _LSTM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gx, h0, c0, w_hh, gamma_hh, gamma_c, beta_c, spec: _Spec):
-        ops = torch.ops.seqnorm_fused
-        (out, hs, cs, acts, tc, xhat_hh, rstd_hh, xhat_c, rstd_c, bstats_hh, bstats_c, counts) = (
-            ops.lstm_forward(
-                gx, h0, c0, w_hh, *spec.args(), gamma_hh, gamma_c, beta_c, *spec.running
-            )
+        out, hs, cs, *saved, bstats_hh, bstats_c, counts = torch.ops.seqnorm_fused.lstm_forward(
+            gx, h0, c0, w_hh, *spec.args(), gamma_hh, gamma_c, beta_c, *spec.running
         )
         spec.update_running([bstats_hh, bstats_c], counts)
         ctx.spec = spec
-        ctx.save_for_backward(
-            w_hh, gamma_hh, gamma_c, hs, cs, acts, tc, xhat_hh, rstd_hh, xhat_c, rstd_c, counts
-        )
+        ctx.save_for_backward(w_hh, gamma_hh, gamma_c, beta_c, hs, cs, *saved, counts)
         return out, hs[-1].clone(), cs[-1].clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_h, grad_c):
-        w_hh, gamma_hh, gamma_c, *saved = ctx.saved_tensors
+        w_hh, gamma_hh, gamma_c, beta_c, *saved = ctx.saved_tensors
         dgx, dh0, dc0, dw, dgamma_hh, dgamma_c, dbeta_c = torch.ops.seqnorm_fused.lstm_backward(
-            grad_out, grad_h, grad_c, w_hh, *ctx.spec.args(), gamma_hh, gamma_c, *saved
+            grad_out, grad_h, grad_c, w_hh, *ctx.spec.args(), gamma_hh, gamma_c, beta_c, *saved
         )
         return _grads(ctx, dgx, dh0, dc0, dw, dgamma_hh, dgamma_c, dbeta_c, None)
 
@@ -167,13 +169,12 @@ class _LSTM(torch.autograd.Function):
 class _GRU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gx, h0, w_hh, bias_hh, gamma_hh, spec: _Spec):
-        ops = torch.ops.seqnorm_fused
-        out, hs, acts, ghn, xhat, rstd, bstats, counts = ops.gru_forward(
+        out, hs, *saved, bstats, counts = torch.ops.seqnorm_fused.gru_forward(
             gx, h0, w_hh, bias_hh, *spec.args(), gamma_hh, *spec.running[:2]
         )
         spec.update_running([bstats], counts)
         ctx.spec, ctx.has_bias = spec, bias_hh is not None
-        ctx.save_for_backward(w_hh, gamma_hh, hs, acts, ghn, xhat, rstd, counts)
+        ctx.save_for_backward(w_hh, gamma_hh, hs, *saved, counts)
         return out, hs[-1].clone()
 
     @staticmethod

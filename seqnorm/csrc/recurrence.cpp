@@ -2,12 +2,12 @@
 // time for the recurrent half of the cells (DESIGN.md section 2), with layer/group or per-step
 // batch normalization of the recurrent projection (and, for the LSTM, of the cell state).
 //
-// Per step the forward runs one matrix product (h W_hh^T) and a few passes over the (N, gates*H)
-// gates: the normalization with its statistics, the gate nonlinearities (ATen's vectorized
-// sigmoid/tanh) and the state update. The backward walks the steps in reverse with the same
-// number of passes and one matrix product for dh; the gradient of W_hh is one matrix product over
-// all steps after the loop. Everything the backward needs is saved by the forward, nothing is
-// recomputed.
+// Per step the forward runs one matrix product (h W_hh^T) and then, one sample (row) at a time
+// while the row is in cache, the normalization with its statistics, the gate nonlinearities and
+// the state update. The backward walks the steps in reverse the same way with one matrix product
+// for dh; the gradient of W_hh is one matrix product over all steps after the loop. The backward
+// writes its per-step gradients over saved buffers it no longer needs, so a training step holds
+// little more than what the forward saved.
 //
 // The readable Python path (seqnorm.functional.lstm_step / gru_step in seqnorm.rnn) is the
 // reference; tests/test_fused.py checks this file against it, outputs and every gradient.
@@ -17,120 +17,163 @@
 // takes no part in batch statistics.
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <optional>
 #include <vector>
+
+// Vectorize the loop that follows (an OpenMP SIMD hint: -fopenmp-simd, no threads). _Pragma, not
+// #pragma, because most loops sit inside the AT_DISPATCH macro's lambda.
+#define SEQNORM_SIMD _Pragma("omp simd")
 
 namespace {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
+// ---------------------------------------------------------------------------------------------
+// Nonlinearities. float32 uses branch-free polynomial forms (Cephes' expf and tanhf, within a
+// few ulp) that the compiler vectorizes; float64 uses the C library, for gradcheck-grade results.
+
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float shifted = x * 1.44269504088896341f + magic;
+  const float n = shifted - magic;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  const float p = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
+                     4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f) * r * r +
+                  r + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &shifted, sizeof bits);
+  bits = (bits - 0x4B400000 + 127) << 23;  // the integer n, as the exponent of 2^n
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+inline float tanh_(float x) {
+  const float z = x * x;
+  const float small =
+      ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z +
+        1.33314422036e-1f) * z - 3.33332819422e-1f) * z * x + x;
+  const float large = 1.0f - 2.0f / (exp_approx(2.0f * std::fabs(x)) + 1.0f);
+  return std::fabs(x) < 0.625f ? small : std::copysign(large, x);
+}
+inline double tanh_(double x) { return std::tanh(x); }
+
+// ---------------------------------------------------------------------------------------------
+// Normalizations of one step's (N, F) values.
+
 enum NormKind : int64_t { kNone = 0, kGroup = 1, kBatch = 2 };
 
-struct NormSpec {
-  int64_t kind;
-  int64_t groups;
+struct Norm {
+  int64_t kind, groups;
   double eps;
   bool training;
 };
 
+// Batch statistics of a step, per feature over the valid samples, or the running ones when
+// there are fewer than two valid samples or in eval mode. Writes mean and rstd (F); when the
+// batch statistics are used, also the batch mean and biased variance to bstats (2, T, F) at t.
 template <typename T>
-const T* ptr_or_null(const OptTensor& t) {
-  return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
-}
-
-// Normalizes x (N, F) in place into x_hat. Group: statistics per sample and group of F/G
-// contiguous features, rstd (N, G). Batch: statistics per feature over the valid samples when
-// training with at least two of them (use = true), else the running ones; rstd (F), and the
-// batch mean and biased variance written to bmean/bvar (F) when used. Returns use.
-template <typename T>
-bool norm_forward(const NormSpec& s, T* x, int64_t N, int64_t F, const bool* valid, T* rstd,
-                  const T* run_mean, const T* run_var, T* bmean, T* bvar, int64_t count) {
-  if (s.kind == kGroup) {
-    const int64_t G = s.groups, Fg = F / G;
-    for (int64_t n = 0; n < N; ++n) {
-      for (int64_t g = 0; g < G; ++g) {
-        T* p = x + n * F + g * Fg;
-        double sum = 0;
-        for (int64_t k = 0; k < Fg; ++k) sum += p[k];
-        const double mean = sum / Fg;
-        double sq = 0;
-        for (int64_t k = 0; k < Fg; ++k) sq += (p[k] - mean) * (p[k] - mean);
-        const double r = 1.0 / std::sqrt(sq / Fg + s.eps);
-        for (int64_t k = 0; k < Fg; ++k) p[k] = static_cast<T>((p[k] - mean) * r);
-        rstd[n * G + g] = static_cast<T>(r);
-      }
-    }
-    return false;
-  }
-  // batch
+bool batch_stats(const Norm& s, const T* x, int64_t N, int64_t F, const bool* valid,
+                 int64_t count, const T* run_mean, const T* run_var, T* mean, T* rstd,
+                 T* bmean, T* bvar) {
   const bool use = s.training && count >= 2;
-  std::vector<double> mean(F), var(F, 0.0);
+  std::vector<double> sum(F, 0.0), sq(F, 0.0);
   if (use) {
-    std::vector<double> sum(F, 0.0);
     for (int64_t n = 0; n < N; ++n) {
       if (valid && !valid[n]) continue;
       const T* p = x + n * F;
       for (int64_t f = 0; f < F; ++f) sum[f] += p[f];
     }
-    for (int64_t f = 0; f < F; ++f) mean[f] = sum[f] / count;
+    for (int64_t f = 0; f < F; ++f) sum[f] /= count;
     for (int64_t n = 0; n < N; ++n) {
       if (valid && !valid[n]) continue;
       const T* p = x + n * F;
-      for (int64_t f = 0; f < F; ++f) var[f] += (p[f] - mean[f]) * (p[f] - mean[f]);
+      for (int64_t f = 0; f < F; ++f) sq[f] += (p[f] - sum[f]) * (p[f] - sum[f]);
     }
     for (int64_t f = 0; f < F; ++f) {
-      var[f] /= count;
-      bmean[f] = static_cast<T>(mean[f]);
-      bvar[f] = static_cast<T>(var[f]);
+      sq[f] /= count;
+      bmean[f] = static_cast<T>(sum[f]);
+      bvar[f] = static_cast<T>(sq[f]);
     }
   } else {
     for (int64_t f = 0; f < F; ++f) {
-      mean[f] = run_mean[f];
-      var[f] = run_var[f];
+      sum[f] = run_mean[f];
+      sq[f] = run_var[f];
     }
   }
-  std::vector<double> r(F);
   for (int64_t f = 0; f < F; ++f) {
-    r[f] = 1.0 / std::sqrt(var[f] + s.eps);
-    rstd[f] = static_cast<T>(r[f]);
-  }
-  for (int64_t n = 0; n < N; ++n) {
-    T* p = x + n * F;
-    for (int64_t f = 0; f < F; ++f) p[f] = static_cast<T>((p[f] - mean[f]) * r[f]);
+    mean[f] = static_cast<T>(sum[f]);
+    rstd[f] = static_cast<T>(1.0 / std::sqrt(sq[f] + s.eps));
   }
   return use;
 }
 
-// The backward of norm_forward: d (N, F) holds dL/dx_hat on entry (zero in rows of samples that
-// are not valid) and dL/dx on exit.
+// Normalizes one row x (F) into xhat (may alias x). Group: statistics per group of F/G
+// contiguous features, written to rstd (G); batch: the step's mean and rstd (F).
 template <typename T>
-void norm_backward(const NormSpec& s, T* d, const T* xhat, int64_t N, int64_t F, const bool* valid,
-                   const T* rstd, bool use, int64_t count) {
-  if (s.kind == kGroup) {
-    const int64_t G = s.groups, Fg = F / G;
-    for (int64_t n = 0; n < N; ++n) {
-      for (int64_t g = 0; g < G; ++g) {
-        T* p = d + n * F + g * Fg;
-        const T* xh = xhat + n * F + g * Fg;
-        double m1 = 0, m2 = 0;
-        for (int64_t k = 0; k < Fg; ++k) {
-          m1 += p[k];
-          m2 += p[k] * xh[k];
-        }
-        m1 /= Fg;
-        m2 /= Fg;
-        const double r = rstd[n * G + g];
-        for (int64_t k = 0; k < Fg; ++k) p[k] = static_cast<T>(r * (p[k] - m1 - xh[k] * m2));
-      }
-    }
+void normalize_row(const Norm& s, const T* x, T* xhat, int64_t F, T* rstd, const T* mean_f,
+                   const T* rstd_f) {
+  if (s.kind == kBatch) {
+SEQNORM_SIMD
+    for (int64_t f = 0; f < F; ++f) xhat[f] = (x[f] - mean_f[f]) * rstd_f[f];
     return;
   }
-  if (!use) {  // running statistics: constants
+  const int64_t G = s.groups, Fg = F / G;
+  for (int64_t g = 0; g < G; ++g) {
+    const T* p = x + g * Fg;
+    T* q = xhat + g * Fg;
+    T sum = 0, sq = 0;  // the SIMD lanes are separate partial sums, as in ATen's norms
+#pragma omp simd reduction(+ : sum)
+    for (int64_t k = 0; k < Fg; ++k) sum += p[k];
+    const T m = sum / Fg;
+#pragma omp simd reduction(+ : sq)
+    for (int64_t k = 0; k < Fg; ++k) sq += (p[k] - m) * (p[k] - m);
+    const T r = static_cast<T>(1.0 / std::sqrt(static_cast<double>(sq) / Fg + s.eps));
+SEQNORM_SIMD
+    for (int64_t k = 0; k < Fg; ++k) q[k] = (p[k] - m) * r;
+    rstd[g] = r;
+  }
+}
+
+// The backward of a group normalization of one row: d holds dL/dxhat on entry, dL/dx on exit.
+template <typename T>
+void group_norm_backward_row(int64_t G, T* d, const T* xhat, int64_t F, const T* rstd) {
+  const int64_t Fg = F / G;
+  for (int64_t g = 0; g < G; ++g) {
+    T* p = d + g * Fg;
+    const T* xh = xhat + g * Fg;
+    T m1 = 0, m2 = 0;
+#pragma omp simd reduction(+ : m1, m2)
+    for (int64_t k = 0; k < Fg; ++k) {
+      m1 += p[k];
+      m2 += p[k] * xh[k];
+    }
+    const T a = static_cast<T>(m1 / Fg), b = static_cast<T>(m2 / Fg), r = rstd[g];
+SEQNORM_SIMD
+    for (int64_t k = 0; k < Fg; ++k) p[k] = r * (p[k] - a - xh[k] * b);
+  }
+}
+
+// The backward of batch normalization of a step, all rows at once (rows of samples that are
+// not valid are zero on entry and stay zero).
+template <typename T>
+void batch_norm_backward(T* d, const T* xhat, int64_t N, int64_t F, const bool* valid,
+                         const T* rstd, bool use, int64_t count) {
+  if (!use) {  // running statistics are constants
     for (int64_t n = 0; n < N; ++n)
+SEQNORM_SIMD
       for (int64_t f = 0; f < F; ++f) d[n * F + f] *= rstd[f];
     return;
   }
@@ -142,43 +185,47 @@ void norm_backward(const NormSpec& s, T* d, const T* xhat, int64_t N, int64_t F,
       m2[f] += d[n * F + f] * xhat[n * F + f];
     }
   }
+  std::vector<T> a(F), b(F);
   for (int64_t f = 0; f < F; ++f) {
-    m1[f] /= count;
-    m2[f] /= count;
+    a[f] = static_cast<T>(m1[f] / count);
+    b[f] = static_cast<T>(m2[f] / count);
   }
   for (int64_t n = 0; n < N; ++n) {
+    if (valid && !valid[n]) continue;
     T* p = d + n * F;
-    if (valid && !valid[n]) {
-      for (int64_t f = 0; f < F; ++f) p[f] = 0;
-      continue;
-    }
     const T* xh = xhat + n * F;
-    for (int64_t f = 0; f < F; ++f) p[f] = static_cast<T>(rstd[f] * (p[f] - m1[f] - xh[f] * m2[f]));
+SEQNORM_SIMD
+    for (int64_t f = 0; f < F; ++f) p[f] = rstd[f] * (p[f] - a[f] - xh[f] * b[f]);
   }
 }
 
-// Shapes of the per-step statistics a norm saves: rstd (T, N, G) or (T, F).
-Tensor rstd_buffer(const NormSpec& s, int64_t T, int64_t N, int64_t F, const Tensor& like) {
-  if (s.kind == kGroup) return at::empty({T, N, s.groups}, like.options());
-  if (s.kind == kBatch) return at::empty({T, F}, like.options());
-  return at::empty({0}, like.options());
-}
+// Per-step storage of a norm's statistics: rstd (T, N, G) for group, (T, 2, F) mean and rstd
+// for batch; and the batch mean and biased variance (2, T, F) for the running statistics.
+struct NormBuffers {
+  Tensor stats, bstats;
+  int64_t stride;
+  NormBuffers(const Norm& s, int64_t T, int64_t N, int64_t F, const Tensor& like) {
+    const auto o = like.options();
+    stride = s.kind == kGroup ? N * s.groups : s.kind == kBatch ? 2 * F : 0;
+    stats = at::empty({T * stride}, o);
+    bstats = at::zeros({2, s.kind == kBatch ? T : 0, F}, o);
+  }
+};
 
-int64_t rstd_stride(const NormSpec& s, int64_t N, int64_t F) {
-  return s.kind == kGroup ? N * s.groups : F;
-}
-
-std::vector<int64_t> valid_counts(const OptTensor& mask, int64_t T, int64_t N) {
+std::vector<int64_t> valid_counts(const bool* m, int64_t T, int64_t N) {
   std::vector<int64_t> count(T, N);
-  if (mask.has_value() && mask->defined()) {
-    const bool* m = mask->data_ptr<bool>();
-    for (int64_t t = 0; t < T; ++t) {
-      int64_t c = 0;
-      for (int64_t n = 0; n < N; ++n) c += m[t * N + n];
-      count[t] = c;
-    }
-  }
+  if (m)
+    for (int64_t t = 0; t < T; ++t) count[t] = std::count(m + t * N, m + (t + 1) * N, true);
   return count;
+}
+
+const bool* mask_ptr(const OptTensor& mask) {
+  return mask.has_value() && mask->defined() ? mask->data_ptr<bool>() : nullptr;
+}
+
+template <typename T>
+const T* ptr_or_null(const OptTensor& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
 }
 
 void check_inputs(const Tensor& gx, const Tensor& h0, const Tensor& w_hh, int64_t gates) {
@@ -189,109 +236,178 @@ void check_inputs(const Tensor& gx, const Tensor& h0, const Tensor& w_hh, int64_
   TORCH_CHECK(gx.device().is_cpu(), "the fused recurrence runs on CPU");
 }
 
+// Runs body(n) for every row (sample) n, split over ATen's threads when the rows are wide enough
+// to pay for it.
+template <typename Body>
+void for_rows(int64_t N, int64_t width, const Body& body) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1));
+  at::parallel_for(0, N, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi; ++n) body(n);
+  });
+}
+
+// A per-feature sum in double, one copy per thread so that rows can run in parallel.
+struct Accumulator {
+  int64_t F;
+  std::vector<double> sums;
+  explicit Accumulator(int64_t F_) : F(F_), sums(F_ * at::get_num_threads(), 0.0) {}
+  double* mine() { return sums.data() + at::get_thread_num() * F; }
+  Tensor total(const at::TensorOptions& o) {
+    Tensor out = at::zeros({F}, o.dtype(at::kDouble));
+    double* p = out.data_ptr<double>();
+    for (size_t k = 0; k < sums.size(); ++k) p[k % F] += sums[k];
+    return out.to(o.dtype());
+  }
+};
+
+// dW_hh = sum_t dgh_t^T h_{t-1}, as one matrix product per chunk of K steps: the backward writes
+// step t's dgh (N, F) into at(t) and calls done(t), walking t down from T - 1.
+struct WeightGrad {
+  Tensor dw, buf, hs;
+  int64_t K, T, N, F, H;
+  WeightGrad(const Tensor& hs_, int64_t T_, int64_t N_, int64_t F_, const Tensor& full)
+      : hs(hs_), T(T_), N(N_), F(F_), H(hs_.size(2)) {
+    dw = at::zeros({F, H}, hs.options());
+    K = full.defined() ? std::max<int64_t>(T, 1) : std::clamp<int64_t>(512 / N, 1, std::max<int64_t>(T, 1));
+    buf = full.defined() ? full : at::empty({K, N, F}, hs.options());
+  }
+  Tensor at(int64_t t) { return buf[t % K]; }
+  void done(int64_t t) {
+    if (t % K) return;
+    const int64_t len = std::min(K, T - t);
+    dw.addmm_(buf.narrow(0, 0, len).reshape({len * N, F}).t(), hs.narrow(0, t, len).reshape({len * N, H}));
+  }
+};
+
+// A norm's view of one step: its statistics (batch statistics are computed over all rows here,
+// before the rows run; group statistics by each row as it is normalized).
+template <typename T>
+struct StepNorm {
+  const Norm& s;
+  int64_t F;
+  T* st;  // group: rstd (N, G); batch: mean (F) and rstd (F)
+  StepNorm(const Norm& s_, NormBuffers& buf, int64_t t, int64_t T_, int64_t N, int64_t F_,
+           const T* z, const bool* valid, int64_t count, const T* run_mean, const T* run_var)
+      : s(s_), F(F_), st(buf.stats.data_ptr<T>() + t * buf.stride) {
+    if (s.kind != kBatch) return;
+    T* bs = buf.bstats.data_ptr<T>();
+    batch_stats(s, z, N, F, valid, count, run_mean + t * F, run_var + t * F, st, st + F,
+                bs + t * F, bs + (T_ + t) * F);
+  }
+  void row(int64_t n, const T* z, T* xhat) const {
+    normalize_row(s, z, xhat, F, st + n * s.groups, st, st + F);
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // LSTM: gates = gx + Nh(h W_hh^T), c' = sig(f) c + sig(i) tanh(g), h' = sig(o) tanh(Nc(c')).
 
 std::vector<Tensor> lstm_forward(const Tensor& gx, const Tensor& h0_, const Tensor& c0_,
-                                 const Tensor& w_hh_, const OptTensor& mask, int64_t kind,
+                                 const Tensor& w_hh, const OptTensor& mask, int64_t kind,
                                  int64_t groups, double eps, bool training,
                                  const OptTensor& gamma_hh, const OptTensor& gamma_c,
                                  const OptTensor& beta_c, const OptTensor& run_mean_hh,
                                  const OptTensor& run_var_hh, const OptTensor& run_mean_c,
                                  const OptTensor& run_var_c) {
-  check_inputs(gx, h0_, w_hh_, 4);
-  const NormSpec s{kind, groups, eps, training};
+  check_inputs(gx, h0_, w_hh, 4);
+  const Norm s{kind, groups, eps, training};
   const int64_t T = gx.size(0), N = gx.size(1), F = gx.size(2), H = F / 4;
-  const Tensor h0 = h0_.contiguous(), c0 = c0_.contiguous(), w_t = w_hh_.t();
-  Tensor out = at::empty({T, N, H}, gx.options());
-  Tensor hs = at::empty({T + 1, N, H}, gx.options());  // h_{t-1} for step t is hs[t]
-  Tensor cs = at::empty({T + 1, N, H}, gx.options());
-  Tensor acts = at::empty({T, N, F}, gx.options());  // sig(i), sig(f), tanh(g), sig(o)
-  Tensor tc = at::empty({T, N, H}, gx.options());    // tanh(Nc(c'))
   const bool normed = kind != kNone;
-  Tensor xhat_hh = normed ? at::empty({T, N, F}, gx.options()) : at::empty({0}, gx.options());
-  Tensor xhat_c = normed ? at::empty({T, N, H}, gx.options()) : at::empty({0}, gx.options());
-  Tensor rstd_hh = rstd_buffer(s, T, N, F, gx), rstd_c = rstd_buffer(s, T, N, H, gx);
-  const bool batch = kind == kBatch;
-  Tensor bstats_hh = at::zeros({2, batch ? T : 0, F}, gx.options());  // batch mean, biased var
-  Tensor bstats_c = at::zeros({2, batch ? T : 0, H}, gx.options());
-  const std::vector<int64_t> count = valid_counts(mask, T, N);
-  Tensor counts = at::tensor(count, gx.options().dtype(at::kLong));
-  hs[0].copy_(h0);
-  cs[0].copy_(c0);
-  const bool* m = mask.has_value() && mask->defined() ? mask->data_ptr<bool>() : nullptr;
+  const auto o = gx.options();
+  Tensor out = at::empty({T, N, H}, o);
+  Tensor hs = at::empty({T + 1, N, H}, o);  // h_{t-1} for step t is hs[t]
+  Tensor cs = at::empty({T + 1, N, H}, o);
+  Tensor acts = at::empty({T, N, F}, o);                     // sig(i), sig(f), tanh(g), sig(o)
+  Tensor xhat_hh = at::empty({normed ? T : 1, N, F}, o);     // x_hat of h W_hh^T (scratch if none)
+  Tensor xhat_c = at::empty({normed ? T : 0, N, H}, o);      // x_hat of c'
+  NormBuffers nb_hh(s, T, N, F, gx), nb_c(s, T, N, H, gx);
+  const bool* m = mask_ptr(mask);
+  const std::vector<int64_t> count = valid_counts(m, T, N);
+  hs[0].copy_(h0_);
+  cs[0].copy_(c0_);
+  const Tensor w_t = w_hh.t();
 
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "seqnorm_lstm_forward", [&] {
     using T_ = scalar_t;
     const T_* gam_hh = ptr_or_null<T_>(gamma_hh);
     const T_* gam_c = ptr_or_null<T_>(gamma_c);
     const T_* bet_c = ptr_or_null<T_>(beta_c);
+    Tensor ybuf = at::empty({N, H}, o);  // Nc(c') of each row
+    const bool batch = kind == kBatch;
     for (int64_t t = 0; t < T; ++t) {
       const bool* valid = m ? m + t * N : nullptr;
-      Tensor a_t = acts[t];
-      T_* a = a_t.data_ptr<T_>();
+      Tensor z_t = xhat_hh[normed ? t : 0];
+      at::mm_out(z_t, hs[t], w_t);
+      T_* xh = z_t.data_ptr<T_>();
+      const StepNorm<T_> norm_hh(s, nb_hh, t, T, N, F, xh, valid, count[t],
+                                 ptr_or_null<T_>(run_mean_hh), ptr_or_null<T_>(run_var_hh));
       const T_* g = gx.data_ptr<T_>() + t * N * F;
-      if (!normed) {
-        at::addmm_out(a_t, gx[t], hs[t], w_t);
-      } else {
-        Tensor x_t = xhat_hh[t];
-        at::mm_out(x_t, hs[t], w_t);
-        T_* xh = x_t.data_ptr<T_>();
-        const int64_t off = t * F;
-        norm_forward<T_>(s, xh, N, F, valid, rstd_hh.data_ptr<T_>() + t * rstd_stride(s, N, F),
-                         batch ? run_mean_hh->data_ptr<T_>() + off : nullptr,
-                         batch ? run_var_hh->data_ptr<T_>() + off : nullptr,
-                         batch ? bstats_hh.data_ptr<T_>() + off : nullptr,
-                         batch ? bstats_hh.data_ptr<T_>() + T * F + off : nullptr, count[t]);
-        for (int64_t n = 0; n < N; ++n)
-          for (int64_t f = 0; f < F; ++f) a[n * F + f] = g[n * F + f] + gam_hh[f] * xh[n * F + f];
-      }
-      a_t.narrow(1, 0, 2 * H).sigmoid_();
-      a_t.narrow(1, 2 * H, H).tanh_();
-      a_t.narrow(1, 3 * H, H).sigmoid_();
+      T_* a = acts.data_ptr<T_>() + t * N * F;
       const T_* c_prev = cs.data_ptr<T_>() + t * N * H;
       T_* c_new = cs.data_ptr<T_>() + (t + 1) * N * H;
-      T_* y = tc.data_ptr<T_>() + t * N * H;
-      for (int64_t n = 0; n < N; ++n) {
-        const T_* an = a + n * F;
-        for (int64_t j = 0; j < H; ++j)
-          c_new[n * H + j] = an[H + j] * c_prev[n * H + j] + an[j] * an[2 * H + j];
-      }
-      if (!normed) {
-        std::copy(c_new, c_new + N * H, y);
-      } else {
-        T_* xc = xhat_c.data_ptr<T_>() + t * N * H;
-        std::copy(c_new, c_new + N * H, xc);
-        const int64_t off = t * H;
-        norm_forward<T_>(s, xc, N, H, valid, rstd_c.data_ptr<T_>() + t * rstd_stride(s, N, H),
-                         batch ? run_mean_c->data_ptr<T_>() + off : nullptr,
-                         batch ? run_var_c->data_ptr<T_>() + off : nullptr,
-                         batch ? bstats_c.data_ptr<T_>() + off : nullptr,
-                         batch ? bstats_c.data_ptr<T_>() + T * H + off : nullptr, count[t]);
-        for (int64_t n = 0; n < N; ++n)
-          for (int64_t j = 0; j < H; ++j) y[n * H + j] = gam_c[j] * xc[n * H + j] + bet_c[j];
-      }
-      tc[t].tanh_();
+      T_* xc = normed ? xhat_c.data_ptr<T_>() + t * N * H : nullptr;
       const T_* h_prev = hs.data_ptr<T_>() + t * N * H;
       T_* h_new = hs.data_ptr<T_>() + (t + 1) * N * H;
-      T_* o = out.data_ptr<T_>() + t * N * H;
-      for (int64_t n = 0; n < N; ++n) {
+      T_* out_t = out.data_ptr<T_>() + t * N * H;
+      std::optional<StepNorm<T_>> norm_c;
+      auto output = [&](int64_t n) {  // h' = sig(o) tanh(Nc(c')), or the state kept
         if (valid && !valid[n]) {
           std::copy(h_prev + n * H, h_prev + (n + 1) * H, h_new + n * H);
           std::copy(c_prev + n * H, c_prev + (n + 1) * H, c_new + n * H);
-          std::fill(o + n * H, o + (n + 1) * H, T_(0));
-          continue;
+          std::fill(out_t + n * H, out_t + (n + 1) * H, T_(0));
+          return;
         }
-        const T_* an = a + n * F;
-        for (int64_t j = 0; j < H; ++j) {
-          const T_ h = an[3 * H + j] * y[n * H + j];
-          h_new[n * H + j] = h;
-          o[n * H + j] = h;
+        const T_* on = a + n * F + 3 * H;
+        T_* hn = h_new + n * H;
+        T_* y = ybuf.data_ptr<T_>() + n * H;
+        if (normed) {
+          norm_c->row(n, c_new + n * H, xc + n * H);
+          const T_* xcn = xc + n * H;
+SEQNORM_SIMD
+          for (int64_t j = 0; j < H; ++j) y[j] = gam_c[j] * xcn[j] + bet_c[j];
+        } else {
+          std::copy(c_new + n * H, c_new + (n + 1) * H, y);
         }
+SEQNORM_SIMD
+        for (int64_t j = 0; j < H; ++j) hn[j] = on[j] * tanh_(y[j]);
+        std::copy(hn, hn + H, out_t + n * H);
+      };
+      if (normed && !batch)  // group statistics come row by row
+        norm_c.emplace(s, nb_c, t, T, N, H, c_new, valid, count[t], nullptr, nullptr);
+      for_rows(N, F, [&](int64_t n) {  // gates and the new cell state (and, unless batch, h')
+        const T_* gn = g + n * F;
+        T_* xn = xh + n * F;
+        T_* an = a + n * F;
+        if (normed) {
+          norm_hh.row(n, xn, xn);
+SEQNORM_SIMD
+          for (int64_t f = 0; f < F; ++f) an[f] = gn[f] + gam_hh[f] * xn[f];
+        } else {
+SEQNORM_SIMD
+          for (int64_t f = 0; f < F; ++f) an[f] = gn[f] + xn[f];
+        }
+SEQNORM_SIMD
+        for (int64_t f = 0; f < 2 * H; ++f) an[f] = sigmoid(an[f]);
+SEQNORM_SIMD
+        for (int64_t f = 2 * H; f < 3 * H; ++f) an[f] = tanh_(an[f]);
+SEQNORM_SIMD
+        for (int64_t f = 3 * H; f < F; ++f) an[f] = sigmoid(an[f]);
+        const T_* cp = c_prev + n * H;
+        T_* cn = c_new + n * H;
+SEQNORM_SIMD
+        for (int64_t j = 0; j < H; ++j) cn[j] = an[H + j] * cp[j] + an[j] * an[2 * H + j];
+        if (!batch) output(n);
+      });
+      if (batch) {  // batch statistics of c' need every row's c' first
+        norm_c.emplace(s, nb_c, t, T, N, H, c_new, valid, count[t], ptr_or_null<T_>(run_mean_c),
+                       ptr_or_null<T_>(run_var_c));
+        for_rows(N, H, output);
       }
     }
   });
-  return {out, hs, cs, acts, tc, xhat_hh, rstd_hh, xhat_c, rstd_c, bstats_hh, bstats_c, counts};
+  Tensor counts = at::tensor(count, o.dtype(at::kLong));
+  return {out,          hs, cs, acts, xhat_hh, nb_hh.stats, xhat_c, nb_c.stats, nb_hh.bstats,
+          nb_c.bstats, counts};
 }
 
 // Returns dgx, dh0, dc0, dw_hh, dgamma_hh, dgamma_c, dbeta_c (the last three empty when kind is
@@ -300,270 +416,309 @@ std::vector<Tensor> lstm_backward(const Tensor& grad_out, const Tensor& grad_hn,
                                   const Tensor& grad_cn, const Tensor& w_hh,
                                   const OptTensor& mask, int64_t kind, int64_t groups, double eps,
                                   bool training, const OptTensor& gamma_hh,
-                                  const OptTensor& gamma_c, const Tensor& hs, const Tensor& cs,
-                                  const Tensor& acts, const Tensor& tc, const Tensor& xhat_hh,
-                                  const Tensor& rstd_hh, const Tensor& xhat_c,
-                                  const Tensor& rstd_c, const Tensor& counts) {
-  const NormSpec s{kind, groups, eps, training};
+                                  const OptTensor& gamma_c, const OptTensor& beta_c,
+                                  const Tensor& hs, const Tensor& cs, const Tensor& acts,
+                                  const Tensor& xhat_hh,
+                                  const Tensor& stats_hh, const Tensor& xhat_c,
+                                  const Tensor& stats_c, const Tensor& counts) {
+  const Norm s{kind, groups, eps, training};
   const int64_t T = acts.size(0), N = acts.size(1), F = acts.size(2), H = F / 4;
   const bool normed = kind != kNone, batch = kind == kBatch;
   const Tensor gout = grad_out.contiguous(), w = w_hh.contiguous();
   Tensor dh = grad_hn.contiguous().clone(), dc = grad_cn.contiguous().clone();
   Tensor dgx = at::empty({T, N, F}, acts.options());
-  Tensor dgh = normed ? at::empty({T, N, F}, acts.options()) : dgx;  // dL/d(h W_hh^T)
-  Tensor dxc = at::empty({N, H}, acts.options());
-  Tensor dgamma_hh = at::zeros({normed ? F : 0}, acts.options().dtype(at::kDouble));
-  Tensor dgamma_c = at::zeros({normed ? H : 0}, acts.options().dtype(at::kDouble));
-  Tensor dbeta_c = at::zeros({normed ? H : 0}, acts.options().dtype(at::kDouble));
+  WeightGrad wg(hs, T, N, F, normed ? Tensor() : dgx);  // dL/d(h W_hh^T) is dgx without norm
+  Tensor dxc = at::empty({N, H}, acts.options()), tcb = at::empty({N, H}, acts.options());
+  Accumulator dgamma_hh(normed ? F : 0), dgamma_c(normed ? H : 0), dbeta_c(normed ? H : 0);
   const int64_t* count = counts.data_ptr<int64_t>();
-  const bool* m = mask.has_value() && mask->defined() ? mask->data_ptr<bool>() : nullptr;
+  const bool* m = mask_ptr(mask);
+  const int64_t stride_hh = T ? stats_hh.numel() / T : 0, stride_c = T ? stats_c.numel() / T : 0;
 
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "seqnorm_lstm_backward", [&] {
     using T_ = scalar_t;
     const T_* gam_hh = ptr_or_null<T_>(gamma_hh);
     const T_* gam_c = ptr_or_null<T_>(gamma_c);
-    double* dgam_hh = dgamma_hh.data_ptr<double>();
-    double* dgam_c = dgamma_c.data_ptr<double>();
-    double* dbet_c = dbeta_c.data_ptr<double>();
+    const T_* bet_c = ptr_or_null<T_>(beta_c);
     T_* dhp = dh.data_ptr<T_>();
     T_* dcp = dc.data_ptr<T_>();
     T_* dx = dxc.data_ptr<T_>();
+    T_* tc = tcb.data_ptr<T_>();
     for (int64_t t = T - 1; t >= 0; --t) {
       const bool* valid = m ? m + t * N : nullptr;
+      const bool use = batch && training && count[t] >= 2;
       const T_* a = acts.data_ptr<T_>() + t * N * F;
-      const T_* y = tc.data_ptr<T_>() + t * N * H;
+      T_* dga = dgx.data_ptr<T_>() + t * N * F;
+      Tensor dgh_t = wg.at(t);
+      T_* dnp = dgh_t.data_ptr<T_>();
       const T_* go = gout.data_ptr<T_>() + t * N * H;
       const T_* c_prev = cs.data_ptr<T_>() + t * N * H;
+      const T_* c_new = cs.data_ptr<T_>() + (t + 1) * N * H;
       const T_* xc = normed ? xhat_c.data_ptr<T_>() + t * N * H : nullptr;
-      T_* dg = dgx.data_ptr<T_>() + t * N * F;
-      // dL/d c' through h' = sig(o) tanh(Nc(c')), into dx (zero for samples not valid).
-      for (int64_t n = 0; n < N; ++n) {
+      const T_* st_c = normed ? stats_c.data_ptr<T_>() + t * stride_c : nullptr;
+      // dL/dc' through h' = sig(o) tanh(Nc(c')), into dx (zero for samples not valid).
+      for_rows(N, H, [&](int64_t n) {
+        T_* dxn = dx + n * H;
         if (valid && !valid[n]) {
-          std::fill(dx + n * H, dx + (n + 1) * H, T_(0));
-          continue;
+          std::fill(dxn, dxn + H, T_(0));
+          return;
         }
-        const T_* an = a + n * F;
-        for (int64_t j = 0; j < H; ++j) {
-          const int64_t k = n * H + j;
-          dhp[k] += go[k];
-          const T_ dy = dhp[k] * an[3 * H + j] * (1 - y[k] * y[k]);
-          if (normed) {
-            dgam_c[j] += dy * xc[k];
+        const T_* on = a + n * F + 3 * H;
+        T_* dhn = dhp + n * H;
+        T_* tcn = tc + n * H;
+        const T_* gon = go + n * H;
+        if (normed) {
+          const T_* xcn = xc + n * H;
+          double* dgam_c = dgamma_c.mine();
+          double* dbet_c = dbeta_c.mine();
+SEQNORM_SIMD
+          for (int64_t j = 0; j < H; ++j) tcn[j] = tanh_(gam_c[j] * xcn[j] + bet_c[j]);
+SEQNORM_SIMD
+          for (int64_t j = 0; j < H; ++j) {
+            dhn[j] += gon[j];
+            const T_ dy = dhn[j] * on[j] * (1 - tcn[j] * tcn[j]);
+            dgam_c[j] += dy * xcn[j];
             dbet_c[j] += dy;
-            dx[k] = dy * gam_c[j];
-          } else {
-            dx[k] = dy;
+            dxn[j] = dy * gam_c[j];
+          }
+          if (!batch) group_norm_backward_row(s.groups, dxn, xcn, H, st_c + n * s.groups);
+        } else {
+          const T_* cn = c_new + n * H;
+SEQNORM_SIMD
+          for (int64_t j = 0; j < H; ++j) tcn[j] = tanh_(cn[j]);
+SEQNORM_SIMD
+          for (int64_t j = 0; j < H; ++j) {
+            dhn[j] += gon[j];
+            dxn[j] = dhn[j] * on[j] * (1 - tcn[j] * tcn[j]);
           }
         }
-      }
-      if (normed)
-        norm_backward<T_>(s, dx, xc, N, H, valid, rstd_c.data_ptr<T_>() + t * rstd_stride(s, N, H),
-                          batch && count[t] >= 2 && training, count[t]);
-      for (int64_t n = 0; n < N; ++n) {
-        T_* dgn = dg + n * F;
-        if (valid && !valid[n]) {
-          std::fill(dgn, dgn + F, T_(0));
-          continue;
-        }
+      });
+      if (batch) batch_norm_backward(dx, xc, N, H, valid, st_c + H, use, count[t]);
+      const T_* xh = normed ? xhat_hh.data_ptr<T_>() + t * N * F : nullptr;
+      for_rows(N, F, [&](int64_t n) {  // through c' = sig(f) c + sig(i) tanh(g) to the gates
         const T_* an = a + n * F;
-        for (int64_t j = 0; j < H; ++j) {
-          const int64_t k = n * H + j;
-          const T_ i = an[j], f = an[H + j], g = an[2 * H + j], o = an[3 * H + j];
-          const T_ dct = dcp[k] + dx[k];
-          dgn[j] = dct * g * i * (1 - i);
-          dgn[H + j] = dct * c_prev[k] * f * (1 - f);
-          dgn[2 * H + j] = dct * i * (1 - g * g);
-          dgn[3 * H + j] = dhp[k] * y[k] * o * (1 - o);
-          dcp[k] = dct * f;
+        T_* dan = dga + n * F;
+        if (valid && !valid[n]) {
+          std::fill(dan, dan + F, T_(0));
+          if (normed) std::fill(dnp + n * F, dnp + (n + 1) * F, T_(0));
+          return;
         }
-      }
-      if (normed) {
-        const T_* xh = xhat_hh.data_ptr<T_>() + t * N * F;
-        T_* dn = dgh.data_ptr<T_>() + t * N * F;
-        for (int64_t n = 0; n < N; ++n)
+        const T_* dxn = dx + n * H;
+        const T_* cp = c_prev + n * H;
+        const T_* dhn = dhp + n * H;
+        const T_* tcn = tc + n * H;
+        T_* dcn = dcp + n * H;
+SEQNORM_SIMD
+        for (int64_t j = 0; j < H; ++j) {
+          const T_ i = an[j], f = an[H + j], g = an[2 * H + j], o = an[3 * H + j];
+          const T_ dct = dcn[j] + dxn[j];
+          dan[j] = dct * g * i * (1 - i);
+          dan[H + j] = dct * cp[j] * f * (1 - f);
+          dan[2 * H + j] = dct * i * (1 - g * g);
+          dan[3 * H + j] = dhn[j] * tcn[j] * o * (1 - o);
+          dcn[j] = dct * f;
+        }
+        if (normed) {  // through gates = gx + gamma * x_hat(h W_hh^T)
+          const T_* xn = xh + n * F;
+          T_* dnn = dnp + n * F;
+          double* dgam_hh = dgamma_hh.mine();
+SEQNORM_SIMD
           for (int64_t f = 0; f < F; ++f) {
-            const int64_t k = n * F + f;
-            dgam_hh[f] += dg[k] * xh[k];
-            dn[k] = dg[k] * gam_hh[f];
+            dgam_hh[f] += dan[f] * xn[f];
+            dnn[f] = dan[f] * gam_hh[f];
           }
-        norm_backward<T_>(s, dn, xh, N, F, valid, rstd_hh.data_ptr<T_>() + t * rstd_stride(s, N, F),
-                          batch && count[t] >= 2 && training, count[t]);
-      }
-      const Tensor dprev = at::mm(dgh[t], w);  // (N, H); zero rows where not valid
+          if (!batch)
+            group_norm_backward_row(s.groups, dnn, xn, F,
+                                    stats_hh.data_ptr<T_>() + t * stride_hh + n * s.groups);
+        }
+      });
+      if (batch)
+        batch_norm_backward(dnp, xh, N, F, valid, stats_hh.data_ptr<T_>() + t * stride_hh + F,
+                            use, count[t]);
+      const Tensor dprev = at::mm(dgh_t, w);  // (N, H); zero rows where not valid
       const T_* dp = dprev.data_ptr<T_>();
       for (int64_t n = 0; n < N; ++n) {
         if (valid && !valid[n]) continue;  // the state passed through: dh stays
         std::copy(dp + n * H, dp + (n + 1) * H, dhp + n * H);
       }
+      wg.done(t);
     }
   });
-  Tensor dw = at::mm(dgh.reshape({T * N, F}).t(), hs.narrow(0, 0, T).reshape({T * N, H}));
-  const auto dtype = acts.scalar_type();
-  return {dgx, dh, dc, dw, dgamma_hh.to(dtype), dgamma_c.to(dtype), dbeta_c.to(dtype)};
+  const auto ao = acts.options();
+  return {dgx, dh, dc, wg.dw, dgamma_hh.total(ao), dgamma_c.total(ao), dbeta_c.total(ao)};
 }
 
 // ---------------------------------------------------------------------------------------------
 // GRU: gh = Nh(h W_hh^T) + b_hh, r = sig(gx_r + gh_r), z = sig(gx_z + gh_z),
 // n = tanh(gx_n + r gh_n), h' = (1 - z) n + z h.
 
-std::vector<Tensor> gru_forward(const Tensor& gx, const Tensor& h0_, const Tensor& w_hh_,
+std::vector<Tensor> gru_forward(const Tensor& gx, const Tensor& h0_, const Tensor& w_hh,
                                 const OptTensor& bias_hh, const OptTensor& mask, int64_t kind,
                                 int64_t groups, double eps, bool training,
                                 const OptTensor& gamma_hh, const OptTensor& run_mean_hh,
                                 const OptTensor& run_var_hh) {
-  check_inputs(gx, h0_, w_hh_, 3);
-  const NormSpec s{kind, groups, eps, training};
+  check_inputs(gx, h0_, w_hh, 3);
+  const Norm s{kind, groups, eps, training};
   const int64_t T = gx.size(0), N = gx.size(1), F = gx.size(2), H = F / 3;
-  const Tensor h0 = h0_.contiguous(), w_t = w_hh_.t();
-  const bool normed = kind != kNone, batch = kind == kBatch;
-  Tensor out = at::empty({T, N, H}, gx.options());
-  Tensor hs = at::empty({T + 1, N, H}, gx.options());
-  Tensor acts = at::empty({T, N, F}, gx.options());  // r, z, n
-  Tensor ghn = at::empty({T, N, H}, gx.options());   // gh_n, the recurrent half of n
-  Tensor xhat = at::empty({T, N, F}, gx.options());  // x_hat of h W_hh^T (itself if no norm)
-  Tensor rstd = rstd_buffer(s, T, N, F, gx);
-  Tensor bstats = at::zeros({2, batch ? T : 0, F}, gx.options());
-  const std::vector<int64_t> count = valid_counts(mask, T, N);
-  Tensor counts = at::tensor(count, gx.options().dtype(at::kLong));
-  hs[0].copy_(h0);
-  const bool* m = mask.has_value() && mask->defined() ? mask->data_ptr<bool>() : nullptr;
+  const bool normed = kind != kNone;
+  const auto o = gx.options();
+  Tensor out = at::empty({T, N, H}, o);
+  Tensor hs = at::empty({T + 1, N, H}, o);
+  Tensor acts = at::empty({T, N, F}, o);                  // r, z, n
+  Tensor ghn = at::empty({T, N, H}, o);                   // gh_n, the recurrent half of n
+  Tensor xhat = at::empty({normed ? T : 1, N, F}, o);     // x_hat of h W_hh^T (scratch if none)
+  NormBuffers nb(s, T, N, F, gx);
+  const bool* m = mask_ptr(mask);
+  const std::vector<int64_t> count = valid_counts(m, T, N);
+  hs[0].copy_(h0_);
+  const Tensor w_t = w_hh.t();
 
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "seqnorm_gru_forward", [&] {
     using T_ = scalar_t;
     const T_* gam = ptr_or_null<T_>(gamma_hh);
     const T_* b = ptr_or_null<T_>(bias_hh);
+    Tensor ghbuf = at::empty({N, F}, o);  // Nh(h W_hh^T) + b_hh of each row
     for (int64_t t = 0; t < T; ++t) {
       const bool* valid = m ? m + t * N : nullptr;
-      Tensor x_t = xhat[t], a_t = acts[t];
-      at::mm_out(x_t, hs[t], w_t);
-      T_* xh = x_t.data_ptr<T_>();
-      if (normed) {
-        const int64_t off = t * F;
-        norm_forward<T_>(s, xh, N, F, valid, rstd.data_ptr<T_>() + t * rstd_stride(s, N, F),
-                         batch ? run_mean_hh->data_ptr<T_>() + off : nullptr,
-                         batch ? run_var_hh->data_ptr<T_>() + off : nullptr,
-                         batch ? bstats.data_ptr<T_>() + off : nullptr,
-                         batch ? bstats.data_ptr<T_>() + T * F + off : nullptr, count[t]);
-      }
+      Tensor z_t = xhat[normed ? t : 0];
+      at::mm_out(z_t, hs[t], w_t);
+      T_* xh = z_t.data_ptr<T_>();
+      const StepNorm<T_> norm(s, nb, t, T, N, F, xh, valid, count[t], ptr_or_null<T_>(run_mean_hh),
+                              ptr_or_null<T_>(run_var_hh));
       const T_* g = gx.data_ptr<T_>() + t * N * F;
-      T_* a = a_t.data_ptr<T_>();
-      T_* gn = ghn.data_ptr<T_>() + t * N * H;
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t f = 0; f < F; ++f) {
-          const int64_t k = n * F + f;
-          const T_ gh = (gam ? gam[f] * xh[k] : xh[k]) + (b ? b[f] : T_(0));
-          if (f < 2 * H)
-            a[k] = g[k] + gh;
-          else
-            gn[n * H + f - 2 * H] = gh;
-        }
-      a_t.narrow(1, 0, 2 * H).sigmoid_();
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t j = 0; j < H; ++j)
-          a[n * F + 2 * H + j] = g[n * F + 2 * H + j] + a[n * F + j] * gn[n * H + j];
-      a_t.narrow(1, 2 * H, H).tanh_();
+      T_* a = acts.data_ptr<T_>() + t * N * F;
       const T_* h_prev = hs.data_ptr<T_>() + t * N * H;
       T_* h_new = hs.data_ptr<T_>() + (t + 1) * N * H;
-      T_* o = out.data_ptr<T_>() + t * N * H;
-      for (int64_t n = 0; n < N; ++n) {
-        if (valid && !valid[n]) {
-          std::copy(h_prev + n * H, h_prev + (n + 1) * H, h_new + n * H);
-          std::fill(o + n * H, o + (n + 1) * H, T_(0));
-          continue;
+      T_* out_t = out.data_ptr<T_>() + t * N * H;
+      for_rows(N, F, [&](int64_t n) {
+        const T_* gn = g + n * F;
+        T_* xn = xh + n * F;
+        if (normed) norm.row(n, xn, xn);
+        T_* an = a + n * F;
+        T_* ghnn = ghn.data_ptr<T_>() + (t * N + n) * H;
+        T_* gh = ghbuf.data_ptr<T_>() + n * F;
+        if (gam) {
+SEQNORM_SIMD
+          for (int64_t f = 0; f < F; ++f) gh[f] = gam[f] * xn[f];
+        } else {
+          std::copy(xn, xn + F, gh);
         }
-        const T_* an = a + n * F;
+        if (b) {
+SEQNORM_SIMD
+          for (int64_t f = 0; f < F; ++f) gh[f] += b[f];
+        }
+SEQNORM_SIMD
+        for (int64_t f = 0; f < 2 * H; ++f) an[f] = sigmoid(gn[f] + gh[f]);
+SEQNORM_SIMD
         for (int64_t j = 0; j < H; ++j) {
-          const T_ z = an[H + j];
-          const T_ h = (1 - z) * an[2 * H + j] + z * h_prev[n * H + j];
-          h_new[n * H + j] = h;
-          o[n * H + j] = h;
+          ghnn[j] = gh[2 * H + j];
+          an[2 * H + j] = tanh_(gn[2 * H + j] + an[j] * gh[2 * H + j]);
         }
-      }
+        T_* hn = h_new + n * H;
+        const T_* hp = h_prev + n * H;
+        if (valid && !valid[n]) {
+          std::copy(hp, hp + H, hn);
+          std::fill(out_t + n * H, out_t + (n + 1) * H, T_(0));
+          return;
+        }
+SEQNORM_SIMD
+        for (int64_t j = 0; j < H; ++j) hn[j] = (1 - an[H + j]) * an[2 * H + j] + an[H + j] * hp[j];
+        std::copy(hn, hn + H, out_t + n * H);
+      });
     }
   });
-  return {out, hs, acts, ghn, xhat, rstd, bstats, counts};
+  Tensor counts = at::tensor(count, o.dtype(at::kLong));
+  return {out, hs, acts, ghn, xhat, nb.stats, nb.bstats, counts};
 }
 
 // Returns dgx, dh0, dw_hh, dbias_hh, dgamma_hh (the last two empty when absent).
 std::vector<Tensor> gru_backward(const Tensor& grad_out, const Tensor& grad_hn,
                                  const Tensor& w_hh, bool has_bias, const OptTensor& mask,
                                  int64_t kind, int64_t groups, double eps, bool training,
-                                 const OptTensor& gamma_hh, const Tensor& hs, const Tensor& acts,
-                                 const Tensor& ghn, const Tensor& xhat, const Tensor& rstd,
+                                 const OptTensor& gamma_hh, const Tensor& hs,
+                                 const Tensor& acts, const Tensor& ghn, const Tensor& xhat,
+                                 const Tensor& stats,
                                  const Tensor& counts) {
-  const NormSpec s{kind, groups, eps, training};
+  const Norm s{kind, groups, eps, training};
   const int64_t T = acts.size(0), N = acts.size(1), F = acts.size(2), H = F / 3;
   const bool normed = kind != kNone, batch = kind == kBatch;
   const Tensor gout = grad_out.contiguous(), w = w_hh.contiguous();
   Tensor dh = grad_hn.contiguous().clone();
   Tensor dgx = at::empty({T, N, F}, acts.options());
-  Tensor dgh = at::empty({T, N, F}, acts.options());  // dL/d(h W_hh^T)
-  Tensor dbias = at::zeros({has_bias ? F : 0}, acts.options().dtype(at::kDouble));
-  Tensor dgamma = at::zeros({normed ? F : 0}, acts.options().dtype(at::kDouble));
+  WeightGrad wg(hs, T, N, F, Tensor());  // dL/d(h W_hh^T)
+  Accumulator dbias(has_bias ? F : 0), dgamma(normed ? F : 0);
   const int64_t* count = counts.data_ptr<int64_t>();
-  const bool* m = mask.has_value() && mask->defined() ? mask->data_ptr<bool>() : nullptr;
+  const bool* m = mask_ptr(mask);
+  const int64_t stride = T ? stats.numel() / T : 0;
 
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "seqnorm_gru_backward", [&] {
     using T_ = scalar_t;
     const T_* gam = ptr_or_null<T_>(gamma_hh);
-    double* db = dbias.data_ptr<double>();
-    double* dgam = dgamma.data_ptr<double>();
     T_* dhp = dh.data_ptr<T_>();
     for (int64_t t = T - 1; t >= 0; --t) {
       const bool* valid = m ? m + t * N : nullptr;
       const T_* a = acts.data_ptr<T_>() + t * N * F;
-      const T_* gn = ghn.data_ptr<T_>() + t * N * H;
+      T_* dga = dgx.data_ptr<T_>() + t * N * F;
+      Tensor dgh_t = wg.at(t);
+      T_* dnp = dgh_t.data_ptr<T_>();
       const T_* go = gout.data_ptr<T_>() + t * N * H;
       const T_* h_prev = hs.data_ptr<T_>() + t * N * H;
-      const T_* xh = xhat.data_ptr<T_>() + t * N * F;
-      T_* dg = dgx.data_ptr<T_>() + t * N * F;
-      T_* dn = dgh.data_ptr<T_>() + t * N * F;
-      for (int64_t n = 0; n < N; ++n) {
-        if (valid && !valid[n]) {
-          std::fill(dg + n * F, dg + (n + 1) * F, T_(0));
-          std::fill(dn + n * F, dn + (n + 1) * F, T_(0));
-          continue;
-        }
+      const T_* xh = normed ? xhat.data_ptr<T_>() + t * N * F : nullptr;
+      const T_* st = normed ? stats.data_ptr<T_>() + t * stride : nullptr;
+      for_rows(N, F, [&](int64_t n) {
         const T_* an = a + n * F;
+        T_* dan = dga + n * F;
+        T_* dnn = dnp + n * F;
+        if (valid && !valid[n]) {
+          std::fill(dan, dan + F, T_(0));
+          std::fill(dnn, dnn + F, T_(0));
+          return;
+        }
+        const T_* gnn = ghn.data_ptr<T_>() + (t * N + n) * H;
+        const T_* hp = h_prev + n * H;
+        const T_* gon = go + n * H;
+        T_* dhn = dhp + n * H;
+SEQNORM_SIMD
         for (int64_t j = 0; j < H; ++j) {
-          const int64_t k = n * H + j;
           const T_ r = an[j], z = an[H + j], nn = an[2 * H + j];
-          const T_ d = dhp[k] + go[k];
+          const T_ d = dhn[j] + gon[j];
           const T_ dpn = d * (1 - z) * (1 - nn * nn);
-          const T_ dpr = dpn * gn[k] * r * (1 - r);
-          const T_ dpz = d * (h_prev[k] - nn) * z * (1 - z);
-          dg[n * F + j] = dpr;
-          dg[n * F + H + j] = dpz;
-          dg[n * F + 2 * H + j] = dpn;
-          dn[n * F + j] = dpr;
-          dn[n * F + H + j] = dpz;
-          dn[n * F + 2 * H + j] = dpn * r;
-          dhp[k] = d * z;  // the direct path; the one through W_hh is added below
+          const T_ dpr = dpn * gnn[j] * r * (1 - r);
+          const T_ dpz = d * (hp[j] - nn) * z * (1 - z);
+          dan[j] = dpr;
+          dan[H + j] = dpz;
+          dan[2 * H + j] = dpn;
+          dnn[j] = dpr;
+          dnn[H + j] = dpz;
+          dnn[2 * H + j] = dpn * r;
+          dhn[j] = d * z;  // the direct path; the one through W_hh is added below
         }
-      }
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t f = 0; f < F; ++f) {
-          const int64_t k = n * F + f;
-          if (has_bias) db[f] += dn[k];
-          if (normed) {
-            dgam[f] += dn[k] * xh[k];
-            dn[k] *= gam[f];
+        if (has_bias) {
+          double* db = dbias.mine();
+SEQNORM_SIMD
+          for (int64_t f = 0; f < F; ++f) db[f] += dnn[f];
+        }
+        if (normed) {
+          const T_* xn = xh + n * F;
+          double* dgam = dgamma.mine();
+SEQNORM_SIMD
+          for (int64_t f = 0; f < F; ++f) {
+            dgam[f] += dnn[f] * xn[f];
+            dnn[f] *= gam[f];
           }
+          if (!batch) group_norm_backward_row(s.groups, dnn, xn, F, st + n * s.groups);
         }
-      if (normed)
-        norm_backward<T_>(s, dn, xh, N, F, valid, rstd.data_ptr<T_>() + t * rstd_stride(s, N, F),
-                          batch && count[t] >= 2 && training, count[t]);
-      const Tensor dprev = at::mm(dgh[t], w);
+      });
+      if (batch) batch_norm_backward(dnp, xh, N, F, valid, st + F, batch && training && count[t] >= 2, count[t]);
+      const Tensor dprev = at::mm(dgh_t, w);
       const T_* dp = dprev.data_ptr<T_>();
       for (int64_t n = 0; n < N; ++n) {
         if (valid && !valid[n]) continue;
         for (int64_t j = 0; j < H; ++j) dhp[n * H + j] += dp[n * H + j];
       }
+      wg.done(t);
     }
   });
-  Tensor dw = at::mm(dgh.reshape({T * N, F}).t(), hs.narrow(0, 0, T).reshape({T * N, H}));
-  const auto dtype = acts.scalar_type();
-  return {dgx, dh, dw, dbias.to(dtype), dgamma.to(dtype)};
+  return {dgx, dh, wg.dw, dbias.total(acts.options()), dgamma.total(acts.options())};
 }
 
 }  // namespace
@@ -578,8 +733,8 @@ TORCH_LIBRARY(seqnorm_fused, m) {
   m.def(
       "lstm_backward(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor w_hh, Tensor? mask, "
       "int kind, int groups, float eps, bool training, Tensor? gamma_hh, Tensor? gamma_c, "
-      "Tensor hs, Tensor cs, Tensor acts, Tensor tc, Tensor xhat_hh, Tensor rstd_hh, "
-      "Tensor xhat_c, Tensor rstd_c, Tensor counts) -> Tensor[]",
+      "Tensor? beta_c, Tensor hs, Tensor cs, Tensor acts, Tensor xhat_hh, "
+      "Tensor stats_hh, Tensor xhat_c, Tensor stats_c, Tensor counts) -> Tensor[]",
       &lstm_backward);
   m.def(
       "gru_forward(Tensor gx, Tensor h0, Tensor w_hh, Tensor? bias_hh, Tensor? mask, int kind, "
@@ -588,7 +743,7 @@ TORCH_LIBRARY(seqnorm_fused, m) {
       &gru_forward);
   m.def(
       "gru_backward(Tensor grad_out, Tensor grad_hn, Tensor w_hh, bool has_bias, Tensor? mask, "
-      "int kind, int groups, float eps, bool training, Tensor? gamma_hh, Tensor hs, Tensor acts, "
-      "Tensor ghn, Tensor xhat, Tensor rstd, Tensor counts) -> Tensor[]",
+      "int kind, int groups, float eps, bool training, Tensor? gamma_hh, Tensor hs, "
+      "Tensor acts, Tensor ghn, Tensor xhat, Tensor stats, Tensor counts) -> Tensor[]",
       &gru_backward);
 }
