@@ -73,6 +73,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--curve_points", type=int, default=16)
     p.add_argument("--out", type=str, default="results/batch_size_study")
     p.add_argument("--quick", type=bool, default=False, help="a reduced grid in about a minute")
+    p.add_argument("--replot", type=bool, default=False, help="redraw the figures from `out`")
     return p
 
 
@@ -208,6 +209,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.seeds, args.samples = args.seeds[:2], 64
         args.hidden_size, args.val_samples, args.curve_points = 32, 64, 4
     out = Path(args.out)
+    if args.replot:  # the figures again, from the runs.csv and curves.json a study wrote
+        rows = read_results(out)
+        plot_val(summarize(rows, args), args, out / "val_vs_batch.png")
+        plot_curves(rows, args, out / "learning_curves.png")
+        return rows
     out.mkdir(parents=True, exist_ok=True)
     study = Study(args)
     rows = []
@@ -259,6 +265,33 @@ def write_results(rows: list[dict], args, out: Path, command: str) -> None:
     )
     plot_val(summary, args, out / "val_vs_batch.png")
     plot_curves(rows, args, out / "learning_curves.png")
+
+
+def read_results(out: Path) -> list[dict]:
+    """The rows of runs.csv (numbers parsed) with their learning curves from curves.json."""
+    curves = {
+        (c["norm"], c["batch_size"], c["seed"]): c["curve"]
+        for c in json.loads((out / "curves.json").read_text())
+    }
+    rows = []
+    with open(out / "runs.csv") as f:
+        for raw in csv.DictReader(f):
+            row = {k: v for k, v in raw.items() if v != ""}
+            for key in ("batch_size", "seed", "samples", "steps"):
+                row[key] = int(row[key])
+            for key in (
+                "lr",
+                "momentum",
+                "val_error",
+                "val_error_batch_stats",
+                "train_eval_gap",
+                "train_seconds",
+            ):
+                if key in row:
+                    row[key] = float(row[key])
+            row["curve"] = curves.get((row["norm"], row["batch_size"], row["seed"]), [])
+            rows.append(row)
+    return rows
 
 
 def summarize(rows: list[dict], args) -> dict:
@@ -345,6 +378,7 @@ def plot_curves(rows: list[dict], args, path: Path) -> None:
     fig, axes = plt.subplots(
         nrows, cols, figsize=(3.2 * cols, 2.6 * nrows), squeeze=False, sharey=True
     )
+    colors = {norm: f"C{i}" for i, norm in enumerate(args.norms)}  # the same in every panel
     for ax, batch in zip(axes.flat, args.batch_sizes):
         for norm in args.norms:
             runs = [
@@ -358,14 +392,15 @@ def plot_curves(rows: list[dict], args, path: Path) -> None:
             length = min(len(c) for c in runs)
             xs = [runs[0][i][0] for i in range(length)]
             ys = [statistics.fmean(c[i][1] for c in runs) for i in range(length)]
-            ax.plot(xs, ys, label=norm)
+            ax.plot(xs, ys, color=colors[norm], label=norm)
         ax.set_title(f"batch {batch}")
         ax.set_xlabel("samples seen")
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(args.batch_sizes) :]:
         ax.axis("off")
     axes[0][0].set_ylabel("training loss (nats)")
-    axes[0][0].legend(fontsize=7)
+    handles = [plt.Line2D([], [], color=colors[n], label=n) for n in args.norms]
+    fig.legend(handles=handles, title="norm", loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

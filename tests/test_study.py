@@ -59,6 +59,12 @@ def _check_outputs(out, rows, norms):
 def test_quick_char_lm_writes_every_output(tmp_path):
     rows = study.main(["--quick", "true", "--out", str(tmp_path)])  # Python's docs: offline
     _check_outputs(tmp_path, rows, ["none", "batch", "layer", "group"])
+    (tmp_path / "val_vs_batch.png").unlink()
+    again = study.main(["--quick", "true", "--out", str(tmp_path), "--replot", "true"])
+    assert (tmp_path / "val_vs_batch.png").stat().st_size > 0
+    assert [(r["norm"], r["batch_size"], r.get("val_error")) for r in again] == [
+        (r["norm"], r["batch_size"], r.get("val_error")) for r in rows
+    ]
 
 
 @pytest.mark.slow
