@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .functional import _update_running
 from .norms import RecurrentBatchNorm
@@ -63,13 +64,28 @@ def applies(x: Tensor, *tensors: Tensor | None, norms: tuple[nn.Module | None, .
     """Whether the fused kernel computes what the Python loop would (to rounding) for these."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return False
-    if any(t is not None and t.dtype != x.dtype for t in tensors):
+    params = [p for n in norms if n is not None for p in n.parameters()]
+    if any(t is not None and t.dtype != x.dtype for t in (*tensors, *params)):
         return False
     if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
     if any(isinstance(n, RecurrentBatchNorm) and n._synced() for n in norms):
         return False
     return available()
+
+
+def input_gates(
+    x: Tensor, weight_ih: Tensor, bias: Tensor | None, norm: nn.Module | None, mask: Tensor | None
+) -> Tensor:
+    """``Nx(x W_ih^T) + bias`` for all ``T`` steps of ``x`` ``(T, N, H_in)`` at once, as
+    :func:`seqnorm.functional.lstm_input` / ``gru_input`` compute it (``bias`` being the biases
+    they add), with the normalization, its gain and the bias in one C++ pass."""
+    if norm is None:
+        return F.linear(x, weight_ih, bias)
+    if norm.bias is not None:
+        bias = norm.bias if bias is None else norm.bias + bias
+    spec = _Spec(norm, None, x.shape[0], mask)
+    return _InputNorm.apply(F.linear(x, weight_ih), norm.weight, bias, spec)
 
 
 def lstm(
@@ -149,13 +165,15 @@ def _grads(ctx, *grads):
 class _LSTM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gx, h0, c0, w_hh, gamma_hh, gamma_c, beta_c, spec: _Spec):
-        out, hs, cs, *saved, bstats_hh, bstats_c, counts = torch.ops.seqnorm_fused.lstm_forward(
-            gx, h0, c0, w_hh, *spec.args(), gamma_hh, gamma_c, beta_c, *spec.running
+        keep = any(ctx.needs_input_grad)  # without a backward, no step's activations are kept
+        out, h, c, *saved, bstats_hh, bstats_c, counts = torch.ops.seqnorm_fused.lstm_forward(
+            gx, h0, c0, w_hh, *spec.args(), gamma_hh, gamma_c, beta_c, *spec.running, keep
         )
         spec.update_running([bstats_hh, bstats_c], counts)
         ctx.spec = spec
-        ctx.save_for_backward(w_hh, gamma_hh, gamma_c, beta_c, hs, cs, *saved, counts)
-        return out, hs[-1].clone(), cs[-1].clone()
+        if keep:
+            ctx.save_for_backward(w_hh, gamma_hh, gamma_c, beta_c, *saved, counts)
+        return out, h, c
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -170,13 +188,15 @@ class _LSTM(torch.autograd.Function):
 class _GRU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gx, h0, w_hh, bias_hh, gamma_hh, spec: _Spec):
-        out, hs, *saved, bstats, counts = torch.ops.seqnorm_fused.gru_forward(
-            gx, h0, w_hh, bias_hh, *spec.args(), gamma_hh, *spec.running[:2]
+        keep = any(ctx.needs_input_grad)
+        out, h, *saved, bstats, counts = torch.ops.seqnorm_fused.gru_forward(
+            gx, h0, w_hh, bias_hh, *spec.args(), gamma_hh, *spec.running[:2], keep
         )
         spec.update_running([bstats], counts)
         ctx.spec, ctx.has_bias = spec, bias_hh is not None
-        ctx.save_for_backward(w_hh, gamma_hh, hs, *saved, counts)
-        return out, hs[-1].clone()
+        if keep:
+            ctx.save_for_backward(w_hh, gamma_hh, *saved, counts)
+        return out, h
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -186,3 +206,25 @@ class _GRU(torch.autograd.Function):
             grad_out, grad_h, w_hh, ctx.has_bias, *ctx.spec.args(), gamma_hh, *saved
         )
         return _grads(ctx, dgx, dh0, dw, dbias, dgamma, None)
+
+
+class _InputNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gamma, beta, spec: _Spec):
+        y, xhat, stats, bstats, counts = torch.ops.seqnorm_fused.input_norm_forward(
+            x, *spec.args(), gamma, beta, *spec.running[:2]
+        )
+        spec.update_running([bstats], counts)
+        ctx.spec = spec
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(xhat, stats, gamma, counts)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        xhat, stats, gamma, counts = ctx.saved_tensors
+        dx, dgamma, dbeta = torch.ops.seqnorm_fused.input_norm_backward(
+            grad_y, xhat, stats, *ctx.spec.args(), gamma, counts
+        )
+        return _grads(ctx, dx, dgamma, dbeta, None)

@@ -317,17 +317,20 @@ class LSTM(_RNNBase):
         return output, (h_n, c_n)
 
     def _direction(self, x, mask, state, suffix):
-        weight_hh = getattr(self, f"weight_hh{suffix}")
-        norm_hh, norm_c = getattr(self, f"norm_hh{suffix}"), getattr(self, f"norm_c{suffix}")
-        gx = SF.lstm_input(  # (T, N, 4H), all steps at once
-            x,
+        weight_ih, weight_hh = (
             getattr(self, f"weight_ih{suffix}"),
-            getattr(self, f"bias_ih{suffix}"),
-            getattr(self, f"bias_hh{suffix}"),
-            at_step(getattr(self, f"norm_ih{suffix}"), 0, mask),
+            getattr(self, f"weight_hh{suffix}"),
         )
-        if self.use_fused and fused.applies(gx, *state, weight_hh, norms=(norm_hh, norm_c)):
+        bias_ih, bias_hh = getattr(self, f"bias_ih{suffix}"), getattr(self, f"bias_hh{suffix}")
+        norm_ih, norm_hh = getattr(self, f"norm_ih{suffix}"), getattr(self, f"norm_hh{suffix}")
+        norm_c = getattr(self, f"norm_c{suffix}")
+        if self.use_fused and fused.applies(
+            x, *state, weight_ih, weight_hh, norms=(norm_ih, norm_hh, norm_c)
+        ):
+            bias = None if bias_ih is None else bias_ih + bias_hh
+            gx = fused.input_gates(x, weight_ih, bias, norm_ih, mask)
             return fused.lstm(gx, (state[0], state[1]), weight_hh, norm_hh, norm_c, mask)
+        gx = SF.lstm_input(x, weight_ih, bias_ih, bias_hh, at_step(norm_ih, 0, mask))  # (T, N, 4H)
 
         def step(gx_t, state, t, valid):
             h, c = state
@@ -366,17 +369,19 @@ class GRU(_RNNBase):
         return output, h_n
 
     def _direction(self, x, mask, state, suffix):
-        weight_hh, bias_hh = getattr(self, f"weight_hh{suffix}"), getattr(self, f"bias_hh{suffix}")
-        norm_hh = getattr(self, f"norm_hh{suffix}")
-        gx = SF.gru_input(  # (T, N, 3H), all steps at once
-            x,
+        weight_ih, weight_hh = (
             getattr(self, f"weight_ih{suffix}"),
-            getattr(self, f"bias_ih{suffix}"),
-            at_step(getattr(self, f"norm_ih{suffix}"), 0, mask),
+            getattr(self, f"weight_hh{suffix}"),
         )
-        if self.use_fused and fused.applies(gx, state[0], weight_hh, bias_hh, norms=(norm_hh,)):
+        bias_ih, bias_hh = getattr(self, f"bias_ih{suffix}"), getattr(self, f"bias_hh{suffix}")
+        norm_ih, norm_hh = getattr(self, f"norm_ih{suffix}"), getattr(self, f"norm_hh{suffix}")
+        if self.use_fused and fused.applies(
+            x, state[0], weight_ih, weight_hh, norms=(norm_ih, norm_hh)
+        ):
+            gx = fused.input_gates(x, weight_ih, bias_ih, norm_ih, mask)
             out, h = fused.gru(gx, state[0], weight_hh, bias_hh, norm_hh, mask)
             return out, (h,)
+        gx = SF.gru_input(x, weight_ih, bias_ih, at_step(norm_ih, 0, mask))  # (T, N, 3H)
 
         def step(gx_t, state, t, valid):
             return (SF.gru_step(gx_t, state[0], weight_hh, bias_hh, at_step(norm_hh, t, valid)),)

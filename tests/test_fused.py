@@ -108,6 +108,30 @@ def _counting(calls, cls):
 
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
 @pytest.mark.parametrize("norm", NORM_CASES)
+@pytest.mark.parametrize("mode", ["full", "lengths", "packed"])
+def test_fused_without_grad_matches_python_loop(cls, norm, mode):
+    """Without a backward the kernel keeps no step's activations (a ring of two states instead):
+    outputs, final states and running statistics are still the loop's, in training mode."""
+    model, x, hx = _case(cls, norm, True)
+    reference = copy.deepcopy(model)
+    reference.use_fused = False
+    state_in = hx if cls == "LSTM" else hx[0]
+    runs = []
+    for m in (model, reference):
+        with torch.no_grad():
+            if mode == "packed":
+                out, state = m(pack_padded_sequence(x, LENGTHS, enforce_sorted=False), state_in)
+                out = pad_packed_sequence(out, total_length=x.shape[0])[0]
+            else:
+                out, state = m(x, state_in, lengths=None if mode == "full" else LENGTHS)
+        runs.append((out, *(state if cls == "LSTM" else (state,)), *m.buffers()))
+    assert len(runs[0]) == len(runs[1])
+    for got, want in zip(*runs):
+        assert_close(got, want)
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+@pytest.mark.parametrize("norm", NORM_CASES)
 def test_fused_eval_mode_matches_python_loop(cls, norm):
     model = make(cls, norm, hidden_size=16).eval()
     if norm == "batch":  # non-trivial running statistics
@@ -167,6 +191,26 @@ def test_gru_function_gradcheck(norm, masked):
 
     model.eval() if norm == "batch" and masked else model.train()
     assert torch.autograd.gradcheck(f, (gx, h0, w, b, gamma))
+
+
+@pytest.mark.parametrize("norm", ["layer", "group", "batch"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_input_norm_function_gradcheck(norm, masked, training):
+    """The input half's normalization, gain and bias in one pass; under a mask, batch statistics
+    come from the valid samples only, and a step with one valid sample uses running ones."""
+    model = make("LSTM", norm, hidden_size=8).train(training)
+    norm_ih = model.norm_ih_l0
+    t, n, f = 4, 3, 32
+    mask = torch.tensor([[1, 1, 1], [1, 0, 1], [1, 0, 1], [0, 0, 1]], dtype=torch.bool)
+    x = torch.randn(t, n, f, dtype=torch.float64, requires_grad=True)
+    gamma, beta = (torch.rand(f, dtype=torch.float64, requires_grad=True) for _ in range(2))
+
+    def g(x, gamma, beta):
+        spec = fused._Spec(norm_ih, None, t, mask if masked else None)
+        return fused._InputNorm.apply(x, gamma, beta, spec)
+
+    assert torch.autograd.gradcheck(g, (x, gamma, beta))
 
 
 def test_python_loop_where_the_kernel_does_not_apply():

@@ -166,8 +166,9 @@ SEQNORM_SIMD
   }
 }
 
-// The backward of batch normalization of a step, all rows at once (rows of samples that are
-// not valid are zero on entry and stay zero).
+// The backward of batch normalization of a step, all rows at once. Rows of samples that are not
+// valid were normalized but took no part in the statistics: their derivative is rstd times
+// theirs on entry. (In the recurrence they are zero on entry and stay zero.)
 template <typename T>
 void batch_norm_backward(T* d, const T* xhat, int64_t N, int64_t F, const bool* valid,
                          const T* rstd, bool use, int64_t count) {
@@ -178,8 +179,7 @@ SEQNORM_SIMD
     return;
   }
   std::vector<double> m1(F, 0.0), m2(F, 0.0);
-  for (int64_t n = 0; n < N; ++n) {
-    if (valid && !valid[n]) continue;
+  for (int64_t n = 0; n < N; ++n) {  // every row's output used the statistics
     for (int64_t f = 0; f < F; ++f) {
       m1[f] += d[n * F + f];
       m2[f] += d[n * F + f] * xhat[n * F + f];
@@ -191,9 +191,13 @@ SEQNORM_SIMD
     b[f] = static_cast<T>(m2[f] / count);
   }
   for (int64_t n = 0; n < N; ++n) {
-    if (valid && !valid[n]) continue;
     T* p = d + n * F;
     const T* xh = xhat + n * F;
+    if (valid && !valid[n]) {
+SEQNORM_SIMD
+      for (int64_t f = 0; f < F; ++f) p[f] *= rstd[f];
+      continue;
+    }
 SEQNORM_SIMD
     for (int64_t f = 0; f < F; ++f) p[f] = rstd[f] * (p[f] - a[f] - xh[f] * b[f]);
   }
@@ -279,6 +283,17 @@ struct WeightGrad {
   }
 };
 
+// Which buffer slots a step uses. Training keeps every step's activations and states for the
+// backward; without a backward (keep false) one slot of activations and a ring of two states
+// suffice, and stay in cache.
+struct Steps {
+  int64_t kept, states;
+  bool keep;
+  Steps(int64_t T, bool keep_) : kept(keep_ ? T : 1), states(keep_ ? T + 1 : 2), keep(keep_) {}
+  int64_t act(int64_t t) const { return keep ? t : 0; }        // activations of step t
+  int64_t state(int64_t t) const { return keep ? t : t & 1; }  // the state before step t
+};
+
 // A norm's view of one step: its statistics (batch statistics are computed over all rows here,
 // before the rows run; group statistics by each row as it is normalized).
 template <typename T>
@@ -308,24 +323,25 @@ std::vector<Tensor> lstm_forward(const Tensor& gx, const Tensor& h0_, const Tens
                                  const OptTensor& gamma_hh, const OptTensor& gamma_c,
                                  const OptTensor& beta_c, const OptTensor& run_mean_hh,
                                  const OptTensor& run_var_hh, const OptTensor& run_mean_c,
-                                 const OptTensor& run_var_c) {
+                                 const OptTensor& run_var_c, bool keep) {
   check_inputs(gx, h0_, w_hh, 4);
   const Norm s{kind, groups, eps, training};
   const int64_t T = gx.size(0), N = gx.size(1), F = gx.size(2), H = F / 4;
   const bool normed = kind != kNone;
   const auto o = gx.options();
+  const Steps st(T, keep);
   Tensor out = at::empty({T, N, H}, o);
-  Tensor hs = at::empty({T + 1, N, H}, o);  // h_{t-1} for step t is hs[t]
-  Tensor cs = at::empty({T + 1, N, H}, o);
-  Tensor acts = at::empty({T, N, F}, o);                     // sig(i), sig(f), tanh(g), sig(o)
-  Tensor xhat_hh = at::empty({normed ? T : 1, N, F}, o);     // x_hat of h W_hh^T (scratch if none)
-  Tensor xhat_c = at::empty({normed ? T : 0, N, H}, o);      // x_hat of c'
+  Tensor hs = at::empty({st.states, N, H}, o);  // h_{t-1} for step t is hs[st.state(t)]
+  Tensor cs = at::empty({st.states, N, H}, o);
+  Tensor acts = at::empty({st.kept, N, F}, o);                 // sig(i), sig(f), tanh(g), sig(o)
+  Tensor xhat_hh = at::empty({normed ? st.kept : 1, N, F}, o);  // x_hat of h W_hh^T
+  Tensor xhat_c = at::empty({normed ? st.kept : 0, N, H}, o);   // x_hat of c'
   NormBuffers nb_hh(s, T, N, F, gx), nb_c(s, T, N, H, gx);
   const bool* m = mask_ptr(mask);
   const std::vector<int64_t> count = valid_counts(m, T, N);
   hs[0].copy_(h0_);
   cs[0].copy_(c0_);
-  const Tensor w_t = w_hh.t();
+  const Tensor w_t = w_hh.t().contiguous();  // (H, F): a faster product than the strided view
 
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "seqnorm_lstm_forward", [&] {
     using T_ = scalar_t;
@@ -336,18 +352,19 @@ std::vector<Tensor> lstm_forward(const Tensor& gx, const Tensor& h0_, const Tens
     const bool batch = kind == kBatch;
     for (int64_t t = 0; t < T; ++t) {
       const bool* valid = m ? m + t * N : nullptr;
-      Tensor z_t = xhat_hh[normed ? t : 0];
-      at::mm_out(z_t, hs[t], w_t);
+      const int64_t k = st.act(t), now = st.state(t), next = st.state(t + 1);
+      Tensor z_t = xhat_hh[normed ? k : 0];
+      at::mm_out(z_t, hs[now], w_t);
       T_* xh = z_t.data_ptr<T_>();
       const StepNorm<T_> norm_hh(s, nb_hh, t, T, N, F, xh, valid, count[t],
                                  ptr_or_null<T_>(run_mean_hh), ptr_or_null<T_>(run_var_hh));
       const T_* g = gx.data_ptr<T_>() + t * N * F;
-      T_* a = acts.data_ptr<T_>() + t * N * F;
-      const T_* c_prev = cs.data_ptr<T_>() + t * N * H;
-      T_* c_new = cs.data_ptr<T_>() + (t + 1) * N * H;
-      T_* xc = normed ? xhat_c.data_ptr<T_>() + t * N * H : nullptr;
-      const T_* h_prev = hs.data_ptr<T_>() + t * N * H;
-      T_* h_new = hs.data_ptr<T_>() + (t + 1) * N * H;
+      T_* a = acts.data_ptr<T_>() + k * N * F;
+      const T_* c_prev = cs.data_ptr<T_>() + now * N * H;
+      T_* c_new = cs.data_ptr<T_>() + next * N * H;
+      T_* xc = normed ? xhat_c.data_ptr<T_>() + k * N * H : nullptr;
+      const T_* h_prev = hs.data_ptr<T_>() + now * N * H;
+      T_* h_new = hs.data_ptr<T_>() + next * N * H;
       T_* out_t = out.data_ptr<T_>() + t * N * H;
       std::optional<StepNorm<T_>> norm_c;
       auto output = [&](int64_t n) {  // h' = sig(o) tanh(Nc(c')), or the state kept
@@ -355,6 +372,7 @@ std::vector<Tensor> lstm_forward(const Tensor& gx, const Tensor& h0_, const Tens
           std::copy(h_prev + n * H, h_prev + (n + 1) * H, h_new + n * H);
           std::copy(c_prev + n * H, c_prev + (n + 1) * H, c_new + n * H);
           std::fill(out_t + n * H, out_t + (n + 1) * H, T_(0));
+          if (normed) std::fill(xc + n * H, xc + (n + 1) * H, T_(0));  // read by the backward
           return;
         }
         const T_* on = a + n * F + 3 * H;
@@ -406,8 +424,8 @@ SEQNORM_SIMD
     }
   });
   Tensor counts = at::tensor(count, o.dtype(at::kLong));
-  return {out,          hs, cs, acts, xhat_hh, nb_hh.stats, xhat_c, nb_c.stats, nb_hh.bstats,
-          nb_c.bstats, counts};
+  return {out,          hs[st.state(T)].clone(), cs[st.state(T)].clone(), hs, cs, acts, xhat_hh,
+          nb_hh.stats,  xhat_c, nb_c.stats, nb_hh.bstats, nb_c.bstats, counts};
 }
 
 // Returns dgx, dh0, dc0, dw_hh, dgamma_hh, dgamma_c, dbeta_c (the last three empty when kind is
@@ -555,22 +573,23 @@ std::vector<Tensor> gru_forward(const Tensor& gx, const Tensor& h0_, const Tenso
                                 const OptTensor& bias_hh, const OptTensor& mask, int64_t kind,
                                 int64_t groups, double eps, bool training,
                                 const OptTensor& gamma_hh, const OptTensor& run_mean_hh,
-                                const OptTensor& run_var_hh) {
+                                const OptTensor& run_var_hh, bool keep) {
   check_inputs(gx, h0_, w_hh, 3);
   const Norm s{kind, groups, eps, training};
   const int64_t T = gx.size(0), N = gx.size(1), F = gx.size(2), H = F / 3;
   const bool normed = kind != kNone;
   const auto o = gx.options();
+  const Steps st(T, keep);
   Tensor out = at::empty({T, N, H}, o);
-  Tensor hs = at::empty({T + 1, N, H}, o);
-  Tensor acts = at::empty({T, N, F}, o);                  // r, z, n
-  Tensor ghn = at::empty({T, N, H}, o);                   // gh_n, the recurrent half of n
-  Tensor xhat = at::empty({normed ? T : 1, N, F}, o);     // x_hat of h W_hh^T (scratch if none)
+  Tensor hs = at::empty({st.states, N, H}, o);
+  Tensor acts = at::empty({st.kept, N, F}, o);               // r, z, n
+  Tensor ghn = at::empty({st.kept, N, H}, o);                // gh_n, the recurrent half of n
+  Tensor xhat = at::empty({normed ? st.kept : 1, N, F}, o);  // x_hat of h W_hh^T
   NormBuffers nb(s, T, N, F, gx);
   const bool* m = mask_ptr(mask);
   const std::vector<int64_t> count = valid_counts(m, T, N);
   hs[0].copy_(h0_);
-  const Tensor w_t = w_hh.t();
+  const Tensor w_t = w_hh.t().contiguous();
 
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "seqnorm_gru_forward", [&] {
     using T_ = scalar_t;
@@ -579,22 +598,23 @@ std::vector<Tensor> gru_forward(const Tensor& gx, const Tensor& h0_, const Tenso
     Tensor ghbuf = at::empty({N, F}, o);  // Nh(h W_hh^T) + b_hh of each row
     for (int64_t t = 0; t < T; ++t) {
       const bool* valid = m ? m + t * N : nullptr;
-      Tensor z_t = xhat[normed ? t : 0];
-      at::mm_out(z_t, hs[t], w_t);
+      const int64_t k = st.act(t), now = st.state(t), next = st.state(t + 1);
+      Tensor z_t = xhat[normed ? k : 0];
+      at::mm_out(z_t, hs[now], w_t);
       T_* xh = z_t.data_ptr<T_>();
       const StepNorm<T_> norm(s, nb, t, T, N, F, xh, valid, count[t], ptr_or_null<T_>(run_mean_hh),
                               ptr_or_null<T_>(run_var_hh));
       const T_* g = gx.data_ptr<T_>() + t * N * F;
-      T_* a = acts.data_ptr<T_>() + t * N * F;
-      const T_* h_prev = hs.data_ptr<T_>() + t * N * H;
-      T_* h_new = hs.data_ptr<T_>() + (t + 1) * N * H;
+      T_* a = acts.data_ptr<T_>() + k * N * F;
+      const T_* h_prev = hs.data_ptr<T_>() + now * N * H;
+      T_* h_new = hs.data_ptr<T_>() + next * N * H;
       T_* out_t = out.data_ptr<T_>() + t * N * H;
       for_rows(N, F, [&](int64_t n) {
         const T_* gn = g + n * F;
         T_* xn = xh + n * F;
         if (normed) norm.row(n, xn, xn);
         T_* an = a + n * F;
-        T_* ghnn = ghn.data_ptr<T_>() + (t * N + n) * H;
+        T_* ghnn = ghn.data_ptr<T_>() + (k * N + n) * H;
         T_* gh = ghbuf.data_ptr<T_>() + n * F;
         if (gam) {
 SEQNORM_SIMD
@@ -627,7 +647,7 @@ SEQNORM_SIMD
     }
   });
   Tensor counts = at::tensor(count, o.dtype(at::kLong));
-  return {out, hs, acts, ghn, xhat, nb.stats, nb.bstats, counts};
+  return {out, hs[st.state(T)].clone(), hs, acts, ghn, xhat, nb.stats, nb.bstats, counts};
 }
 
 // Returns dgx, dh0, dw_hh, dbias_hh, dgamma_hh (the last two empty when absent).
@@ -721,14 +741,121 @@ SEQNORM_SIMD
   return {dgx, dh, wg.dw, dbias.total(acts.options()), dgamma.total(acts.options())};
 }
 
+// ---------------------------------------------------------------------------------------------
+// The input half of the gates: y = gamma * N(x) + beta for every step of x (T, N, F) at once,
+// where x = x_t W_ih^T and beta holds the cell's biases. Batch norm runs the steps in parallel
+// (each with its own statistics over its valid samples); group norm runs every row in parallel.
+// This replaces the norm module's several passes (and, for batch norm, transposes) with one.
+
+// Group norm: all T * N rows as one step, rows in parallel; batch norm: N rows per step, steps
+// in parallel and each step's rows in turn (a nested at::parallel_for would run inline as
+// thread 0, which would break the per-thread Accumulator).
+struct InputRows {
+  int64_t steps, rows;
+  bool batch;
+  InputRows(const Norm& s, int64_t T, int64_t N)
+      : steps(s.kind == kBatch ? T : 1), rows(s.kind == kBatch ? N : T * N),
+        batch(s.kind == kBatch) {}
+  template <typename Body>
+  void each_row(int64_t F, const Body& body) const {
+    if (!batch) return for_rows(rows, F, body);
+    for (int64_t n = 0; n < rows; ++n) body(n);
+  }
+};
+
+std::vector<Tensor> input_norm_forward(const Tensor& x, const OptTensor& mask, int64_t kind,
+                                       int64_t groups, double eps, bool training,
+                                       const OptTensor& gamma, const OptTensor& beta,
+                                       const OptTensor& run_mean, const OptTensor& run_var) {
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "x must be contiguous (T, N, F)");
+  TORCH_CHECK(kind == kGroup || kind == kBatch, "input_norm needs a group or batch norm");
+  const Norm s{kind, groups, eps, training};
+  const int64_t T = x.size(0), N = x.size(1), F = x.size(2);
+  const InputRows ir(s, T, N);
+  Tensor y = at::empty_like(x), xhat = at::empty_like(x);
+  NormBuffers nb(s, ir.steps, ir.rows, F, x);
+  const bool* m = mask_ptr(mask);
+  const std::vector<int64_t> count = valid_counts(m, T, N);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqnorm_input_norm_forward", [&] {
+    using T_ = scalar_t;
+    const T_* gam = ptr_or_null<T_>(gamma);
+    const T_* bet = ptr_or_null<T_>(beta);
+    at::parallel_for(0, ir.steps, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t at_row = t * ir.rows;
+        const T_* xt = x.data_ptr<T_>() + at_row * F;
+        const StepNorm<T_> norm(s, nb, t, ir.steps, ir.rows, F, xt, m ? m + t * N : nullptr,
+                                count[t], ptr_or_null<T_>(run_mean), ptr_or_null<T_>(run_var));
+        ir.each_row(F, [&](int64_t n) {
+          T_* xh = xhat.data_ptr<T_>() + (at_row + n) * F;
+          T_* yn = y.data_ptr<T_>() + (at_row + n) * F;
+          norm.row(n, xt + n * F, xh);
+SEQNORM_SIMD
+          for (int64_t f = 0; f < F; ++f)
+            yn[f] = (gam ? gam[f] * xh[f] : xh[f]) + (bet ? bet[f] : T_(0));
+        });
+      }
+    });
+  });
+  Tensor counts = at::tensor(count, x.options().dtype(at::kLong));
+  return {y, xhat, nb.stats, nb.bstats, counts};
+}
+
+// Returns dx, dgamma, dbeta.
+std::vector<Tensor> input_norm_backward(const Tensor& grad_y, const Tensor& xhat,
+                                        const Tensor& stats, const OptTensor& mask, int64_t kind,
+                                        int64_t groups, double eps, bool training,
+                                        const OptTensor& gamma, const Tensor& counts) {
+  const Norm s{kind, groups, eps, training};
+  const int64_t T = xhat.size(0), N = xhat.size(1), F = xhat.size(2);
+  const InputRows ir(s, T, N);
+  const Tensor dy = grad_y.contiguous();
+  Tensor dx = at::empty_like(xhat);
+  Accumulator dgamma(F), dbeta(F);
+  const int64_t* count = counts.data_ptr<int64_t>();
+  const bool* m = mask_ptr(mask);
+  const int64_t stride = stats.numel() / ir.steps;
+  AT_DISPATCH_FLOATING_TYPES(xhat.scalar_type(), "seqnorm_input_norm_backward", [&] {
+    using T_ = scalar_t;
+    const T_* gam = ptr_or_null<T_>(gamma);
+    at::parallel_for(0, ir.steps, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t at_row = t * ir.rows;
+        const T_* st = stats.data_ptr<T_>() + t * stride;
+        T_* dxt = dx.data_ptr<T_>() + at_row * F;
+        const T_* xht = xhat.data_ptr<T_>() + at_row * F;
+        ir.each_row(F, [&](int64_t n) {
+          const T_* dyn = dy.data_ptr<T_>() + (at_row + n) * F;
+          const T_* xh = xht + n * F;
+          T_* d = dxt + n * F;
+          double* dg = dgamma.mine();
+          double* db = dbeta.mine();
+SEQNORM_SIMD
+          for (int64_t f = 0; f < F; ++f) {
+            dg[f] += dyn[f] * xh[f];
+            db[f] += dyn[f];
+            d[f] = gam ? gam[f] * dyn[f] : dyn[f];
+          }
+          if (s.kind == kGroup) group_norm_backward_row(s.groups, d, xh, F, st + n * s.groups);
+        });
+        if (s.kind == kBatch)
+          batch_norm_backward(dxt, xht, N, F, m ? m + t * N : nullptr, st + F,
+                              training && count[t] >= 2, count[t]);
+      }
+    });
+  });
+  const auto o = xhat.options();
+  return {dx, dgamma.total(o), dbeta.total(o)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(seqnorm_fused, m) {
   m.def(
       "lstm_forward(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? mask, int kind, "
       "int groups, float eps, bool training, Tensor? gamma_hh, Tensor? gamma_c, Tensor? beta_c, "
-      "Tensor? run_mean_hh, Tensor? run_var_hh, Tensor? run_mean_c, Tensor? run_var_c) "
-      "-> Tensor[]",
+      "Tensor? run_mean_hh, Tensor? run_var_hh, Tensor? run_mean_c, Tensor? run_var_c, "
+      "bool keep) -> Tensor[]",
       &lstm_forward);
   m.def(
       "lstm_backward(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor w_hh, Tensor? mask, "
@@ -739,11 +866,19 @@ TORCH_LIBRARY(seqnorm_fused, m) {
   m.def(
       "gru_forward(Tensor gx, Tensor h0, Tensor w_hh, Tensor? bias_hh, Tensor? mask, int kind, "
       "int groups, float eps, bool training, Tensor? gamma_hh, Tensor? run_mean_hh, "
-      "Tensor? run_var_hh) -> Tensor[]",
+      "Tensor? run_var_hh, bool keep) -> Tensor[]",
       &gru_forward);
   m.def(
       "gru_backward(Tensor grad_out, Tensor grad_hn, Tensor w_hh, bool has_bias, Tensor? mask, "
       "int kind, int groups, float eps, bool training, Tensor? gamma_hh, Tensor hs, "
       "Tensor acts, Tensor ghn, Tensor xhat, Tensor stats, Tensor counts) -> Tensor[]",
       &gru_backward);
+  m.def(
+      "input_norm_forward(Tensor x, Tensor? mask, int kind, int groups, float eps, bool training, "
+      "Tensor? gamma, Tensor? beta, Tensor? run_mean, Tensor? run_var) -> Tensor[]",
+      &input_norm_forward);
+  m.def(
+      "input_norm_backward(Tensor grad_y, Tensor xhat, Tensor stats, Tensor? mask, int kind, "
+      "int groups, float eps, bool training, Tensor? gamma, Tensor counts) -> Tensor[]",
+      &input_norm_backward);
 }
