@@ -81,11 +81,25 @@ def input_gates(
     :func:`seqnorm.functional.lstm_input` / ``gru_input`` compute it (``bias`` being the biases
     they add), with the normalization, its gain and the bias in one C++ pass."""
     if norm is None:
-        return F.linear(x, weight_ih, bias)
+        return _project(x, weight_ih, bias)
     if norm.bias is not None:
         bias = norm.bias if bias is None else norm.bias + bias
     spec = _Spec(norm, None, x.shape[0], mask)
-    return _InputNorm.apply(F.linear(x, weight_ih), norm.weight, bias, spec)
+    return _InputNorm.apply(_project(x, weight_ih), norm.weight, bias, spec)
+
+
+def _project(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x W^T + b``. Without autograd, in float32, on oneDNN's packed weights: for the whole
+    sequence's rows at once that is about 10% faster than sgemm on the benchmark machine."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias)
+    )
+    if needs_grad or x.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows.shape[0])
+    y = torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def lstm(
@@ -134,6 +148,9 @@ class _Spec:
         self.groups = norm.num_groups if self.kind == _GROUP else 1
         self.eps = norm.eps if norm is not None else 1e-5
         self.training = norm is not None and norm.training
+        # Whether a backward can follow: inside Function.forward grad mode is always off, and
+        # needs_input_grad says True for parameters even under torch.no_grad().
+        self.grad_enabled = torch.is_grad_enabled()
         self.running = [None] * 4
         if self.kind == _BATCH:
             self.slot = torch.arange(steps).clamp_(max=norm.max_steps - 1)
@@ -165,7 +182,7 @@ def _grads(ctx, *grads):
 class _LSTM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gx, h0, c0, w_hh, gamma_hh, gamma_c, beta_c, spec: _Spec):
-        keep = any(ctx.needs_input_grad)  # without a backward, no step's activations are kept
+        keep = spec.grad_enabled and any(ctx.needs_input_grad)  # else keep no step's activations
         out, h, c, *saved, bstats_hh, bstats_c, counts = torch.ops.seqnorm_fused.lstm_forward(
             gx, h0, c0, w_hh, *spec.args(), gamma_hh, gamma_c, beta_c, *spec.running, keep
         )
@@ -188,7 +205,7 @@ class _LSTM(torch.autograd.Function):
 class _GRU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gx, h0, w_hh, bias_hh, gamma_hh, spec: _Spec):
-        keep = any(ctx.needs_input_grad)
+        keep = spec.grad_enabled and any(ctx.needs_input_grad)
         out, h, *saved, bstats, counts = torch.ops.seqnorm_fused.gru_forward(
             gx, h0, w_hh, bias_hh, *spec.args(), gamma_hh, *spec.running[:2], keep
         )
@@ -211,12 +228,13 @@ class _GRU(torch.autograd.Function):
 class _InputNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gamma, beta, spec: _Spec):
+        keep = spec.grad_enabled and any(ctx.needs_input_grad)  # else y overwrites x
         y, xhat, stats, bstats, counts = torch.ops.seqnorm_fused.input_norm_forward(
-            x, *spec.args(), gamma, beta, *spec.running[:2]
+            x, *spec.args(), gamma, beta, *spec.running[:2], keep
         )
         spec.update_running([bstats], counts)
         ctx.spec = spec
-        if any(ctx.needs_input_grad):
+        if keep:
             ctx.save_for_backward(xhat, stats, gamma, counts)
         return y
 

@@ -18,6 +18,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -283,6 +284,61 @@ struct WeightGrad {
   }
 };
 
+// The per-step product y = x W^T with a fixed W (out, in). For a large float32 W (2 MiB and
+// more, an LSTM of hidden 512 and up) oneDNN's blocked weights, packed once per sequence, beat
+// sgemm by 1.1-2x at every batch size on the 2-core AVX2 machine of benchmarks/bench_rnn.py (they
+// are the kernels torch.nn.LSTM runs on CPU); at 1 MiB they win by 6-11% in the forward product
+// from batch 8 on, tie in the backward one, and lose 2x at batch 1. Otherwise (and in float64)
+// at::mm runs with W^T made contiguous once.
+struct Product {
+  Tensor wt, packed;
+  Product(const Tensor& w, int64_t batch, bool forward) {
+    const bool large = w.numel() >= (1 << 19) || (forward && w.numel() >= (1 << 18) && batch >= 16);
+    if (w.scalar_type() == at::kFloat && large && onednn()) {
+      packed = reorder().call(w.contiguous(), batch);
+    } else {
+      wt = w.t().contiguous();
+    }
+  }
+  // x W^T, in out when fill (else possibly a new tensor).
+  Tensor operator()(const Tensor& x, const Tensor& out, bool fill = true) const {
+    if (!packed.defined()) return at::mm_out(const_cast<Tensor&>(out), x, wt);
+    Tensor y = linear().call(x, packed, std::nullopt, "none",
+                             c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+    return fill ? out.copy_(y) : y;
+  }
+
+ private:
+  using Reorder = Tensor(const Tensor&, std::optional<int64_t>);
+  using Linear = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                        c10::string_view, c10::List<std::optional<c10::Scalar>>,
+                        std::optional<c10::string_view>);
+  static c10::OperatorHandle handle(const char* name) {
+    return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+  }
+  static bool onednn() {  // builds without oneDNN (or with a different schema) use at::mm
+    static const bool ok = [] {
+      if (!at::hasMKLDNN()) return false;
+      try {
+        (void)reorder();
+        (void)linear();
+        return true;
+      } catch (const std::exception&) {
+        return false;
+      }
+    }();
+    return ok;
+  }
+  static const c10::TypedOperatorHandle<Reorder>& reorder() {
+    static const auto op = handle("mkldnn::_reorder_linear_weight").typed<Reorder>();
+    return op;
+  }
+  static const c10::TypedOperatorHandle<Linear>& linear() {
+    static const auto op = handle("mkldnn::_linear_pointwise").typed<Linear>();
+    return op;
+  }
+};
+
 // Which buffer slots a step uses. Training keeps every step's activations and states for the
 // backward; without a backward (keep false) one slot of activations and a ring of two states
 // suffice, and stay in cache.
@@ -341,7 +397,7 @@ std::vector<Tensor> lstm_forward(const Tensor& gx, const Tensor& h0_, const Tens
   const std::vector<int64_t> count = valid_counts(m, T, N);
   hs[0].copy_(h0_);
   cs[0].copy_(c0_);
-  const Tensor w_t = w_hh.t().contiguous();  // (H, F): a faster product than the strided view
+  const Product product(w_hh, N, true);  // h W_hh^T
 
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "seqnorm_lstm_forward", [&] {
     using T_ = scalar_t;
@@ -353,8 +409,7 @@ std::vector<Tensor> lstm_forward(const Tensor& gx, const Tensor& h0_, const Tens
     for (int64_t t = 0; t < T; ++t) {
       const bool* valid = m ? m + t * N : nullptr;
       const int64_t k = st.act(t), now = st.state(t), next = st.state(t + 1);
-      Tensor z_t = xhat_hh[normed ? k : 0];
-      at::mm_out(z_t, hs[now], w_t);
+      const Tensor z_t = product(hs[now], xhat_hh[normed ? k : 0], keep);
       T_* xh = z_t.data_ptr<T_>();
       const StepNorm<T_> norm_hh(s, nb_hh, t, T, N, F, xh, valid, count[t],
                                  ptr_or_null<T_>(run_mean_hh), ptr_or_null<T_>(run_var_hh));
@@ -442,7 +497,8 @@ std::vector<Tensor> lstm_backward(const Tensor& grad_out, const Tensor& grad_hn,
   const Norm s{kind, groups, eps, training};
   const int64_t T = acts.size(0), N = acts.size(1), F = acts.size(2), H = F / 4;
   const bool normed = kind != kNone, batch = kind == kBatch;
-  const Tensor gout = grad_out.contiguous(), w = w_hh.contiguous();
+  const Tensor gout = grad_out.contiguous();
+  const Product product(w_hh.t(), N, false);  // dgh W_hh
   Tensor dh = grad_hn.contiguous().clone(), dc = grad_cn.contiguous().clone();
   Tensor dgx = at::empty({T, N, F}, acts.options());
   WeightGrad wg(hs, T, N, F, normed ? Tensor() : dgx);  // dL/d(h W_hh^T) is dgx without norm
@@ -552,7 +608,7 @@ SEQNORM_SIMD
       if (batch)
         batch_norm_backward(dnp, xh, N, F, valid, stats_hh.data_ptr<T_>() + t * stride_hh + F,
                             use, count[t]);
-      const Tensor dprev = at::mm(dgh_t, w);  // (N, H); zero rows where not valid
+      const Tensor dprev = product(dgh_t, at::empty({N, H}, acts.options()), false);  // (N, H); zero rows where not valid
       const T_* dp = dprev.data_ptr<T_>();
       for (int64_t n = 0; n < N; ++n) {
         if (valid && !valid[n]) continue;  // the state passed through: dh stays
@@ -589,7 +645,7 @@ std::vector<Tensor> gru_forward(const Tensor& gx, const Tensor& h0_, const Tenso
   const bool* m = mask_ptr(mask);
   const std::vector<int64_t> count = valid_counts(m, T, N);
   hs[0].copy_(h0_);
-  const Tensor w_t = w_hh.t().contiguous();
+  const Product product(w_hh, N, true);
 
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "seqnorm_gru_forward", [&] {
     using T_ = scalar_t;
@@ -599,8 +655,7 @@ std::vector<Tensor> gru_forward(const Tensor& gx, const Tensor& h0_, const Tenso
     for (int64_t t = 0; t < T; ++t) {
       const bool* valid = m ? m + t * N : nullptr;
       const int64_t k = st.act(t), now = st.state(t), next = st.state(t + 1);
-      Tensor z_t = xhat[normed ? k : 0];
-      at::mm_out(z_t, hs[now], w_t);
+      const Tensor z_t = product(hs[now], xhat[normed ? k : 0], keep);
       T_* xh = z_t.data_ptr<T_>();
       const StepNorm<T_> norm(s, nb, t, T, N, F, xh, valid, count[t], ptr_or_null<T_>(run_mean_hh),
                               ptr_or_null<T_>(run_var_hh));
@@ -661,7 +716,8 @@ std::vector<Tensor> gru_backward(const Tensor& grad_out, const Tensor& grad_hn,
   const Norm s{kind, groups, eps, training};
   const int64_t T = acts.size(0), N = acts.size(1), F = acts.size(2), H = F / 3;
   const bool normed = kind != kNone, batch = kind == kBatch;
-  const Tensor gout = grad_out.contiguous(), w = w_hh.contiguous();
+  const Tensor gout = grad_out.contiguous();
+  const Product product(w_hh.t(), N, false);  // dgh W_hh
   Tensor dh = grad_hn.contiguous().clone();
   Tensor dgx = at::empty({T, N, F}, acts.options());
   WeightGrad wg(hs, T, N, F, Tensor());  // dL/d(h W_hh^T)
@@ -729,7 +785,7 @@ SEQNORM_SIMD
         }
       });
       if (batch) batch_norm_backward(dnp, xh, N, F, valid, st + F, batch && training && count[t] >= 2, count[t]);
-      const Tensor dprev = at::mm(dgh_t, w);
+      const Tensor dprev = product(dgh_t, at::empty({N, H}, acts.options()), false);
       const T_* dp = dprev.data_ptr<T_>();
       for (int64_t n = 0; n < N; ++n) {
         if (valid && !valid[n]) continue;
@@ -766,13 +822,15 @@ struct InputRows {
 std::vector<Tensor> input_norm_forward(const Tensor& x, const OptTensor& mask, int64_t kind,
                                        int64_t groups, double eps, bool training,
                                        const OptTensor& gamma, const OptTensor& beta,
-                                       const OptTensor& run_mean, const OptTensor& run_var) {
+                                       const OptTensor& run_mean, const OptTensor& run_var,
+                                       bool keep) {
   TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "x must be contiguous (T, N, F)");
   TORCH_CHECK(kind == kGroup || kind == kBatch, "input_norm needs a group or batch norm");
   const Norm s{kind, groups, eps, training};
   const int64_t T = x.size(0), N = x.size(1), F = x.size(2);
   const InputRows ir(s, T, N);
-  Tensor y = at::empty_like(x), xhat = at::empty_like(x);
+  // Without a backward nothing keeps x_hat, and y overwrites x (the caller's own temporary).
+  Tensor y = keep ? at::empty_like(x) : x, xhat = keep ? at::empty_like(x) : x;
   NormBuffers nb(s, ir.steps, ir.rows, F, x);
   const bool* m = mask_ptr(mask);
   const std::vector<int64_t> count = valid_counts(m, T, N);
@@ -875,7 +933,7 @@ TORCH_LIBRARY(seqnorm_fused, m) {
       &gru_backward);
   m.def(
       "input_norm_forward(Tensor x, Tensor? mask, int kind, int groups, float eps, bool training, "
-      "Tensor? gamma, Tensor? beta, Tensor? run_mean, Tensor? run_var) -> Tensor[]",
+      "Tensor? gamma, Tensor? beta, Tensor? run_mean, Tensor? run_var, bool keep) -> Tensor[]",
       &input_norm_forward);
   m.def(
       "input_norm_backward(Tensor grad_y, Tensor xhat, Tensor stats, Tensor? mask, int kind, "
