@@ -3,9 +3,12 @@
 ``csrc/recurrence.cpp`` runs the recurrent half of every step (the product with ``W_hh``, its
 normalization, the gates and the state update) in one C++ loop, and a hand-written backward
 through time that computes the gradient of ``W_hh`` as a few large matrix products over chunks
-of steps. It is compiled with ``torch.utils.cpp_extension`` the first time it is needed (about
-20 seconds, then cached in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
-In float32 its sigmoid and tanh are polynomial forms accurate to a few units in the last place.
+of steps. The input half's normalization (layer, group or per-step batch norm), its gain and the
+cell's biases run in one parallel C++ pass too (:func:`input_gates`). Large float32 weights use
+oneDNN's packed matrix products, and without a backward no step's activations are kept. It is
+compiled with ``torch.utils.cpp_extension`` the first time it is needed (about 20 seconds, then
+cached in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). In float32 its
+sigmoid and tanh are polynomial forms accurate to a few units in the last place.
 
 The layers use it for float32 and float64 on CPU outside autocast and ``torch.compile``, and
 fall back to the readable per-step Python loop (the reference the tests check this against)

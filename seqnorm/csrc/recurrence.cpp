@@ -7,7 +7,9 @@
 // the state update. The backward walks the steps in reverse the same way with one matrix product
 // for dh; the gradient of W_hh is a matrix product over chunks of steps (WeightGrad), so the
 // backward needs no second buffer of every step's gradient. Rows run in parallel over ATen's
-// threads when they are wide enough; float32 uses vectorizable polynomial sigmoid/tanh.
+// threads when they are wide enough; float32 uses vectorizable polynomial sigmoid/tanh. Without
+// a backward (keep false) the forward stores no step's activations. input_norm_* normalize the
+// input half of the gates (x W_ih^T, all steps at once) and add the cell's biases in one pass.
 //
 // The readable Python path (seqnorm.functional.lstm_step / gru_step in seqnorm.rnn) is the
 // reference; tests/test_fused.py checks this file against it, outputs and every gradient.
