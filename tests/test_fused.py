@@ -103,6 +103,21 @@ def test_fused_float32_large_weights_are_accurate(cls, norm):
         assert (g.double() - w).abs().max() <= 5e-3 * w.abs().max()
 
 
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+def test_fused_inference_packed_input_projection(cls):
+    """Without a backward, many rows of input go through oneDNN's packed product (where torch
+    has oneDNN); the output is the training path's to float32 rounding."""
+    model = make(cls, "layer", hidden_size=8, input_size=8).float()
+    x = torch.randn(64, 80, 8)  # 5,120 rows, past fused._PACKED_ROWS
+    assert x.shape[0] * x.shape[1] >= fused._PACKED_ROWS
+    want, _ = model(x)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        got, _ = model(x)
+    if torch.backends.mkldnn.is_available():
+        assert "mkldnn::_linear_pointwise" in {e.name for e in prof.events()}
+    assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def _outputs(run):
     """The output, final states and the gradients of the input and initial states of a run."""
     out, states, dx, dhx = run[:4]

@@ -302,12 +302,11 @@ struct Product {
       wt = w.t().contiguous();
     }
   }
-  // x W^T, in out when fill (else possibly a new tensor).
-  Tensor operator()(const Tensor& x, const Tensor& out, bool fill = true) const {
+  // x W^T: in out for at::mm, a new tensor from oneDNN (copying it into out would cost more).
+  Tensor operator()(const Tensor& x, const Tensor& out) const {
     if (!packed.defined()) return at::mm_out(const_cast<Tensor&>(out), x, wt);
-    Tensor y = linear().call(x, packed, std::nullopt, "none",
-                             c10::List<std::optional<c10::Scalar>>(), std::nullopt);
-    return fill ? out.copy_(y) : y;
+    return linear().call(x, packed, std::nullopt, "none",
+                         c10::List<std::optional<c10::Scalar>>(), std::nullopt);
   }
 
  private:
@@ -411,9 +410,11 @@ std::vector<Tensor> lstm_forward(const Tensor& gx, const Tensor& h0_, const Tens
     for (int64_t t = 0; t < T; ++t) {
       const bool* valid = m ? m + t * N : nullptr;
       const int64_t k = st.act(t), now = st.state(t), next = st.state(t + 1);
-      const Tensor z_t = product(hs[now], xhat_hh[normed ? k : 0], keep);
-      T_* xh = z_t.data_ptr<T_>();
-      const StepNorm<T_> norm_hh(s, nb_hh, t, T, N, F, xh, valid, count[t],
+      // z = h W_hh^T (in the x_hat slot, or oneDNN's own tensor), normalized into the slot
+      const Tensor z_t = product(hs[now], xhat_hh[normed ? k : 0]);
+      const T_* z = z_t.data_ptr<T_>();
+      T_* xh = xhat_hh.data_ptr<T_>() + (normed ? k : 0) * N * F;
+      const StepNorm<T_> norm_hh(s, nb_hh, t, T, N, F, z, valid, count[t],
                                  ptr_or_null<T_>(run_mean_hh), ptr_or_null<T_>(run_var_hh));
       const T_* g = gx.data_ptr<T_>() + t * N * F;
       T_* a = acts.data_ptr<T_>() + k * N * F;
@@ -451,15 +452,16 @@ SEQNORM_SIMD
         norm_c.emplace(s, nb_c, t, T, N, H, c_new, valid, count[t], nullptr, nullptr);
       for_rows(N, F, [&](int64_t n) {  // gates and the new cell state (and, unless batch, h')
         const T_* gn = g + n * F;
-        T_* xn = xh + n * F;
+        const T_* zn = z + n * F;
         T_* an = a + n * F;
         if (normed) {
-          norm_hh.row(n, xn, xn);
+          T_* xn = xh + n * F;
+          norm_hh.row(n, zn, xn);
 SEQNORM_SIMD
           for (int64_t f = 0; f < F; ++f) an[f] = gn[f] + gam_hh[f] * xn[f];
         } else {
 SEQNORM_SIMD
-          for (int64_t f = 0; f < F; ++f) an[f] = gn[f] + xn[f];
+          for (int64_t f = 0; f < F; ++f) an[f] = gn[f] + zn[f];
         }
 SEQNORM_SIMD
         for (int64_t f = 0; f < 2 * H; ++f) an[f] = sigmoid(an[f]);
@@ -610,7 +612,7 @@ SEQNORM_SIMD
       if (batch)
         batch_norm_backward(dnp, xh, N, F, valid, stats_hh.data_ptr<T_>() + t * stride_hh + F,
                             use, count[t]);
-      const Tensor dprev = product(dgh_t, at::empty({N, H}, acts.options()), false);  // (N, H); zero rows where not valid
+      const Tensor dprev = product(dgh_t, at::empty({N, H}, acts.options()));  // (N, H); zero rows where not valid
       const T_* dp = dprev.data_ptr<T_>();
       for (int64_t n = 0; n < N; ++n) {
         if (valid && !valid[n]) continue;  // the state passed through: dh stays
@@ -657,9 +659,10 @@ std::vector<Tensor> gru_forward(const Tensor& gx, const Tensor& h0_, const Tenso
     for (int64_t t = 0; t < T; ++t) {
       const bool* valid = m ? m + t * N : nullptr;
       const int64_t k = st.act(t), now = st.state(t), next = st.state(t + 1);
-      const Tensor z_t = product(hs[now], xhat[normed ? k : 0], keep);
-      T_* xh = z_t.data_ptr<T_>();
-      const StepNorm<T_> norm(s, nb, t, T, N, F, xh, valid, count[t], ptr_or_null<T_>(run_mean_hh),
+      const Tensor z_t = product(hs[now], xhat[normed ? k : 0]);  // as in the LSTM
+      const T_* z = z_t.data_ptr<T_>();
+      T_* xh = xhat.data_ptr<T_>() + (normed ? k : 0) * N * F;
+      const StepNorm<T_> norm(s, nb, t, T, N, F, z, valid, count[t], ptr_or_null<T_>(run_mean_hh),
                               ptr_or_null<T_>(run_var_hh));
       const T_* g = gx.data_ptr<T_>() + t * N * F;
       T_* a = acts.data_ptr<T_>() + k * N * F;
@@ -668,8 +671,8 @@ std::vector<Tensor> gru_forward(const Tensor& gx, const Tensor& h0_, const Tenso
       T_* out_t = out.data_ptr<T_>() + t * N * H;
       for_rows(N, F, [&](int64_t n) {
         const T_* gn = g + n * F;
-        T_* xn = xh + n * F;
-        if (normed) norm.row(n, xn, xn);
+        const T_* xn = normed ? xh + n * F : z + n * F;
+        if (normed) norm.row(n, z + n * F, xh + n * F);
         T_* an = a + n * F;
         T_* ghnn = ghn.data_ptr<T_>() + (k * N + n) * H;
         T_* gh = ghbuf.data_ptr<T_>() + n * F;
@@ -787,7 +790,7 @@ SEQNORM_SIMD
         }
       });
       if (batch) batch_norm_backward(dnp, xh, N, F, valid, st + F, batch && training && count[t] >= 2, count[t]);
-      const Tensor dprev = product(dgh_t, at::empty({N, H}, acts.options()), false);
+      const Tensor dprev = product(dgh_t, at::empty({N, H}, acts.options()));
       const T_* dp = dprev.data_ptr<T_>();
       for (int64_t n = 0; n < N; ++n) {
         if (valid && !valid[n]) continue;
