@@ -5,8 +5,9 @@
 For each shape (A: batch 32, 100 steps, input 128, hidden 256; B: the same at batch 1, pure SGD;
 C: batch 64, 200 steps, input 256, hidden 512) and each implementation it measures the forward
 pass in eval mode without gradients, and forward plus backward in training mode (median of
-``--repeats`` runs after ``--warmup`` runs), and the peak memory allocated during one training
-step (from the profiler's allocation events). Ratios are against ``torch.nn.LSTM`` for LSTMs and
+``--repeats`` runs after ``--warmup`` runs, interleaved: each round runs every implementation of
+the shape once), and the peak memory allocated during one training step (from the profiler's
+allocation events). Ratios are against ``torch.nn.LSTM`` for LSTMs and
 ``torch.nn.GRU`` for GRUs, measured in the same run. The naive loop is how most public CPU
 implementations of layer-normalized cells work: ``nn.Linear`` and ``nn.LayerNorm`` modules
 called at every step.
@@ -97,16 +98,20 @@ IMPLEMENTATIONS = {
 }
 
 
-def median_ms(fn, warmup: int, repeats: int, before=None) -> float:
-    times = []
+def interleaved_medians(fns: dict, warmup: int, repeats: int, before=None) -> dict:
+    """Median milliseconds of each of ``fns`` over ``repeats`` rounds, after ``warmup`` rounds.
+    Each round runs every function once, so a machine that slows down for a while (a noisy
+    neighbour on a shared host) slows them all alike instead of skewing one ratio."""
+    times = {name: [] for name in fns}
     for k in range(warmup + repeats):
-        if before is not None:
-            before()
-        start = time.perf_counter()
-        fn()
-        if k >= warmup:
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        for name, fn in fns.items():
+            if before is not None:
+                before(name)
+            start = time.perf_counter()
+            fn()
+            if k >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 def peak_mb(fn) -> float:
@@ -120,31 +125,55 @@ def peak_mb(fn) -> float:
     return peak / 2**20
 
 
-def measure(name: str, shape: str, args) -> dict:
+def measure_shape(shape: str, names: list[str], args) -> dict:
+    """Forward ms (eval, no grad), forward+backward ms (training) and peak MB of a training step
+    of every implementation in ``names`` at ``shape``, timed in interleaved rounds."""
     batch, steps, input_size, hidden = SHAPES[shape]
-    torch.manual_seed(0)
-    model = IMPLEMENTATIONS[name][1](input_size, hidden)
-    x = torch.randn(steps, batch, input_size)
+    x = torch.randn(steps, batch, input_size, generator=torch.Generator().manual_seed(0))
+    models = {}
+    for name in names:
+        torch.manual_seed(0)
+        models[name] = IMPLEMENTATIONS[name][1](input_size, hidden)
 
-    def forward():
-        with torch.no_grad():
-            model(x)
+    def forward(model):
+        def run():
+            with torch.no_grad():
+                model(x)
 
-    def train_step():
-        output, _ = model(x)
-        output.sum().backward()
+        return run
 
-    model.eval()
-    result = {"fwd_ms": median_ms(forward, args.warmup, args.repeats)}
-    if "BN" in name and batch == 1:  # batch norm has no batch statistics at batch size 1
-        return {**result, "fwd_bwd_ms": None, "peak_mb": None}
-    model.train()
-    result["fwd_bwd_ms"] = median_ms(
-        train_step, args.warmup, args.repeats, before=lambda: model.zero_grad(set_to_none=True)
+    def train_step(model):
+        def run():
+            output, _ = model(x)
+            output.sum().backward()
+
+        return run
+
+    for model in models.values():
+        model.eval()
+    fwd = interleaved_medians(
+        {name: forward(model) for name, model in models.items()}, args.warmup, args.repeats
     )
-    model.zero_grad(set_to_none=True)
-    result["peak_mb"] = peak_mb(train_step)
-    return result
+    # batch norm has no batch statistics at batch size 1
+    trainable = {name: model for name, model in models.items() if not ("BN" in name and batch == 1)}
+    for model in trainable.values():
+        model.train()
+    fwd_bwd = interleaved_medians(
+        {name: train_step(model) for name, model in trainable.items()},
+        args.warmup,
+        args.repeats,
+        before=lambda name: models[name].zero_grad(set_to_none=True),
+    )
+    results = {}
+    for name, model in models.items():
+        model.zero_grad(set_to_none=True)
+        trained = name in trainable
+        results[name] = {
+            "fwd_ms": fwd[name],
+            "fwd_bwd_ms": fwd_bwd[name] if trained else None,
+            "peak_mb": peak_mb(train_step(model)) if trained else None,
+        }
+    return results
 
 
 def main():
@@ -163,9 +192,10 @@ def main():
     rows = []
     for shape in args.shapes:
         base = {}
+        measured = measure_shape(shape, args.only, args)
         for name in args.only:
             family = IMPLEMENTATIONS[name][0]
-            row = {"shape": shape, "implementation": name, **measure(name, shape, args)}
+            row = {"shape": shape, "implementation": name, **measured[name]}
             base.setdefault(family, row)
             b = base[family]
             row["fwd_ratio"] = row["fwd_ms"] / b["fwd_ms"]

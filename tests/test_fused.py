@@ -118,6 +118,26 @@ def test_fused_inference_packed_input_projection(cls):
     assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+def test_fused_batch_norm_statistics_split_over_threads(cls):
+    """Batch 32 and hidden 128: the per-feature batch statistics and their backward run in
+    feature ranges over threads (with padding in the batch); still the loop's, in float64."""
+    model = make(cls, "batch", hidden_size=128, input_size=8)
+    reference = copy.deepcopy(model)
+    reference.use_fused = False
+    x = torch.randn(5, 32, 8, dtype=torch.float64)
+    lengths = torch.tensor([5, 3, 1, 4] * 8)
+    runs = []
+    for m in (model, reference):
+        out, state = m(x, lengths=lengths)
+        states = state if isinstance(state, tuple) else (state,)
+        weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+        ((out * weights).sum() + sum(s.sum() for s in states)).backward()
+        runs.append([out, *states, *(p.grad for p in m.parameters()), *m.buffers()])
+    for got, want in zip(*runs):
+        assert_close(got, want)
+
+
 def _outputs(run):
     """The output, final states and the gradients of the input and initial states of a run."""
     out, states, dx, dhx = run[:4]

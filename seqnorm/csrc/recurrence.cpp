@@ -84,6 +84,13 @@ struct Norm {
   bool training;
 };
 
+// Runs body(lo, hi) over ranges of the F features of a step's N rows, split over ATen's threads
+// when there is enough work (batch norm: statistics are per feature).
+template <typename Body>
+void for_features(int64_t N, int64_t F, const Body& body) {
+  at::parallel_for(0, F, std::max<int64_t>(8, 8192 / std::max<int64_t>(N, 1)), body);
+}
+
 // Batch statistics of a step, per feature over the valid samples, or the running ones when
 // there are fewer than two valid samples or in eval mode. Writes mean and rstd (F); when the
 // batch statistics are used, also the batch mean and biased variance to bstats (2, T, F) at t.
@@ -92,34 +99,33 @@ bool batch_stats(const Norm& s, const T* x, int64_t N, int64_t F, const bool* va
                  int64_t count, const T* run_mean, const T* run_var, T* mean, T* rstd,
                  T* bmean, T* bvar) {
   const bool use = s.training && count >= 2;
-  std::vector<double> sum(F, 0.0), sq(F, 0.0);
-  if (use) {
-    for (int64_t n = 0; n < N; ++n) {
-      if (valid && !valid[n]) continue;
-      const T* p = x + n * F;
-      for (int64_t f = 0; f < F; ++f) sum[f] += p[f];
-    }
-    for (int64_t f = 0; f < F; ++f) sum[f] /= count;
-    for (int64_t n = 0; n < N; ++n) {
-      if (valid && !valid[n]) continue;
-      const T* p = x + n * F;
-      for (int64_t f = 0; f < F; ++f) sq[f] += (p[f] - sum[f]) * (p[f] - sum[f]);
-    }
+  if (!use) {
     for (int64_t f = 0; f < F; ++f) {
+      mean[f] = run_mean[f];
+      rstd[f] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(run_var[f]) + s.eps));
+    }
+    return use;
+  }
+  for_features(N, F, [&](int64_t lo, int64_t hi) {
+    std::vector<double> sum(hi - lo, 0.0), sq(hi - lo, 0.0);
+    for (int64_t n = 0; n < N; ++n) {
+      if (valid && !valid[n]) continue;
+      const T* p = x + n * F + lo;
+      for (int64_t f = 0; f < hi - lo; ++f) sum[f] += p[f];
+    }
+    for (int64_t f = 0; f < hi - lo; ++f) sum[f] /= count;
+    for (int64_t n = 0; n < N; ++n) {
+      if (valid && !valid[n]) continue;
+      const T* p = x + n * F + lo;
+      for (int64_t f = 0; f < hi - lo; ++f) sq[f] += (p[f] - sum[f]) * (p[f] - sum[f]);
+    }
+    for (int64_t f = 0; f < hi - lo; ++f) {
       sq[f] /= count;
-      bmean[f] = static_cast<T>(sum[f]);
-      bvar[f] = static_cast<T>(sq[f]);
+      bmean[lo + f] = mean[lo + f] = static_cast<T>(sum[f]);
+      bvar[lo + f] = static_cast<T>(sq[f]);
+      rstd[lo + f] = static_cast<T>(1.0 / std::sqrt(sq[f] + s.eps));
     }
-  } else {
-    for (int64_t f = 0; f < F; ++f) {
-      sum[f] = run_mean[f];
-      sq[f] = run_var[f];
-    }
-  }
-  for (int64_t f = 0; f < F; ++f) {
-    mean[f] = static_cast<T>(sum[f]);
-    rstd[f] = static_cast<T>(1.0 / std::sqrt(sq[f] + s.eps));
-  }
+  });
   return use;
 }
 
@@ -181,29 +187,35 @@ SEQNORM_SIMD
       for (int64_t f = 0; f < F; ++f) d[n * F + f] *= rstd[f];
     return;
   }
-  std::vector<double> m1(F, 0.0), m2(F, 0.0);
-  for (int64_t n = 0; n < N; ++n) {  // every row's output used the statistics
-    for (int64_t f = 0; f < F; ++f) {
-      m1[f] += d[n * F + f];
-      m2[f] += d[n * F + f] * xhat[n * F + f];
+  for_features(N, F, [&](int64_t lo, int64_t hi) {
+    const int64_t W = hi - lo;
+    std::vector<double> m1(W, 0.0), m2(W, 0.0);
+    for (int64_t n = 0; n < N; ++n) {  // every row's output used the statistics
+      const T* p = d + n * F + lo;
+      const T* xh = xhat + n * F + lo;
+      for (int64_t f = 0; f < W; ++f) {
+        m1[f] += p[f];
+        m2[f] += p[f] * xh[f];
+      }
     }
-  }
-  std::vector<T> a(F), b(F);
-  for (int64_t f = 0; f < F; ++f) {
-    a[f] = static_cast<T>(m1[f] / count);
-    b[f] = static_cast<T>(m2[f] / count);
-  }
-  for (int64_t n = 0; n < N; ++n) {
-    T* p = d + n * F;
-    const T* xh = xhat + n * F;
-    if (valid && !valid[n]) {
-SEQNORM_SIMD
-      for (int64_t f = 0; f < F; ++f) p[f] *= rstd[f];
-      continue;
+    std::vector<T> a(W), b(W);
+    for (int64_t f = 0; f < W; ++f) {
+      a[f] = static_cast<T>(m1[f] / count);
+      b[f] = static_cast<T>(m2[f] / count);
     }
+    const T* r = rstd + lo;
+    for (int64_t n = 0; n < N; ++n) {
+      T* p = d + n * F + lo;
+      const T* xh = xhat + n * F + lo;
+      if (valid && !valid[n]) {
 SEQNORM_SIMD
-    for (int64_t f = 0; f < F; ++f) p[f] = rstd[f] * (p[f] - a[f] - xh[f] * b[f]);
-  }
+        for (int64_t f = 0; f < W; ++f) p[f] *= r[f];
+        continue;
+      }
+SEQNORM_SIMD
+      for (int64_t f = 0; f < W; ++f) p[f] = r[f] * (p[f] - a[f] - xh[f] * b[f]);
+    }
+  });
 }
 
 // Per-step storage of a norm's statistics: rstd (T, N, G) for group, (T, 2, F) mean and rstd
