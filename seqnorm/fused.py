@@ -20,6 +20,7 @@ It supports first derivatives only.
 from __future__ import annotations
 
 import os
+import platform
 import warnings
 from pathlib import Path
 
@@ -46,6 +47,10 @@ def available() -> bool:
 
             source = Path(__file__).with_name("csrc") / "recurrence.cpp"
             flags = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"]
+            if platform.machine().lower() in ("x86_64", "amd64"):
+                # GCC tunes some AMD virtual CPUs as Zen 1 and then vectorizes 4 floats wide;
+                # 8 wide (AVX2) is a few percent faster on the benchmark machine.
+                flags.append("-mprefer-vector-width=256")
             load(
                 "seqnorm_fused",
                 [str(source)],
