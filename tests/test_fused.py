@@ -14,6 +14,8 @@ from seqnorm import fused
 pytestmark = pytest.mark.skipif(not fused.available(), reason="no C++ toolchain to build it")
 
 LENGTHS = torch.tensor([9, 4, 7, 1, 9, 2])  # a lone sample at the last steps: batch-norm fallback
+# (T=4, N=3) for gradcheck: padding in the middle sample, one valid sample at the last step
+GRADCHECK_MASK = torch.tensor([[1, 1, 1], [1, 0, 1], [1, 0, 1], [0, 0, 1]], dtype=torch.bool)
 
 CASES = [
     pytest.param(cls, norm, bidir, mode, id=f"{norm}-{cls}-{'bi' if bidir else 'uni'}-{mode}")
@@ -210,11 +212,7 @@ def test_lstm_function_gradcheck(norm, masked):
     model = make("LSTM", norm, hidden_size=8)
     norm_hh, norm_c = model.norm_hh_l0, model.norm_c_l0
     t, n, h = 4, 3, 8
-    mask = (
-        torch.tensor([[1, 1, 1], [1, 0, 1], [1, 0, 1], [0, 0, 1]], dtype=torch.bool)
-        if masked
-        else None
-    )
+    mask = GRADCHECK_MASK if masked else None
     gx = torch.randn(t, n, 4 * h, dtype=torch.float64, requires_grad=True)
     h0, c0 = (torch.randn(n, h, dtype=torch.float64, requires_grad=True) for _ in range(2))
     params = [model.weight_hh_l0] + (
@@ -236,11 +234,7 @@ def test_gru_function_gradcheck(norm, masked):
     model = make("GRU", norm, hidden_size=8)
     norm_hh = model.norm_hh_l0
     t, n, h = 4, 3, 8
-    mask = (
-        torch.tensor([[1, 1, 1], [1, 0, 1], [1, 0, 1], [0, 0, 1]], dtype=torch.bool)
-        if masked
-        else None
-    )
+    mask = GRADCHECK_MASK if masked else None
     gx = torch.randn(t, n, 3 * h, dtype=torch.float64, requires_grad=True)
     h0 = torch.randn(n, h, dtype=torch.float64, requires_grad=True)
     w, b = (p.detach().clone().requires_grad_() for p in (model.weight_hh_l0, model.bias_hh_l0))
@@ -262,12 +256,11 @@ def test_input_norm_function_gradcheck(norm, masked, training):
     model = make("LSTM", norm, hidden_size=8).train(training)
     norm_ih = model.norm_ih_l0
     t, n, f = 4, 3, 32
-    mask = torch.tensor([[1, 1, 1], [1, 0, 1], [1, 0, 1], [0, 0, 1]], dtype=torch.bool)
     x = torch.randn(t, n, f, dtype=torch.float64, requires_grad=True)
     gamma, beta = (torch.rand(f, dtype=torch.float64, requires_grad=True) for _ in range(2))
 
     def g(x, gamma, beta):
-        spec = fused._Spec(norm_ih, None, t, mask if masked else None)
+        spec = fused._Spec(norm_ih, None, t, GRADCHECK_MASK if masked else None)
         return fused._InputNorm.apply(x, gamma, beta, spec)
 
     assert torch.autograd.gradcheck(g, (x, gamma, beta))
