@@ -325,7 +325,7 @@ class LSTM(_RNNBase):
         norm_ih, norm_hh = getattr(self, f"norm_ih{suffix}"), getattr(self, f"norm_hh{suffix}")
         norm_c = getattr(self, f"norm_c{suffix}")
         if self.use_fused and fused.applies(
-            x, *state, weight_ih, weight_hh, norms=(norm_ih, norm_hh, norm_c)
+            x, *state, weight_ih, weight_hh, bias_ih, bias_hh, norms=(norm_ih, norm_hh, norm_c)
         ):
             bias = None if bias_ih is None else bias_ih + bias_hh
             gx = fused.input_gates(x, weight_ih, bias, norm_ih, mask)
@@ -376,7 +376,7 @@ class GRU(_RNNBase):
         bias_ih, bias_hh = getattr(self, f"bias_ih{suffix}"), getattr(self, f"bias_hh{suffix}")
         norm_ih, norm_hh = getattr(self, f"norm_ih{suffix}"), getattr(self, f"norm_hh{suffix}")
         if self.use_fused and fused.applies(
-            x, state[0], weight_ih, weight_hh, norms=(norm_ih, norm_hh)
+            x, state[0], weight_ih, weight_hh, bias_ih, bias_hh, norms=(norm_ih, norm_hh)
         ):
             gx = fused.input_gates(x, weight_ih, bias_ih, norm_ih, mask)
             out, h = fused.gru(gx, state[0], weight_hh, bias_hh, norm_hh, mask)

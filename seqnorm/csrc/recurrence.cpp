@@ -519,6 +519,7 @@ std::vector<Tensor> lstm_backward(const Tensor& grad_out, const Tensor& grad_hn,
   Tensor dgx = at::empty({T, N, F}, acts.options());
   WeightGrad wg(hs, T, N, F, normed ? Tensor() : dgx);  // dL/d(h W_hh^T) is dgx without norm
   Tensor dxc = at::empty({N, H}, acts.options()), tcb = at::empty({N, H}, acts.options());
+  Tensor dprev_buf = at::empty({N, H}, acts.options());  // dgh W_hh of a step (at::mm writes here)
   Accumulator dgamma_hh(normed ? F : 0), dgamma_c(normed ? H : 0), dbeta_c(normed ? H : 0);
   const int64_t* count = counts.data_ptr<int64_t>();
   const bool* m = mask_ptr(mask);
@@ -624,7 +625,7 @@ SEQNORM_SIMD
       if (batch)
         batch_norm_backward(dnp, xh, N, F, valid, stats_hh.data_ptr<T_>() + t * stride_hh + F,
                             use, count[t]);
-      const Tensor dprev = product(dgh_t, at::empty({N, H}, acts.options()));  // (N, H); zero rows where not valid
+      const Tensor dprev = product(dgh_t, dprev_buf);  // (N, H); zero rows where not valid
       const T_* dp = dprev.data_ptr<T_>();
       for (int64_t n = 0; n < N; ++n) {
         if (valid && !valid[n]) continue;  // the state passed through: dh stays
@@ -738,6 +739,7 @@ std::vector<Tensor> gru_backward(const Tensor& grad_out, const Tensor& grad_hn,
   Tensor dh = grad_hn.contiguous().clone();
   Tensor dgx = at::empty({T, N, F}, acts.options());
   WeightGrad wg(hs, T, N, F, Tensor());  // dL/d(h W_hh^T)
+  Tensor dprev_buf = at::empty({N, H}, acts.options());  // as in the LSTM
   Accumulator dbias(has_bias ? F : 0), dgamma(normed ? F : 0);
   const int64_t* count = counts.data_ptr<int64_t>();
   const bool* m = mask_ptr(mask);
@@ -802,7 +804,7 @@ SEQNORM_SIMD
         }
       });
       if (batch) batch_norm_backward(dnp, xh, N, F, valid, st + F, batch && training && count[t] >= 2, count[t]);
-      const Tensor dprev = product(dgh_t, at::empty({N, H}, acts.options()));
+      const Tensor dprev = product(dgh_t, dprev_buf);
       const T_* dp = dprev.data_ptr<T_>();
       for (int64_t n = 0; n < N; ++n) {
         if (valid && !valid[n]) continue;
