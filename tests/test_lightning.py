@@ -91,6 +91,22 @@ def test_lm_recipe_fast_dev_run(text_file, tmp_path):
     train_lm.main(lm_args(text_file, tmp_path, "--trainer.fast_dev_run=true"))
 
 
+def test_local_lm_config_trains_on_a_small_file(text_file, tmp_path, monkeypatch):
+    """The README's own-text command, config as shipped: a file of a few dozen batches validates and
+    checkpoints within its epoch (a step-count interval longer than the epoch used to fail)."""
+    monkeypatch.chdir(tmp_path)  # the config writes to runs/ under the working directory
+    args = [
+        "fit", "--config", os.path.join(ROOT, "configs", "char_lm_local_ln_lstm.yaml"),
+        f"--data.init_args.path={text_file}", "--data.init_args.batch_size=8", "--data.init_args.bptt=40",
+        "--model.hidden_size=16", *QUIET,
+    ]  # fmt: skip
+    cli = train_lm.main(args)
+    assert cli.trainer.num_training_batches < 500
+    assert "val_bpc" in cli.trainer.callback_metrics
+    saved = os.listdir(tmp_path / "runs" / "char_lm_local_ln_lstm" / "checkpoints")
+    assert "last.ckpt" in saved and len(saved) == 2, saved  # the last and the best
+
+
 def test_classifier_recipe_fast_dev_run(tsv_file, tmp_path):
     args = [
         "fit", "--config", os.path.join(ROOT, "configs", "cls_mr_polarity_ln_lstm.yaml"), f"--data.path={tsv_file}",
