@@ -21,6 +21,7 @@ class PrintSample(L.Callback):
             for k, v in trainer.callback_metrics.items()
             if k.startswith("val_")
         }
-        print(f"\nvalidation after {trainer.global_step} steps: {metrics}")
+        if metrics:  # none when fit resumed a run that had already finished
+            print(f"\nvalidation after {trainer.global_step} steps: {metrics}")
         text = pl_module.generate(self.prompt, self.length, self.temperature, seed=self.seed)
         print(f"sample (temperature {self.temperature}):\n{text}\n")
