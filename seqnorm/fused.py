@@ -3,9 +3,13 @@
 ``csrc/recurrence.cpp`` runs the recurrent half of every step (the product with ``W_hh``, its
 normalization, the gates and the state update) in one C++ loop, and a hand-written backward
 through time that computes the gradient of ``W_hh`` as a few large matrix products over chunks
-of steps. The input half's normalization (layer, group or per-step batch norm), its gain and the
-cell's biases run in one parallel C++ pass too (:func:`input_gates`). Large float32 weights use
-oneDNN's packed matrix products, and without a backward no step's activations are kept. It is
+of steps. One autograd function covers a whole direction of a layer (:func:`lstm`,
+:func:`gru`): the input projection of every step at once, its normalization (layer, group or
+per-step batch norm), gain and the cell's biases in one parallel C++ pass, then the time loop;
+the big per-sequence buffers are reused in place (x_hat over the projection, the activations
+over the gates, the input half's gradient over the gates' gradient): a layer-normalized LSTM's
+training step allocates four of them where separate functions took seven. Large float32 weights use oneDNN's
+packed matrix products, and without a backward no step's activations are kept. It is
 compiled with ``torch.utils.cpp_extension`` the first time it is needed (about 20 seconds, then
 cached in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). In float32 its
 sigmoid and tanh are polynomial forms accurate to a few units in the last place.
@@ -82,20 +86,6 @@ def applies(x: Tensor, *tensors: Tensor | None, norms: tuple[nn.Module | None, .
     return available()
 
 
-def input_gates(
-    x: Tensor, weight_ih: Tensor, bias: Tensor | None, norm: nn.Module | None, mask: Tensor | None
-) -> Tensor:
-    """``Nx(x W_ih^T) + bias`` for all ``T`` steps of ``x`` ``(T, N, H_in)`` at once, as
-    :func:`seqnorm.functional.lstm_input` / ``gru_input`` compute it (``bias`` being the biases
-    they add), with the normalization, its gain and the bias in one C++ pass."""
-    if norm is None:
-        return _project(x, weight_ih, bias)
-    if norm.bias is not None:
-        bias = norm.bias if bias is None else norm.bias + bias
-    spec = _Spec(norm, None, x.shape[0], mask)
-    return _InputNorm.apply(_project(x, weight_ih), norm.weight, bias, spec)
-
-
 _PACKED_ROWS = 4096  # below this the reorder of the weight outweighs the faster product
 
 
@@ -121,36 +111,78 @@ def _project(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 def lstm(
-    gx: Tensor,
+    x: Tensor,
+    weight_ih: Tensor,
+    bias: Tensor | None,
+    norm_ih: nn.Module | None,
     state: tuple[Tensor, Tensor],
     weight_hh: Tensor,
     norm_hh: nn.Module | None,
     norm_c: nn.Module | None,
     mask: Tensor | None,
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """The LSTM time loop: ``gx`` ``(T, N, 4H)`` from :func:`seqnorm.functional.lstm_input`,
-    ``state`` ``(h_0, c_0)`` each ``(N, H)``; returns the ``(T, N, H)`` outputs and ``(h, c)``."""
-    spec = _Spec(norm_hh, norm_c, gx.shape[0], mask)
+    """One direction of an LSTM layer, as :func:`seqnorm.functional.lstm_input` and a loop of
+    ``lstm_step`` compute it: ``x`` ``(T, N, H_in)``, ``bias`` the sum ``b_ih + b_hh`` (or
+    ``None``), ``state`` ``(h_0, c_0)`` each ``(N, H)``. Returns the ``(T, N, H)`` outputs and
+    ``(h, c)``."""
+    spec_ih = _Spec(norm_ih, None, x.shape[0], mask)
+    spec = _Spec(norm_hh, norm_c, x.shape[0], mask)
     gamma_hh = None if norm_hh is None else norm_hh.weight
     gamma_c, beta_c = (None, None) if norm_c is None else (norm_c.weight, norm_c.bias)
     h0, c0 = state
-    out, h, c = _LSTM.apply(gx.contiguous(), h0, c0, weight_hh, gamma_hh, gamma_c, beta_c, spec)
+    out, h, c = _LSTM.apply(
+        x,
+        weight_ih,
+        *_input_affine(norm_ih, bias),
+        h0,
+        c0,
+        weight_hh,
+        gamma_hh,
+        gamma_c,
+        beta_c,
+        spec_ih,
+        spec,
+    )
     return out, (h, c)
 
 
 def gru(
-    gx: Tensor,
+    x: Tensor,
+    weight_ih: Tensor,
+    bias_ih: Tensor | None,
+    norm_ih: nn.Module | None,
     h0: Tensor,
     weight_hh: Tensor,
     bias_hh: Tensor | None,
     norm_hh: nn.Module | None,
     mask: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """The GRU time loop: ``gx`` ``(T, N, 3H)`` from :func:`seqnorm.functional.gru_input`;
-    returns the ``(T, N, H)`` outputs and ``h``."""
-    spec = _Spec(norm_hh, None, gx.shape[0], mask)
-    gamma = None if norm_hh is None else norm_hh.weight
-    return _GRU.apply(gx.contiguous(), h0, weight_hh, bias_hh, gamma, spec)
+    """One direction of a GRU layer, as :func:`seqnorm.functional.gru_input` and a loop of
+    ``gru_step`` compute it: ``x`` ``(T, N, H_in)``, ``h0`` ``(N, H)``. Returns the
+    ``(T, N, H)`` outputs and ``h``."""
+    spec_ih = _Spec(norm_ih, None, x.shape[0], mask)
+    spec = _Spec(norm_hh, None, x.shape[0], mask)
+    gamma_hh = None if norm_hh is None else norm_hh.weight
+    return _GRU.apply(
+        x,
+        weight_ih,
+        *_input_affine(norm_ih, bias_ih),
+        h0,
+        weight_hh,
+        bias_hh,
+        gamma_hh,
+        spec_ih,
+        spec,
+    )
+
+
+def _input_affine(norm: nn.Module | None, bias: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The gain of the input half's norm and what is added after it: its bias and the cell's."""
+    if norm is None:
+        return None, bias
+    if norm.bias is not None:
+        bias = norm.bias if bias is None else norm.bias + bias
+    return norm.weight, bias
 
 
 class _Spec:
@@ -197,70 +229,110 @@ def _grads(ctx, *grads):
     return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
 
 
+def _input_forward(x, w_ih, gamma, beta, spec: _Spec, keep: bool):
+    """The input half of the gates for every step at once, ``Nx(x W_ih^T) + beta`` (without a
+    norm ``x W_ih^T + beta``): a new tensor, which the recurrence then overwrites with its
+    activations. The projection runs without autograd, so many float32 rows take oneDNN's packed
+    product (see :func:`_project`); the norm's pass writes x_hat over the projection. Returns the
+    gates and what :func:`_input_backward` needs."""
+    if spec.kind == _NONE:
+        return _project(x, w_ih, beta).contiguous(), ()
+    gx, xhat, stats, bstats, counts = torch.ops.seqnorm_fused.input_norm_forward(
+        _project(x, w_ih).contiguous(), *spec.args(), gamma, beta, *spec.running[:2], keep
+    )
+    spec.update_running([bstats], counts)
+    return gx, (xhat, stats, counts)
+
+
+def _input_backward(needs, dgx, x, w_ih, gamma, saved, spec: _Spec):
+    """Gradients of ``x``, ``W_ih``, the gain and the added bias from ``dgx``, the gradient of
+    the gates (the recurrence's own new tensor: the norm's backward overwrites it). ``needs``
+    says which of the four to compute."""
+    dgamma = dbeta = None
+    if spec.kind == _NONE:
+        if needs[3]:
+            dbeta = dgx.sum((0, 1))
+    else:
+        xhat, stats, counts = saved
+        dgx, dgamma, dbeta = torch.ops.seqnorm_fused.input_norm_backward(
+            dgx, xhat, stats, *spec.args(), gamma, counts
+        )
+    rows = dgx.reshape(-1, dgx.shape[-1])
+    dx = (rows @ w_ih).reshape(*x.shape[:-1], w_ih.shape[1]) if needs[0] else None
+    dw = rows.t() @ x.reshape(-1, x.shape[-1]) if needs[1] else None
+    return dx, dw, dgamma, dbeta
+
+
 class _LSTM(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gx, h0, c0, w_hh, gamma_hh, gamma_c, beta_c, spec: _Spec):
+    def forward(
+        ctx,
+        x,
+        w_ih,
+        gamma_ih,
+        beta_ih,
+        h0,
+        c0,
+        w_hh,
+        gamma_hh,
+        gamma_c,
+        beta_c,
+        spec_ih: _Spec,
+        spec: _Spec,
+    ):
         keep = spec.grad_enabled and any(ctx.needs_input_grad)  # else keep no step's activations
+        gx, saved_ih = _input_forward(x, w_ih, gamma_ih, beta_ih, spec_ih, keep)
         out, h, c, *saved, bstats_hh, bstats_c, counts = torch.ops.seqnorm_fused.lstm_forward(
             gx, h0, c0, w_hh, *spec.args(), gamma_hh, gamma_c, beta_c, *spec.running, keep
         )
         spec.update_running([bstats_hh, bstats_c], counts)
-        ctx.spec = spec
+        ctx.spec, ctx.spec_ih, ctx.n_ih = spec, spec_ih, len(saved_ih)
         if keep:
-            ctx.save_for_backward(w_hh, gamma_hh, gamma_c, beta_c, *saved, counts)
+            ctx.save_for_backward(
+                x, w_ih, gamma_ih, w_hh, gamma_hh, gamma_c, beta_c, *saved_ih, *saved, counts
+            )
         return out, h, c
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_h, grad_c):
-        w_hh, gamma_hh, gamma_c, beta_c, *saved = ctx.saved_tensors
+        x, w_ih, gamma_ih, w_hh, gamma_hh, gamma_c, beta_c, *rest = ctx.saved_tensors
+        saved_ih, saved = rest[: ctx.n_ih], rest[ctx.n_ih :]
         dgx, dh0, dc0, dw, dgamma_hh, dgamma_c, dbeta_c = torch.ops.seqnorm_fused.lstm_backward(
             grad_out, grad_h, grad_c, w_hh, *ctx.spec.args(), gamma_hh, gamma_c, beta_c, *saved
         )
-        return _grads(ctx, dgx, dh0, dc0, dw, dgamma_hh, dgamma_c, dbeta_c, None)
+        input_grads = _input_backward(
+            ctx.needs_input_grad[:4], dgx, x, w_ih, gamma_ih, saved_ih, ctx.spec_ih
+        )
+        return _grads(ctx, *input_grads, dh0, dc0, dw, dgamma_hh, dgamma_c, dbeta_c, None, None)
 
 
 class _GRU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gx, h0, w_hh, bias_hh, gamma_hh, spec: _Spec):
+    def forward(
+        ctx, x, w_ih, gamma_ih, beta_ih, h0, w_hh, bias_hh, gamma_hh, spec_ih: _Spec, spec: _Spec
+    ):
         keep = spec.grad_enabled and any(ctx.needs_input_grad)
+        gx, saved_ih = _input_forward(x, w_ih, gamma_ih, beta_ih, spec_ih, keep)
         out, h, *saved, bstats, counts = torch.ops.seqnorm_fused.gru_forward(
             gx, h0, w_hh, bias_hh, *spec.args(), gamma_hh, *spec.running[:2], keep
         )
         spec.update_running([bstats], counts)
-        ctx.spec, ctx.has_bias = spec, bias_hh is not None
+        ctx.spec, ctx.spec_ih, ctx.n_ih = spec, spec_ih, len(saved_ih)
+        ctx.has_bias = bias_hh is not None
         if keep:
-            ctx.save_for_backward(w_hh, gamma_hh, *saved, counts)
+            ctx.save_for_backward(x, w_ih, gamma_ih, w_hh, gamma_hh, *saved_ih, *saved, counts)
         return out, h
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_h):
-        w_hh, gamma_hh, *saved = ctx.saved_tensors
+        x, w_ih, gamma_ih, w_hh, gamma_hh, *rest = ctx.saved_tensors
+        saved_ih, saved = rest[: ctx.n_ih], rest[ctx.n_ih :]
         dgx, dh0, dw, dbias, dgamma = torch.ops.seqnorm_fused.gru_backward(
             grad_out, grad_h, w_hh, ctx.has_bias, *ctx.spec.args(), gamma_hh, *saved
         )
-        return _grads(ctx, dgx, dh0, dw, dbias, dgamma, None)
-
-
-class _InputNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, gamma, beta, spec: _Spec):
-        keep = spec.grad_enabled and any(ctx.needs_input_grad)  # else y overwrites x
-        y, xhat, stats, bstats, counts = torch.ops.seqnorm_fused.input_norm_forward(
-            x, *spec.args(), gamma, beta, *spec.running[:2], keep
+        input_grads = _input_backward(
+            ctx.needs_input_grad[:4], dgx, x, w_ih, gamma_ih, saved_ih, ctx.spec_ih
         )
-        spec.update_running([bstats], counts)
-        ctx.spec = spec
-        if keep:
-            ctx.save_for_backward(xhat, stats, gamma, counts)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y):
-        xhat, stats, gamma, counts = ctx.saved_tensors
-        dx, dgamma, dbeta = torch.ops.seqnorm_fused.input_norm_backward(
-            grad_y, xhat, stats, *ctx.spec.args(), gamma, counts
-        )
-        return _grads(ctx, dx, dgamma, dbeta, None)
+        return _grads(ctx, *input_grads, dh0, dw, dbias, dgamma, None, None)

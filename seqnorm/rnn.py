@@ -328,8 +328,9 @@ class LSTM(_RNNBase):
             x, *state, weight_ih, weight_hh, bias_ih, bias_hh, norms=(norm_ih, norm_hh, norm_c)
         ):
             bias = None if bias_ih is None else bias_ih + bias_hh
-            gx = fused.input_gates(x, weight_ih, bias, norm_ih, mask)
-            return fused.lstm(gx, (state[0], state[1]), weight_hh, norm_hh, norm_c, mask)
+            return fused.lstm(
+                x, weight_ih, bias, norm_ih, (state[0], state[1]), weight_hh, norm_hh, norm_c, mask
+            )
         gx = SF.lstm_input(x, weight_ih, bias_ih, bias_hh, at_step(norm_ih, 0, mask))  # (T, N, 4H)
 
         def step(gx_t, state, t, valid):
@@ -378,8 +379,9 @@ class GRU(_RNNBase):
         if self.use_fused and fused.applies(
             x, state[0], weight_ih, weight_hh, bias_ih, bias_hh, norms=(norm_ih, norm_hh)
         ):
-            gx = fused.input_gates(x, weight_ih, bias_ih, norm_ih, mask)
-            out, h = fused.gru(gx, state[0], weight_hh, bias_hh, norm_hh, mask)
+            out, h = fused.gru(
+                x, weight_ih, bias_ih, norm_ih, state[0], weight_hh, bias_hh, norm_hh, mask
+            )
             return out, (h,)
         gx = SF.gru_input(x, weight_ih, bias_ih, at_step(norm_ih, 0, mask))  # (T, N, 3H)
 

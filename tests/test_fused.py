@@ -206,64 +206,67 @@ def test_fused_eval_mode_matches_python_loop(cls, norm):
         assert_close(model(x)[0], reference(x)[0])
 
 
-@pytest.mark.parametrize("norm", NORM_CASES)
-@pytest.mark.parametrize("masked", [False, True])
-def test_lstm_function_gradcheck(norm, masked):
-    model = make("LSTM", norm, hidden_size=8)
-    norm_hh, norm_c = model.norm_hh_l0, model.norm_c_l0
+def _gradcheck_model(cls, norm, training):
+    """A one-layer model in train or eval mode; in eval mode batch norm's running statistics
+    are non-trivial. Its parameters are copied into new leaves for gradcheck."""
+    model = make(cls, norm, hidden_size=8, input_size=3).train(training)
+    if norm == "batch" and not training:
+        for name, buf in model.named_buffers():
+            buf.uniform_(0.5, 1.5) if "var" in name else buf.normal_()
+    return model
+
+
+def _leaves(*tensors):
+    return tuple(None if t is None else t.detach().clone().requires_grad_() for t in tensors)
+
+
+# Whole directions, input half included: the projection, its norm (under a mask batch statistics
+# come from the valid samples only, and a step with one valid sample uses running ones), gain and
+# bias, then the recurrence, in both modes.
+GRADCHECK_CASES = pytest.mark.parametrize(
+    ("norm", "masked", "training"),
+    [(n, m, t) for n in NORM_CASES for m in (False, True) for t in (True, False)],
+)
+
+
+@GRADCHECK_CASES
+def test_lstm_function_gradcheck(norm, masked, training):
+    model = _gradcheck_model("LSTM", norm, training)
     t, n, h = 4, 3, 8
     mask = GRADCHECK_MASK if masked else None
-    gx = torch.randn(t, n, 4 * h, dtype=torch.float64, requires_grad=True)
-    h0, c0 = (torch.randn(n, h, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    params = [model.weight_hh_l0] + (
-        [] if norm_hh is None else [norm_hh.weight, norm_c.weight, norm_c.bias]
-    )
+    norm_ih, norm_hh, norm_c = model.norm_ih_l0, model.norm_hh_l0, model.norm_c_l0
+    specs = fused._Spec(norm_ih, None, t, mask), fused._Spec(norm_hh, norm_c, t, mask)
+    gamma_ih, beta_ih = fused._input_affine(norm_ih, model.bias_ih_l0 + model.bias_hh_l0)
+    gamma_hh = None if norm_hh is None else norm_hh.weight
+    gamma_c, beta_c = (None, None) if norm_c is None else (norm_c.weight, norm_c.bias)
+    x = torch.randn(t, n, 3, dtype=torch.float64)
+    h0, c0 = torch.randn(2, n, h, dtype=torch.float64)
+    inputs = _leaves(x, model.weight_ih_l0, gamma_ih, beta_ih, h0, c0, model.weight_hh_l0)
+    inputs += _leaves(gamma_hh, gamma_c, beta_c)
 
-    def f(gx, h0, c0, w, *norm_params):  # the kernel reads only eps, groups, stats from the norms
-        gammas = norm_params or (None, None, None)
-        return fused._LSTM.apply(gx, h0, c0, w, *gammas, fused._Spec(norm_hh, norm_c, t, mask))
+    def f(*args):  # the kernel reads only eps, groups and statistics from the norms
+        return fused._LSTM.apply(*args, *specs)
 
-    inputs = (gx, h0, c0, *(p.detach().clone().requires_grad_() for p in params))
-    model.eval() if norm == "batch" and masked else model.train()  # both batch-norm modes
     assert torch.autograd.gradcheck(f, inputs)
 
 
-@pytest.mark.parametrize("norm", NORM_CASES)
-@pytest.mark.parametrize("masked", [False, True])
-def test_gru_function_gradcheck(norm, masked):
-    model = make("GRU", norm, hidden_size=8)
-    norm_hh = model.norm_hh_l0
+@GRADCHECK_CASES
+def test_gru_function_gradcheck(norm, masked, training):
+    model = _gradcheck_model("GRU", norm, training)
     t, n, h = 4, 3, 8
     mask = GRADCHECK_MASK if masked else None
-    gx = torch.randn(t, n, 3 * h, dtype=torch.float64, requires_grad=True)
-    h0 = torch.randn(n, h, dtype=torch.float64, requires_grad=True)
-    w, b = (p.detach().clone().requires_grad_() for p in (model.weight_hh_l0, model.bias_hh_l0))
-    gamma = None if norm_hh is None else norm_hh.weight.detach().clone().requires_grad_()
+    norm_ih, norm_hh = model.norm_ih_l0, model.norm_hh_l0
+    specs = fused._Spec(norm_ih, None, t, mask), fused._Spec(norm_hh, None, t, mask)
+    gamma_ih, beta_ih = fused._input_affine(norm_ih, model.bias_ih_l0)
+    x = torch.randn(t, n, 3, dtype=torch.float64)
+    h0 = torch.randn(n, h, dtype=torch.float64)
+    inputs = _leaves(x, model.weight_ih_l0, gamma_ih, beta_ih, h0, model.weight_hh_l0)
+    inputs += _leaves(model.bias_hh_l0, None if norm_hh is None else norm_hh.weight)
 
-    def f(gx, h0, w, b, gamma):
-        return fused._GRU.apply(gx, h0, w, b, gamma, fused._Spec(norm_hh, None, t, mask))
+    def f(*args):
+        return fused._GRU.apply(*args, *specs)
 
-    model.eval() if norm == "batch" and masked else model.train()
-    assert torch.autograd.gradcheck(f, (gx, h0, w, b, gamma))
-
-
-@pytest.mark.parametrize("norm", ["layer", "group", "batch"])
-@pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("training", [True, False])
-def test_input_norm_function_gradcheck(norm, masked, training):
-    """The input half's normalization, gain and bias in one pass; under a mask, batch statistics
-    come from the valid samples only, and a step with one valid sample uses running ones."""
-    model = make("LSTM", norm, hidden_size=8).train(training)
-    norm_ih = model.norm_ih_l0
-    t, n, f = 4, 3, 32
-    x = torch.randn(t, n, f, dtype=torch.float64, requires_grad=True)
-    gamma, beta = (torch.rand(f, dtype=torch.float64, requires_grad=True) for _ in range(2))
-
-    def g(x, gamma, beta):
-        spec = fused._Spec(norm_ih, None, t, GRADCHECK_MASK if masked else None)
-        return fused._InputNorm.apply(x, gamma, beta, spec)
-
-    assert torch.autograd.gradcheck(g, (x, gamma, beta))
+    assert torch.autograd.gradcheck(f, inputs)
 
 
 def test_python_loop_where_the_kernel_does_not_apply():

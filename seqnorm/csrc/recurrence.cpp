@@ -402,7 +402,9 @@ std::vector<Tensor> lstm_forward(const Tensor& gx, const Tensor& h0_, const Tens
   Tensor out = at::empty({T, N, H}, o);
   Tensor hs = at::empty({st.states, N, H}, o);  // h_{t-1} for step t is hs[st.state(t)]
   Tensor cs = at::empty({st.states, N, H}, o);
-  Tensor acts = at::empty({st.kept, N, F}, o);                 // sig(i), sig(f), tanh(g), sig(o)
+  // sig(i), sig(f), tanh(g), sig(o) of every step, over gx (the caller's own: each row of gx is
+  // read before its activations are written, feature by feature); one slot without a backward
+  Tensor acts = keep ? gx : at::empty({1, N, F}, o);
   Tensor xhat_hh = at::empty({normed ? st.kept : 1, N, F}, o);  // x_hat of h W_hh^T
   Tensor xhat_c = at::empty({normed ? st.kept : 0, N, H}, o);   // x_hat of c'
   NormBuffers nb_hh(s, T, N, F, gx), nb_c(s, T, N, H, gx);
@@ -655,7 +657,7 @@ std::vector<Tensor> gru_forward(const Tensor& gx, const Tensor& h0_, const Tenso
   const Steps st(T, keep);
   Tensor out = at::empty({T, N, H}, o);
   Tensor hs = at::empty({st.states, N, H}, o);
-  Tensor acts = at::empty({st.kept, N, F}, o);               // r, z, n
+  Tensor acts = keep ? gx : at::empty({1, N, F}, o);         // r, z, n (over gx, as in the LSTM)
   Tensor ghn = at::empty({st.kept, N, H}, o);                // gh_n, the recurrent half of n
   Tensor xhat = at::empty({normed ? st.kept : 1, N, F}, o);  // x_hat of h W_hh^T
   NormBuffers nb(s, T, N, F, gx);
@@ -848,8 +850,9 @@ std::vector<Tensor> input_norm_forward(const Tensor& x, const OptTensor& mask, i
   const Norm s{kind, groups, eps, training};
   const int64_t T = x.size(0), N = x.size(1), F = x.size(2);
   const InputRows ir(s, T, N);
-  // Without a backward nothing keeps x_hat, and y overwrites x (the caller's own temporary).
-  Tensor y = keep ? at::empty_like(x) : x, xhat = keep ? at::empty_like(x) : x;
+  // x is the caller's own temporary: x_hat overwrites it, and so does y without a backward.
+  const Tensor& xhat = x;
+  Tensor y = keep ? at::empty_like(x) : x;
   NormBuffers nb(s, ir.steps, ir.rows, F, x);
   const bool* m = mask_ptr(mask);
   const std::vector<int64_t> count = valid_counts(m, T, N);
@@ -886,8 +889,10 @@ std::vector<Tensor> input_norm_backward(const Tensor& grad_y, const Tensor& xhat
   const Norm s{kind, groups, eps, training};
   const int64_t T = xhat.size(0), N = xhat.size(1), F = xhat.size(2);
   const InputRows ir(s, T, N);
-  const Tensor dy = grad_y.contiguous();
-  Tensor dx = at::empty_like(xhat);
+  TORCH_CHECK(grad_y.is_contiguous() && grad_y.sizes() == xhat.sizes(),
+              "grad_y must be contiguous and shaped like xhat");
+  const Tensor& dy = grad_y;
+  const Tensor& dx = grad_y;  // the caller's own gradient buffer: dx overwrites it row by row
   Accumulator dgamma(F), dbeta(F);
   const int64_t* count = counts.data_ptr<int64_t>();
   const bool* m = mask_ptr(mask);
@@ -929,7 +934,7 @@ SEQNORM_SIMD
 
 TORCH_LIBRARY(seqnorm_fused, m) {
   m.def(
-      "lstm_forward(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? mask, int kind, "
+      "lstm_forward(Tensor(a!) gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? mask, int kind, "
       "int groups, float eps, bool training, Tensor? gamma_hh, Tensor? gamma_c, Tensor? beta_c, "
       "Tensor? run_mean_hh, Tensor? run_var_hh, Tensor? run_mean_c, Tensor? run_var_c, "
       "bool keep) -> Tensor[]",
@@ -941,7 +946,7 @@ TORCH_LIBRARY(seqnorm_fused, m) {
       "Tensor stats_hh, Tensor xhat_c, Tensor stats_c, Tensor counts) -> Tensor[]",
       &lstm_backward);
   m.def(
-      "gru_forward(Tensor gx, Tensor h0, Tensor w_hh, Tensor? bias_hh, Tensor? mask, int kind, "
+      "gru_forward(Tensor(a!) gx, Tensor h0, Tensor w_hh, Tensor? bias_hh, Tensor? mask, int kind, "
       "int groups, float eps, bool training, Tensor? gamma_hh, Tensor? run_mean_hh, "
       "Tensor? run_var_hh, bool keep) -> Tensor[]",
       &gru_forward);
@@ -951,11 +956,11 @@ TORCH_LIBRARY(seqnorm_fused, m) {
       "Tensor acts, Tensor ghn, Tensor xhat, Tensor stats, Tensor counts) -> Tensor[]",
       &gru_backward);
   m.def(
-      "input_norm_forward(Tensor x, Tensor? mask, int kind, int groups, float eps, bool training, "
+      "input_norm_forward(Tensor(a!) x, Tensor? mask, int kind, int groups, float eps, bool training, "
       "Tensor? gamma, Tensor? beta, Tensor? run_mean, Tensor? run_var, bool keep) -> Tensor[]",
       &input_norm_forward);
   m.def(
-      "input_norm_backward(Tensor grad_y, Tensor xhat, Tensor stats, Tensor? mask, int kind, "
+      "input_norm_backward(Tensor(a!) grad_y, Tensor xhat, Tensor stats, Tensor? mask, int kind, "
       "int groups, float eps, bool training, Tensor? gamma, Tensor counts) -> Tensor[]",
       &input_norm_backward);
 }
