@@ -106,18 +106,30 @@ def test_fused_float32_large_weights_are_accurate(cls, norm):
 
 
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
-def test_fused_inference_packed_input_projection(cls):
-    """Without a backward, many rows of input go through oneDNN's packed product (where torch
-    has oneDNN); the output is the training path's to float32 rounding."""
-    model = make(cls, "layer", hidden_size=8, input_size=8).float()
-    x = torch.randn(64, 80, 8)  # 5,120 rows, past fused._PACKED_ROWS
+@pytest.mark.parametrize("grad", [True, False])
+def test_fused_packed_input_projection(cls, grad):
+    """Many float32 rows of input go through oneDNN's packed product (where torch has oneDNN;
+    at hidden 8 the per-step products do not), in training and without a backward: outputs
+    and gradients are the float64 loop's to float32 rounding."""
+    model = make(cls, "layer", hidden_size=8, input_size=8)
+    reference = copy.deepcopy(model)
+    reference.use_fused = False
+    fast = copy.deepcopy(model).float()
+    x = torch.randn(16, 80, 8, dtype=torch.float64)  # 1,280 rows
     assert x.shape[0] * x.shape[1] >= fused._PACKED_ROWS
-    want, _ = model(x)
-    with torch.no_grad(), torch.profiler.profile() as prof:
-        got, _ = model(x)
+    with torch.set_grad_enabled(grad), torch.profiler.profile() as prof:
+        got, _ = fast(x.float())
     if torch.backends.mkldnn.is_available():
         assert "mkldnn::_linear_pointwise" in {e.name for e in prof.events()}
-    assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.set_grad_enabled(grad):
+        want, _ = reference(x)
+    pairs = [(got, want)]
+    if grad:
+        got.square().sum().backward()
+        want.square().sum().backward()
+        pairs += [(p.grad, q.grad) for p, q in zip(fast.parameters(), reference.parameters())]
+    for g, w in pairs:
+        assert (g.double() - w).abs().max() <= 1e-4 * w.abs().max()
 
 
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])

@@ -100,10 +100,10 @@ bool batch_stats(const Norm& s, const T* x, int64_t N, int64_t F, const bool* va
                  T* bmean, T* bvar) {
   const bool use = s.training && count >= 2;
   if (!use) {
-    for (int64_t f = 0; f < F; ++f) {
-      mean[f] = run_mean[f];
+    std::copy(run_mean, run_mean + F, mean);
+SEQNORM_SIMD
+    for (int64_t f = 0; f < F; ++f)
       rstd[f] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(run_var[f]) + s.eps));
-    }
     return use;
   }
   for_features(N, F, [&](int64_t lo, int64_t hi) {
