@@ -8,9 +8,9 @@ of steps. One autograd function covers a whole direction of a layer (:func:`lstm
 per-step batch norm), gain and the cell's biases in one parallel C++ pass, then the time loop;
 the big per-sequence buffers are reused in place (x_hat over the projection, the activations
 over the gates, the input half's gradient over the gates' gradient): a layer-normalized LSTM's
-training step allocates four of them where separate functions took seven. Large float32 weights use oneDNN's
-packed matrix products, and without a backward no step's activations are kept. It is
-compiled with ``torch.utils.cpp_extension`` the first time it is needed (about 20 seconds, then
+training step allocates four of them where separate functions took seven. Large float32 weights
+use oneDNN's packed matrix products, and without a backward no step's activations are kept. It
+is compiled with ``torch.utils.cpp_extension`` the first time it is needed (about 20 seconds, then
 cached in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). In float32 its
 sigmoid and tanh are polynomial forms accurate to a few units in the last place.
 
@@ -90,19 +90,15 @@ _PACKED_ROWS = 1024  # below this the reorder of the weight outweighs the faster
 
 
 def _project(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``x W^T + b``. Without autograd (inside the layers' autograd functions, or under
-    ``torch.no_grad()``), in float32, for many rows, on oneDNN's packed weights. Measured on
-    the benchmark machine, reorder included: 3,200 rows of 128 into 1,024 features (shape A) in
-    11.9 against 13.6 ms for sgemm, 12,800 rows of 256 into 2,048 (shape C) in 215 against
-    230 ms; from about 400 rows it is faster, at 100 rows slower (1.3 against 0.7 ms), hence
-    ``_PACKED_ROWS`` with a margin."""
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias)
-    )
+    """``x W^T + b``, called inside the layers' autograd functions (no autograd here): in
+    float32, for many rows, on oneDNN's packed weights. Measured on the benchmark machine,
+    reorder included: 3,200 rows of 128 into 1,024 features (shape A) in 11.9 against 13.6 ms
+    for sgemm, 12,800 rows of 256 into 2,048 (shape C) in 215 against 230 ms; from about 400
+    rows it is faster, at 100 rows slower (1.3 against 0.7 ms), hence ``_PACKED_ROWS`` with a
+    margin."""
     rows = x.reshape(-1, x.shape[-1])
     if (
-        needs_grad
-        or x.dtype != torch.float32
+        x.dtype != torch.float32
         or rows.shape[0] < _PACKED_ROWS
         or not torch.backends.mkldnn.is_available()
     ):

@@ -219,8 +219,8 @@ def test_fused_eval_mode_matches_python_loop(cls, norm):
 
 
 def _gradcheck_model(cls, norm, training):
-    """A one-layer model in train or eval mode; in eval mode batch norm's running statistics
-    are non-trivial. Its parameters are copied into new leaves for gradcheck."""
+    """A one-layer float64 model in train or eval mode; in eval mode batch norm's running
+    statistics are non-trivial."""
     model = make(cls, norm, hidden_size=8, input_size=3).train(training)
     if norm == "batch" and not training:
         for name, buf in model.named_buffers():

@@ -805,7 +805,8 @@ SEQNORM_SIMD
           if (!batch) group_norm_backward_row(s.groups, dnn, xn, F, st + n * s.groups);
         }
       });
-      if (batch) batch_norm_backward(dnp, xh, N, F, valid, st + F, batch && training && count[t] >= 2, count[t]);
+      if (batch)
+        batch_norm_backward(dnp, xh, N, F, valid, st + F, training && count[t] >= 2, count[t]);
       const Tensor dprev = product(dgh_t, dprev_buf);
       const T_* dp = dprev.data_ptr<T_>();
       for (int64_t n = 0; n < N; ++n) {
@@ -946,8 +947,8 @@ TORCH_LIBRARY(seqnorm_fused, m) {
       "Tensor stats_hh, Tensor xhat_c, Tensor stats_c, Tensor counts) -> Tensor[]",
       &lstm_backward);
   m.def(
-      "gru_forward(Tensor(a!) gx, Tensor h0, Tensor w_hh, Tensor? bias_hh, Tensor? mask, int kind, "
-      "int groups, float eps, bool training, Tensor? gamma_hh, Tensor? run_mean_hh, "
+      "gru_forward(Tensor(a!) gx, Tensor h0, Tensor w_hh, Tensor? bias_hh, Tensor? mask, "
+      "int kind, int groups, float eps, bool training, Tensor? gamma_hh, Tensor? run_mean_hh, "
       "Tensor? run_var_hh, bool keep) -> Tensor[]",
       &gru_forward);
   m.def(
@@ -956,8 +957,9 @@ TORCH_LIBRARY(seqnorm_fused, m) {
       "Tensor acts, Tensor ghn, Tensor xhat, Tensor stats, Tensor counts) -> Tensor[]",
       &gru_backward);
   m.def(
-      "input_norm_forward(Tensor(a!) x, Tensor? mask, int kind, int groups, float eps, bool training, "
-      "Tensor? gamma, Tensor? beta, Tensor? run_mean, Tensor? run_var, bool keep) -> Tensor[]",
+      "input_norm_forward(Tensor(a!) x, Tensor? mask, int kind, int groups, float eps, "
+      "bool training, Tensor? gamma, Tensor? beta, Tensor? run_mean, Tensor? run_var, "
+      "bool keep) -> Tensor[]",
       &input_norm_forward);
   m.def(
       "input_norm_backward(Tensor(a!) grad_y, Tensor xhat, Tensor stats, Tensor? mask, int kind, "
