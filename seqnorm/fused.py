@@ -2,17 +2,18 @@
 
 ``csrc/recurrence.cpp`` runs the recurrent half of every step (the product with ``W_hh``, its
 normalization, the gates and the state update) in one C++ loop, and a hand-written backward
-through time that computes the gradient of ``W_hh`` as a few large matrix products over chunks
-of steps. One autograd function covers a whole direction of a layer (:func:`lstm`,
+through time. One autograd function covers a whole direction of a layer (:func:`lstm`,
 :func:`gru`): the input projection of every step at once, its normalization (layer, group or
-per-step batch norm), gain and the cell's biases in one parallel C++ pass, then the time loop;
-the big per-sequence buffers are reused in place (x_hat over the projection, the activations
-over the gates, the input half's gradient over the gates' gradient): a layer-normalized LSTM's
-training step allocates four of them where separate functions took seven. Large float32 weights
-use oneDNN's packed matrix products, and without a backward no step's activations are kept. It
-is compiled with ``torch.utils.cpp_extension`` the first time it is needed (about 20 seconds, then
-cached in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). In float32 its
-sigmoid and tanh are polynomial forms accurate to a few units in the last place.
+per-step batch norm), gain and the cell's biases in one parallel C++ pass, then the time loop.
+The backward hands its gradients on a chunk of steps at a time (about 512 rows), while in cache,
+to the input norm's backward and to large matrix products for ``W_hh``, ``W_ih`` and the input,
+so it stores no gradient of every step; and the forward's big buffers are reused in place (x_hat
+over the projection, the activations over the gates): a layer-normalized LSTM's training step
+allocates three buffers of every step's gates where separate functions took seven. Large float32
+weights use oneDNN's packed matrix products, and without a backward no step's activations are
+kept. It is compiled with ``torch.utils.cpp_extension`` the first time it is needed (about 20
+seconds, then cached in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). In
+float32 its sigmoid and tanh are polynomial forms accurate to a few units in the last place.
 
 The layers use it for float32 and float64 on CPU outside autocast and ``torch.compile``, and
 fall back to the readable per-step Python loop (the reference the tests check this against)
@@ -232,33 +233,24 @@ def _input_forward(x, w_ih, gamma, beta, spec: _Spec, keep: bool):
     norm ``x W_ih^T + beta``): a new tensor, which the recurrence then overwrites with its
     activations. The projection runs without autograd, so many float32 rows take oneDNN's packed
     product (see :func:`_project`); the norm's pass writes x_hat over the projection. Returns the
-    gates and what :func:`_input_backward` needs."""
+    gates and what the backward needs (see :func:`_input_backward_args`)."""
     if spec.kind == _NONE:
         return _project(x, w_ih, beta).contiguous(), ()
     gx, xhat, stats, bstats, counts = torch.ops.seqnorm_fused.input_norm_forward(
         _project(x, w_ih).contiguous(), *spec.args(), gamma, beta, *spec.running[:2], keep
     )
     spec.update_running([bstats], counts)
-    return gx, (xhat, stats, counts)
+    return gx, (xhat, stats)
 
 
-def _input_backward(needs, dgx, x, w_ih, gamma, saved, spec: _Spec):
-    """Gradients of ``x``, ``W_ih``, the gain and the added bias from ``dgx``, the gradient of
-    the gates (the recurrence's own new tensor: the norm's backward overwrites it). ``needs``
-    says which of the four to compute."""
-    dgamma = dbeta = None
-    if spec.kind == _NONE:
-        if needs[3]:
-            dbeta = dgx.sum((0, 1))
-    else:
-        xhat, stats, counts = saved
-        dgx, dgamma, dbeta = torch.ops.seqnorm_fused.input_norm_backward(
-            dgx, xhat, stats, *spec.args(), gamma, counts
-        )
-    rows = dgx.reshape(-1, dgx.shape[-1])
-    dx = (rows @ w_ih).reshape(*x.shape[:-1], w_ih.shape[1]) if needs[0] else None
-    dw = rows.t() @ x.reshape(-1, x.shape[-1]) if needs[1] else None
-    return dx, dw, dgamma, dbeta
+def _input_backward_args(ctx, x, w_ih, gamma, saved) -> tuple:
+    """What the recurrence's backward needs to compute the input half's gradients as it goes:
+    the layer input, ``W_ih``, the norm, its gain, x_hat and statistics, and which of the
+    gradients of ``x``, ``W_ih``, the gain and the added bias autograd asks for."""
+    xhat, stats = saved or (None, None)
+    spec = ctx.spec_ih
+    needs = list(ctx.needs_input_grad[:4])
+    return x, w_ih, spec.kind, spec.groups, spec.eps, spec.training, gamma, xhat, stats, needs
 
 
 class _LSTM(torch.autograd.Function):
@@ -296,13 +288,19 @@ class _LSTM(torch.autograd.Function):
     def backward(ctx, grad_out, grad_h, grad_c):
         x, w_ih, gamma_ih, w_hh, gamma_hh, gamma_c, beta_c, *rest = ctx.saved_tensors
         saved_ih, saved = rest[: ctx.n_ih], rest[ctx.n_ih :]
-        dgx, dh0, dc0, dw, dgamma_hh, dgamma_c, dbeta_c = torch.ops.seqnorm_fused.lstm_backward(
-            grad_out, grad_h, grad_c, w_hh, *ctx.spec.args(), gamma_hh, gamma_c, beta_c, *saved
+        grads = torch.ops.seqnorm_fused.lstm_backward(
+            grad_out,
+            grad_h,
+            grad_c,
+            w_hh,
+            *ctx.spec.args(),
+            gamma_hh,
+            gamma_c,
+            beta_c,
+            *saved,
+            *_input_backward_args(ctx, x, w_ih, gamma_ih, saved_ih),
         )
-        input_grads = _input_backward(
-            ctx.needs_input_grad[:4], dgx, x, w_ih, gamma_ih, saved_ih, ctx.spec_ih
-        )
-        return _grads(ctx, *input_grads, dh0, dc0, dw, dgamma_hh, dgamma_c, dbeta_c, None, None)
+        return _grads(ctx, *grads, None, None)
 
 
 class _GRU(torch.autograd.Function):
@@ -327,10 +325,14 @@ class _GRU(torch.autograd.Function):
     def backward(ctx, grad_out, grad_h):
         x, w_ih, gamma_ih, w_hh, gamma_hh, *rest = ctx.saved_tensors
         saved_ih, saved = rest[: ctx.n_ih], rest[ctx.n_ih :]
-        dgx, dh0, dw, dbias, dgamma = torch.ops.seqnorm_fused.gru_backward(
-            grad_out, grad_h, w_hh, ctx.has_bias, *ctx.spec.args(), gamma_hh, *saved
+        grads = torch.ops.seqnorm_fused.gru_backward(
+            grad_out,
+            grad_h,
+            w_hh,
+            ctx.has_bias,
+            *ctx.spec.args(),
+            gamma_hh,
+            *saved,
+            *_input_backward_args(ctx, x, w_ih, gamma_ih, saved_ih),
         )
-        input_grads = _input_backward(
-            ctx.needs_input_grad[:4], dgx, x, w_ih, gamma_ih, saved_ih, ctx.spec_ih
-        )
-        return _grads(ctx, *input_grads, dh0, dw, dbias, dgamma, None, None)
+        return _grads(ctx, *grads, None, None)

@@ -152,6 +152,30 @@ def test_fused_batch_norm_statistics_split_over_threads(cls):
         assert_close(got, want)
 
 
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+@pytest.mark.parametrize("norm", NORM_CASES)
+def test_fused_backward_over_chunks_matches_python_loop(cls, norm):
+    """Batch 64: the backward hands its gradients on 8 steps at a time (3 chunks of 20 steps,
+    the last one short) to the input norm's backward and the weight and input products; with
+    padding, two layers (the second one's input gradient) and both directions, in float64."""
+    model = make(cls, norm, hidden_size=8, num_layers=2, bidirectional=True)
+    reference = copy.deepcopy(model)
+    reference.use_fused = False
+    x = torch.randn(20, 64, 5, dtype=torch.float64)
+    lengths = torch.randint(1, 21, (64,), generator=torch.Generator().manual_seed(0))
+    lengths[:3] = torch.tensor([20, 17, 9])  # sequences ending inside and at the end of chunks
+    runs = []
+    for m in (model, reference):
+        xi = x.clone().requires_grad_()
+        out, state = m(xi, lengths=lengths)
+        states = state if isinstance(state, tuple) else (state,)
+        weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+        ((out * weights).sum() + sum(s.sum() for s in states)).backward()
+        runs.append([out, *states, xi.grad, *(p.grad for p in m.parameters()), *m.buffers()])
+    for got, want in zip(*runs):
+        assert_close(got, want)
+
+
 def _outputs(run):
     """The output, final states and the gradients of the input and initial states of a run."""
     out, states, dx, dhx = run[:4]

@@ -5,11 +5,13 @@
 // Per step the forward runs one matrix product (h W_hh^T) and then, one sample (row) at a time
 // while the row is in cache, the normalization with its statistics, the gate nonlinearities and
 // the state update. The backward walks the steps in reverse the same way with one matrix product
-// for dh; the gradient of W_hh is a matrix product over chunks of steps (WeightGrad), so the
-// backward needs no second buffer of every step's gradient. Rows run in parallel over ATen's
+// for dh, and hands its gradients on a chunk of steps at a time, while they are in cache, to
+// large matrix products: dW_hh (WeightGrad), and through the input norm's backward dW_ih and dx
+// (InputGrad); so the backward stores no (T, N, F) gradient. Rows run in parallel over ATen's
 // threads when they are wide enough; float32 uses vectorizable polynomial sigmoid/tanh. Without
-// a backward (keep false) the forward stores no step's activations. input_norm_* normalize the
-// input half of the gates (x W_ih^T, all steps at once) and add the cell's biases in one pass.
+// a backward (keep false) the forward stores no step's activations. input_norm_forward
+// normalizes the input half of the gates (x W_ih^T, all steps at once) and adds the cell's biases
+// in one pass.
 //
 // The readable Python path (seqnorm.functional.lstm_step / gru_step in seqnorm.rnn) is the
 // reference; tests/test_fused.py checks this file against it, outputs and every gradient.
@@ -24,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -279,22 +282,142 @@ struct Accumulator {
   }
 };
 
-// dW_hh = sum_t dgh_t^T h_{t-1}, as one matrix product per chunk of K steps: the backward writes
-// step t's dgh (N, F) into at(t) and calls done(t), walking t down from T - 1.
+// The backward hands its per-step gradients on a chunk of K steps at a time (rows of about 512
+// samples), while they are in cache, to the large matrix products of WeightGrad and InputGrad.
+int64_t chunk_steps(int64_t T, int64_t N) {
+  return std::clamp<int64_t>(512 / std::max<int64_t>(N, 1), 1, std::max<int64_t>(T, 1));
+}
+
+// dW_hh = sum_t dgh_t^T h_{t-1}, as one matrix product per chunk: the backward writes step t's
+// dgh (N, F) into at(t) and calls done(t), walking t down from T - 1. ring: a (K, N, F) buffer to
+// share (an LSTM without norm, whose dgh is its dgx), else its own.
 struct WeightGrad {
   Tensor dw, buf, hs;
   int64_t K, T, N, F, H;
-  WeightGrad(const Tensor& hs_, int64_t T_, int64_t N_, int64_t F_, const Tensor& full)
-      : hs(hs_), T(T_), N(N_), F(F_), H(hs_.size(2)) {
+  WeightGrad(const Tensor& hs_, int64_t T_, int64_t N_, int64_t F_, const Tensor& ring)
+      : hs(hs_), K(chunk_steps(T_, N_)), T(T_), N(N_), F(F_), H(hs_.size(2)) {
     dw = at::zeros({F, H}, hs.options());
-    K = full.defined() ? std::max<int64_t>(T, 1) : std::clamp<int64_t>(512 / N, 1, std::max<int64_t>(T, 1));
-    buf = full.defined() ? full : at::empty({K, N, F}, hs.options());
+    buf = ring.defined() ? ring : at::empty({K, N, F}, hs.options());
   }
   Tensor at(int64_t t) { return buf[t % K]; }
   void done(int64_t t) {
     if (t % K) return;
     const int64_t len = std::min(K, T - t);
-    dw.addmm_(buf.narrow(0, 0, len).reshape({len * N, F}).t(), hs.narrow(0, t, len).reshape({len * N, H}));
+    dw.addmm_(buf.narrow(0, 0, len).reshape({len * N, F}).t(),
+              hs.narrow(0, t, len).reshape({len * N, H}));
+  }
+};
+
+// The input half of the gates, y = gamma * N(x W_ih^T) + beta over (T, N, F): group norm runs
+// all T * N rows as one step, rows in parallel; batch norm runs N rows per step, steps in
+// parallel and each step's rows in turn (a nested at::parallel_for would run inline as thread 0,
+// which would break the per-thread Accumulator).
+struct InputRows {
+  int64_t steps, rows;
+  bool batch;
+  InputRows(const Norm& s, int64_t T, int64_t N)
+      : steps(s.kind == kBatch ? T : 1), rows(s.kind == kBatch ? N : T * N),
+        batch(s.kind == kBatch) {}
+  template <typename Body>
+  void each_row(int64_t F, const Body& body) const {
+    if (!batch) return for_rows(rows, F, body);
+    for (int64_t n = 0; n < rows; ++n) body(n);
+  }
+};
+
+// The input half's gradients, a chunk of steps at a time: the backward writes step t's dL/dy
+// (N, F) into at(t) and calls done(t), walking t down from T - 1 as for WeightGrad. Each chunk
+// goes through the norm's backward and gain (in place: dy becomes dL/d(x W_ih^T)), then into
+// dW_ih and dx as matrix products, while it is in cache; no (T, N, F) gradient is ever stored.
+struct InputGrad {
+  Norm s;
+  Tensor x, w_ih, gamma, xhat, stats, buf, dx, dw;
+  const bool* m;
+  const int64_t* count;
+  int64_t K, T, N, F, stride;
+  Accumulator dgamma, dbeta;
+  // needs: dx, dW_ih, dgamma, dbeta; xhat and stats from input_norm_forward (kind not none).
+  InputGrad(const Norm& s_, const Tensor& x_, const Tensor& w_ih_, const OptTensor& gamma_,
+            const OptTensor& xhat_, const OptTensor& stats_, std::array<bool, 4> needs,
+            const bool* m_, const int64_t* count_, int64_t T_, int64_t N_, int64_t F_,
+            const at::TensorOptions& o)
+      : s(s_), m(m_), count(count_), K(chunk_steps(T_, N_)), T(T_), N(N_), F(F_), stride(0),
+        dgamma(needs[2] && s_.kind != kNone ? F_ : 0), dbeta(needs[3] ? F_ : 0) {
+    buf = at::empty({K, N, F}, o);
+    if (s.kind != kNone) {
+      TORCH_CHECK(xhat_.has_value() && stats_.has_value(), "a normalized input needs its stats");
+      xhat = *xhat_;
+      stats = *stats_;
+      stride = T ? stats.numel() / T : 0;  // a step's: rstd (N, G) for group, mean, rstd for batch
+    }
+    if (gamma_.has_value() && gamma_->defined()) gamma = *gamma_;
+    if (needs[0]) {
+      w_ih = w_ih_;
+      dx = at::empty({T, N, w_ih.size(1)}, o);
+    }
+    if (needs[1]) {
+      x = x_.contiguous();
+      dw = at::zeros_like(w_ih_);
+    }
+  }
+  Tensor at(int64_t t) { return buf[t % K]; }
+  void done(int64_t t) {
+    if (t % K) return;
+    const int64_t len = std::min(K, T - t);
+    const Tensor chunk = buf.narrow(0, 0, len);
+    AT_DISPATCH_FLOATING_TYPES(buf.scalar_type(), "seqnorm_input_backward", [&] {
+      backward<scalar_t>(t, len, chunk.data_ptr<scalar_t>());
+    });
+    const Tensor rows = chunk.reshape({len * N, F});
+    if (dw.defined()) dw.addmm_(rows.t(), x.narrow(0, t, len).reshape({len * N, x.size(2)}));
+    if (dx.defined()) {
+      Tensor out = dx.narrow(0, t, len).view({len * N, dx.size(2)});
+      at::mm_out(out, rows, w_ih);
+    }
+  }
+
+ private:
+  // dy (len, N, F) of steps t0.. into dL/d(x W_ih^T) in place, accumulating dgamma and dbeta.
+  template <typename T_>
+  void backward(int64_t t0, int64_t len, T_* dy) {
+    const bool dg = dgamma.F > 0, db = dbeta.F > 0;
+    if (s.kind == kNone && !db) return;
+    const T_* gam = gamma.defined() ? gamma.data_ptr<T_>() : nullptr;
+    const Norm rows_of = s.kind == kBatch ? s : Norm{kGroup, 1, s.eps, s.training};
+    const InputRows ir(rows_of, len, N);
+    at::parallel_for(0, ir.steps, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t k = lo; k < hi; ++k) {
+        const int64_t at_row = k * ir.rows, t = t0 + k;
+        T_* dyt = dy + at_row * F;
+        const T_* xht = s.kind == kNone ? nullptr : xhat.data_ptr<T_>() + (t0 * N + at_row) * F;
+        const T_* st = s.kind == kNone ? nullptr : stats.data_ptr<T_>() + t * stride;
+        ir.each_row(F, [&](int64_t n) {
+          T_* d = dyt + n * F;
+          if (db) {
+            double* b = dbeta.mine();
+SEQNORM_SIMD
+            for (int64_t f = 0; f < F; ++f) b[f] += d[f];
+          }
+          if (s.kind == kNone) return;
+          const T_* xh = xht + n * F;
+          if (dg) {
+            double* g = dgamma.mine();
+SEQNORM_SIMD
+            for (int64_t f = 0; f < F; ++f) g[f] += d[f] * xh[f];
+          }
+          if (gam) {
+SEQNORM_SIMD
+            for (int64_t f = 0; f < F; ++f) d[f] *= gam[f];
+          }
+          if (s.kind == kGroup)  // stats: rstd (N, G) per step, rows of the chunk in turn
+            group_norm_backward_row(s.groups, d, xh, F, stats.data_ptr<T_>() +
+                                    (t0 * N + at_row + n) * s.groups);
+        });
+        if (s.kind == kBatch)
+          batch_norm_backward(dyt, xht, N, F, m ? m + t * N : nullptr, st + F,
+                              s.training && count[t] >= 2, count[t]);
+      }
+    });
   }
 };
 
@@ -501,8 +624,19 @@ SEQNORM_SIMD
           nb_hh.stats,  xhat_c, nb_c.stats, nb_hh.bstats, nb_c.bstats, counts};
 }
 
-// Returns dgx, dh0, dc0, dw_hh, dgamma_hh, dgamma_c, dbeta_c (the last three empty when kind is
-// none).
+// The input half's arguments of a backward: the layer input x (T, N, I), W_ih (F, I), its norm
+// (kind, groups, eps, training) and gain, input_norm_forward's xhat and stats, and which of dx,
+// dW_ih, dgamma_ih, dbeta_ih to compute.
+#define SEQNORM_INPUT_ARGS                                                                    \
+  const Tensor& x, const Tensor& w_ih, int64_t kind_ih, int64_t groups_ih, double eps_ih,    \
+      bool training_ih, const OptTensor& gamma_ih, const OptTensor& xhat_ih,                 \
+      const OptTensor& stats_ih, std::array<bool, 4> needs_ih
+#define SEQNORM_INPUT_SCHEMA                                                                  \
+  "Tensor x, Tensor w_ih, int kind_ih, int groups_ih, float eps_ih, bool training_ih, "      \
+  "Tensor? gamma_ih, Tensor? xhat_ih, Tensor? stats_ih, bool[4] needs_ih"
+
+// Returns dx, dw_ih, dgamma_ih, dbeta_ih, dh0, dc0, dw_hh, dgamma_hh, dgamma_c, dbeta_c (those
+// not asked for or absent are undefined or empty).
 std::vector<Tensor> lstm_backward(const Tensor& grad_out, const Tensor& grad_hn,
                                   const Tensor& grad_cn, const Tensor& w_hh,
                                   const OptTensor& mask, int64_t kind, int64_t groups, double eps,
@@ -511,20 +645,22 @@ std::vector<Tensor> lstm_backward(const Tensor& grad_out, const Tensor& grad_hn,
                                   const Tensor& hs, const Tensor& cs, const Tensor& acts,
                                   const Tensor& xhat_hh,
                                   const Tensor& stats_hh, const Tensor& xhat_c,
-                                  const Tensor& stats_c, const Tensor& counts) {
+                                  const Tensor& stats_c, const Tensor& counts,
+                                  SEQNORM_INPUT_ARGS) {
   const Norm s{kind, groups, eps, training};
   const int64_t T = acts.size(0), N = acts.size(1), F = acts.size(2), H = F / 4;
   const bool normed = kind != kNone, batch = kind == kBatch;
   const Tensor gout = grad_out.contiguous();
   const Product product(w_hh.t(), N, false);  // dgh W_hh
   Tensor dh = grad_hn.contiguous().clone(), dc = grad_cn.contiguous().clone();
-  Tensor dgx = at::empty({T, N, F}, acts.options());
-  WeightGrad wg(hs, T, N, F, normed ? Tensor() : dgx);  // dL/d(h W_hh^T) is dgx without norm
+  const int64_t* count = counts.data_ptr<int64_t>();
+  const bool* m = mask_ptr(mask);
+  InputGrad ig({kind_ih, groups_ih, eps_ih, training_ih}, x, w_ih, gamma_ih, xhat_ih, stats_ih,
+               needs_ih, m, count, T, N, F, acts.options());  // dL/dgx, a chunk at a time
+  WeightGrad wg(hs, T, N, F, normed ? Tensor() : ig.buf);  // dL/d(h W_hh^T) is dgx without norm
   Tensor dxc = at::empty({N, H}, acts.options()), tcb = at::empty({N, H}, acts.options());
   Tensor dprev_buf = at::empty({N, H}, acts.options());  // dgh W_hh of a step (at::mm writes here)
   Accumulator dgamma_hh(normed ? F : 0), dgamma_c(normed ? H : 0), dbeta_c(normed ? H : 0);
-  const int64_t* count = counts.data_ptr<int64_t>();
-  const bool* m = mask_ptr(mask);
   const int64_t stride_hh = T ? stats_hh.numel() / T : 0, stride_c = T ? stats_c.numel() / T : 0;
 
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "seqnorm_lstm_backward", [&] {
@@ -540,7 +676,7 @@ std::vector<Tensor> lstm_backward(const Tensor& grad_out, const Tensor& grad_hn,
       const bool* valid = m ? m + t * N : nullptr;
       const bool use = batch && training && count[t] >= 2;
       const T_* a = acts.data_ptr<T_>() + t * N * F;
-      T_* dga = dgx.data_ptr<T_>() + t * N * F;
+      T_* dga = ig.at(t).data_ptr<T_>();
       Tensor dgh_t = wg.at(t);
       T_* dnp = dgh_t.data_ptr<T_>();
       const T_* go = gout.data_ptr<T_>() + t * N * H;
@@ -633,11 +769,13 @@ SEQNORM_SIMD
         if (valid && !valid[n]) continue;  // the state passed through: dh stays
         std::copy(dp + n * H, dp + (n + 1) * H, dhp + n * H);
       }
-      wg.done(t);
+      wg.done(t);  // before ig.done(t), which overwrites a ring it may share
+      ig.done(t);
     }
   });
   const auto ao = acts.options();
-  return {dgx, dh, dc, wg.dw, dgamma_hh.total(ao), dgamma_c.total(ao), dbeta_c.total(ao)};
+  return {ig.dx, ig.dw, ig.dgamma.total(ao), ig.dbeta.total(ao), dh, dc, wg.dw,
+          dgamma_hh.total(ao), dgamma_c.total(ao), dbeta_c.total(ao)};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -725,26 +863,26 @@ SEQNORM_SIMD
   return {out, hs[st.state(T)].clone(), hs, acts, ghn, xhat, nb.stats, nb.bstats, counts};
 }
 
-// Returns dgx, dh0, dw_hh, dbias_hh, dgamma_hh (the last two empty when absent).
+// Returns dx, dw_ih, dgamma_ih, dbeta_ih, dh0, dw_hh, dbias_hh, dgamma_hh (as for the LSTM).
 std::vector<Tensor> gru_backward(const Tensor& grad_out, const Tensor& grad_hn,
                                  const Tensor& w_hh, bool has_bias, const OptTensor& mask,
                                  int64_t kind, int64_t groups, double eps, bool training,
                                  const OptTensor& gamma_hh, const Tensor& hs,
                                  const Tensor& acts, const Tensor& ghn, const Tensor& xhat,
-                                 const Tensor& stats,
-                                 const Tensor& counts) {
+                                 const Tensor& stats, const Tensor& counts, SEQNORM_INPUT_ARGS) {
   const Norm s{kind, groups, eps, training};
   const int64_t T = acts.size(0), N = acts.size(1), F = acts.size(2), H = F / 3;
   const bool normed = kind != kNone, batch = kind == kBatch;
   const Tensor gout = grad_out.contiguous();
   const Product product(w_hh.t(), N, false);  // dgh W_hh
   Tensor dh = grad_hn.contiguous().clone();
-  Tensor dgx = at::empty({T, N, F}, acts.options());
+  const int64_t* count = counts.data_ptr<int64_t>();
+  const bool* m = mask_ptr(mask);
+  InputGrad ig({kind_ih, groups_ih, eps_ih, training_ih}, x, w_ih, gamma_ih, xhat_ih, stats_ih,
+               needs_ih, m, count, T, N, F, acts.options());  // dL/dgx, a chunk at a time
   WeightGrad wg(hs, T, N, F, Tensor());  // dL/d(h W_hh^T)
   Tensor dprev_buf = at::empty({N, H}, acts.options());  // as in the LSTM
   Accumulator dbias(has_bias ? F : 0), dgamma(normed ? F : 0);
-  const int64_t* count = counts.data_ptr<int64_t>();
-  const bool* m = mask_ptr(mask);
   const int64_t stride = T ? stats.numel() / T : 0;
 
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "seqnorm_gru_backward", [&] {
@@ -754,7 +892,7 @@ std::vector<Tensor> gru_backward(const Tensor& grad_out, const Tensor& grad_hn,
     for (int64_t t = T - 1; t >= 0; --t) {
       const bool* valid = m ? m + t * N : nullptr;
       const T_* a = acts.data_ptr<T_>() + t * N * F;
-      T_* dga = dgx.data_ptr<T_>() + t * N * F;
+      T_* dga = ig.at(t).data_ptr<T_>();
       Tensor dgh_t = wg.at(t);
       T_* dnp = dgh_t.data_ptr<T_>();
       const T_* go = gout.data_ptr<T_>() + t * N * H;
@@ -814,9 +952,12 @@ SEQNORM_SIMD
         for (int64_t j = 0; j < H; ++j) dhp[n * H + j] += dp[n * H + j];
       }
       wg.done(t);
+      ig.done(t);
     }
   });
-  return {dgx, dh, wg.dw, dbias.total(acts.options()), dgamma.total(acts.options())};
+  const auto ao = acts.options();
+  return {ig.dx, ig.dw, ig.dgamma.total(ao), ig.dbeta.total(ao), dh, wg.dw, dbias.total(ao),
+          dgamma.total(ao)};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -824,22 +965,6 @@ SEQNORM_SIMD
 // where x = x_t W_ih^T and beta holds the cell's biases. Batch norm runs the steps in parallel
 // (each with its own statistics over its valid samples); group norm runs every row in parallel.
 // This replaces the norm module's several passes (and, for batch norm, transposes) with one.
-
-// Group norm: all T * N rows as one step, rows in parallel; batch norm: N rows per step, steps
-// in parallel and each step's rows in turn (a nested at::parallel_for would run inline as
-// thread 0, which would break the per-thread Accumulator).
-struct InputRows {
-  int64_t steps, rows;
-  bool batch;
-  InputRows(const Norm& s, int64_t T, int64_t N)
-      : steps(s.kind == kBatch ? T : 1), rows(s.kind == kBatch ? N : T * N),
-        batch(s.kind == kBatch) {}
-  template <typename Body>
-  void each_row(int64_t F, const Body& body) const {
-    if (!batch) return for_rows(rows, F, body);
-    for (int64_t n = 0; n < rows; ++n) body(n);
-  }
-};
 
 std::vector<Tensor> input_norm_forward(const Tensor& x, const OptTensor& mask, int64_t kind,
                                        int64_t groups, double eps, bool training,
@@ -882,55 +1007,6 @@ SEQNORM_SIMD
   return {y, xhat, nb.stats, nb.bstats, counts};
 }
 
-// Returns dx, dgamma, dbeta.
-std::vector<Tensor> input_norm_backward(const Tensor& grad_y, const Tensor& xhat,
-                                        const Tensor& stats, const OptTensor& mask, int64_t kind,
-                                        int64_t groups, double eps, bool training,
-                                        const OptTensor& gamma, const Tensor& counts) {
-  const Norm s{kind, groups, eps, training};
-  const int64_t T = xhat.size(0), N = xhat.size(1), F = xhat.size(2);
-  const InputRows ir(s, T, N);
-  TORCH_CHECK(grad_y.is_contiguous() && grad_y.sizes() == xhat.sizes(),
-              "grad_y must be contiguous and shaped like xhat");
-  const Tensor& dy = grad_y;
-  const Tensor& dx = grad_y;  // the caller's own gradient buffer: dx overwrites it row by row
-  Accumulator dgamma(F), dbeta(F);
-  const int64_t* count = counts.data_ptr<int64_t>();
-  const bool* m = mask_ptr(mask);
-  const int64_t stride = stats.numel() / ir.steps;
-  AT_DISPATCH_FLOATING_TYPES(xhat.scalar_type(), "seqnorm_input_norm_backward", [&] {
-    using T_ = scalar_t;
-    const T_* gam = ptr_or_null<T_>(gamma);
-    at::parallel_for(0, ir.steps, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t t = lo; t < hi; ++t) {
-        const int64_t at_row = t * ir.rows;
-        const T_* st = stats.data_ptr<T_>() + t * stride;
-        T_* dxt = dx.data_ptr<T_>() + at_row * F;
-        const T_* xht = xhat.data_ptr<T_>() + at_row * F;
-        ir.each_row(F, [&](int64_t n) {
-          const T_* dyn = dy.data_ptr<T_>() + (at_row + n) * F;
-          const T_* xh = xht + n * F;
-          T_* d = dxt + n * F;
-          double* dg = dgamma.mine();
-          double* db = dbeta.mine();
-SEQNORM_SIMD
-          for (int64_t f = 0; f < F; ++f) {
-            dg[f] += dyn[f] * xh[f];
-            db[f] += dyn[f];
-            d[f] = gam ? gam[f] * dyn[f] : dyn[f];
-          }
-          if (s.kind == kGroup) group_norm_backward_row(s.groups, d, xh, F, st + n * s.groups);
-        });
-        if (s.kind == kBatch)
-          batch_norm_backward(dxt, xht, N, F, m ? m + t * N : nullptr, st + F,
-                              training && count[t] >= 2, count[t]);
-      }
-    });
-  });
-  const auto o = xhat.options();
-  return {dx, dgamma.total(o), dbeta.total(o)};
-}
-
 }  // namespace
 
 TORCH_LIBRARY(seqnorm_fused, m) {
@@ -944,7 +1020,8 @@ TORCH_LIBRARY(seqnorm_fused, m) {
       "lstm_backward(Tensor grad_out, Tensor grad_hn, Tensor grad_cn, Tensor w_hh, Tensor? mask, "
       "int kind, int groups, float eps, bool training, Tensor? gamma_hh, Tensor? gamma_c, "
       "Tensor? beta_c, Tensor hs, Tensor cs, Tensor acts, Tensor xhat_hh, "
-      "Tensor stats_hh, Tensor xhat_c, Tensor stats_c, Tensor counts) -> Tensor[]",
+      "Tensor stats_hh, Tensor xhat_c, Tensor stats_c, Tensor counts, " SEQNORM_INPUT_SCHEMA
+      ") -> Tensor[]",
       &lstm_backward);
   m.def(
       "gru_forward(Tensor(a!) gx, Tensor h0, Tensor w_hh, Tensor? bias_hh, Tensor? mask, "
@@ -954,15 +1031,12 @@ TORCH_LIBRARY(seqnorm_fused, m) {
   m.def(
       "gru_backward(Tensor grad_out, Tensor grad_hn, Tensor w_hh, bool has_bias, Tensor? mask, "
       "int kind, int groups, float eps, bool training, Tensor? gamma_hh, Tensor hs, "
-      "Tensor acts, Tensor ghn, Tensor xhat, Tensor stats, Tensor counts) -> Tensor[]",
+      "Tensor acts, Tensor ghn, Tensor xhat, Tensor stats, Tensor counts, " SEQNORM_INPUT_SCHEMA
+      ") -> Tensor[]",
       &gru_backward);
   m.def(
       "input_norm_forward(Tensor(a!) x, Tensor? mask, int kind, int groups, float eps, "
       "bool training, Tensor? gamma, Tensor? beta, Tensor? run_mean, Tensor? run_var, "
       "bool keep) -> Tensor[]",
       &input_norm_forward);
-  m.def(
-      "input_norm_backward(Tensor(a!) grad_y, Tensor xhat, Tensor stats, Tensor? mask, int kind, "
-      "int groups, float eps, bool training, Tensor? gamma, Tensor counts) -> Tensor[]",
-      &input_norm_backward);
 }
