@@ -233,21 +233,20 @@ def _input_forward(x, w_ih, gamma, beta, spec: _Spec, keep: bool):
     norm ``x W_ih^T + beta``): a new tensor, which the recurrence then overwrites with its
     activations. The projection runs without autograd, so many float32 rows take oneDNN's packed
     product (see :func:`_project`); the norm's pass writes x_hat over the projection. Returns the
-    gates and what the backward needs (see :func:`_input_backward_args`)."""
+    gates, x_hat and the norm's statistics (``None`` without a norm)."""
     if spec.kind == _NONE:
-        return _project(x, w_ih, beta).contiguous(), ()
+        return _project(x, w_ih, beta).contiguous(), None, None
     gx, xhat, stats, bstats, counts = torch.ops.seqnorm_fused.input_norm_forward(
         _project(x, w_ih).contiguous(), *spec.args(), gamma, beta, *spec.running[:2], keep
     )
     spec.update_running([bstats], counts)
-    return gx, (xhat, stats)
+    return gx, xhat, stats
 
 
-def _input_backward_args(ctx, x, w_ih, gamma, saved) -> tuple:
+def _input_backward_args(ctx, x, w_ih, gamma, xhat, stats) -> tuple:
     """What the recurrence's backward needs to compute the input half's gradients as it goes:
     the layer input, ``W_ih``, the norm, its gain, x_hat and statistics, and which of the
     gradients of ``x``, ``W_ih``, the gain and the added bias autograd asks for."""
-    xhat, stats = saved or (None, None)
     spec = ctx.spec_ih
     needs = list(ctx.needs_input_grad[:4])
     return x, w_ih, spec.kind, spec.groups, spec.eps, spec.training, gamma, xhat, stats, needs
@@ -271,23 +270,34 @@ class _LSTM(torch.autograd.Function):
         spec: _Spec,
     ):
         keep = spec.grad_enabled and any(ctx.needs_input_grad)  # else keep no step's activations
-        gx, saved_ih = _input_forward(x, w_ih, gamma_ih, beta_ih, spec_ih, keep)
+        gx, xhat_ih, stats_ih = _input_forward(x, w_ih, gamma_ih, beta_ih, spec_ih, keep)
         out, h, c, *saved, bstats_hh, bstats_c, counts = torch.ops.seqnorm_fused.lstm_forward(
             gx, h0, c0, w_hh, *spec.args(), gamma_hh, gamma_c, beta_c, *spec.running, keep
         )
         spec.update_running([bstats_hh, bstats_c], counts)
-        ctx.spec, ctx.spec_ih, ctx.n_ih = spec, spec_ih, len(saved_ih)
+        ctx.spec, ctx.spec_ih = spec, spec_ih
         if keep:
             ctx.save_for_backward(
-                x, w_ih, gamma_ih, w_hh, gamma_hh, gamma_c, beta_c, *saved_ih, *saved, counts
+                x,
+                w_ih,
+                gamma_ih,
+                xhat_ih,
+                stats_ih,
+                w_hh,
+                gamma_hh,
+                gamma_c,
+                beta_c,
+                *saved,
+                counts,
             )
         return out, h, c
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_h, grad_c):
-        x, w_ih, gamma_ih, w_hh, gamma_hh, gamma_c, beta_c, *rest = ctx.saved_tensors
-        saved_ih, saved = rest[: ctx.n_ih], rest[ctx.n_ih :]
+        x, w_ih, gamma_ih, xhat_ih, stats_ih, w_hh, gamma_hh, gamma_c, beta_c, *saved = (
+            ctx.saved_tensors
+        )
         grads = torch.ops.seqnorm_fused.lstm_backward(
             grad_out,
             grad_h,
@@ -298,7 +308,7 @@ class _LSTM(torch.autograd.Function):
             gamma_c,
             beta_c,
             *saved,
-            *_input_backward_args(ctx, x, w_ih, gamma_ih, saved_ih),
+            *_input_backward_args(ctx, x, w_ih, gamma_ih, xhat_ih, stats_ih),
         )
         return _grads(ctx, *grads, None, None)
 
@@ -309,22 +319,23 @@ class _GRU(torch.autograd.Function):
         ctx, x, w_ih, gamma_ih, beta_ih, h0, w_hh, bias_hh, gamma_hh, spec_ih: _Spec, spec: _Spec
     ):
         keep = spec.grad_enabled and any(ctx.needs_input_grad)
-        gx, saved_ih = _input_forward(x, w_ih, gamma_ih, beta_ih, spec_ih, keep)
+        gx, xhat_ih, stats_ih = _input_forward(x, w_ih, gamma_ih, beta_ih, spec_ih, keep)
         out, h, *saved, bstats, counts = torch.ops.seqnorm_fused.gru_forward(
             gx, h0, w_hh, bias_hh, *spec.args(), gamma_hh, *spec.running[:2], keep
         )
         spec.update_running([bstats], counts)
-        ctx.spec, ctx.spec_ih, ctx.n_ih = spec, spec_ih, len(saved_ih)
+        ctx.spec, ctx.spec_ih = spec, spec_ih
         ctx.has_bias = bias_hh is not None
         if keep:
-            ctx.save_for_backward(x, w_ih, gamma_ih, w_hh, gamma_hh, *saved_ih, *saved, counts)
+            ctx.save_for_backward(
+                x, w_ih, gamma_ih, xhat_ih, stats_ih, w_hh, gamma_hh, *saved, counts
+            )
         return out, h
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_h):
-        x, w_ih, gamma_ih, w_hh, gamma_hh, *rest = ctx.saved_tensors
-        saved_ih, saved = rest[: ctx.n_ih], rest[ctx.n_ih :]
+        x, w_ih, gamma_ih, xhat_ih, stats_ih, w_hh, gamma_hh, *saved = ctx.saved_tensors
         grads = torch.ops.seqnorm_fused.gru_backward(
             grad_out,
             grad_h,
@@ -333,6 +344,6 @@ class _GRU(torch.autograd.Function):
             *ctx.spec.args(),
             gamma_hh,
             *saved,
-            *_input_backward_args(ctx, x, w_ih, gamma_ih, saved_ih),
+            *_input_backward_args(ctx, x, w_ih, gamma_ih, xhat_ih, stats_ih),
         )
         return _grads(ctx, *grads, None, None)

@@ -383,8 +383,7 @@ struct InputGrad {
     const bool dg = dgamma.F > 0, db = dbeta.F > 0;
     if (s.kind == kNone && !db) return;
     const T_* gam = gamma.defined() ? gamma.data_ptr<T_>() : nullptr;
-    const Norm rows_of = s.kind == kBatch ? s : Norm{kGroup, 1, s.eps, s.training};
-    const InputRows ir(rows_of, len, N);
+    const InputRows ir(s, len, N);  // without a norm all rows in parallel, as for group norm
     at::parallel_for(0, ir.steps, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t k = lo; k < hi; ++k) {
         const int64_t at_row = k * ir.rows, t = t0 + k;
@@ -409,9 +408,7 @@ SEQNORM_SIMD
 SEQNORM_SIMD
             for (int64_t f = 0; f < F; ++f) d[f] *= gam[f];
           }
-          if (s.kind == kGroup)  // stats: rstd (N, G) per step, rows of the chunk in turn
-            group_norm_backward_row(s.groups, d, xh, F, stats.data_ptr<T_>() +
-                                    (t0 * N + at_row + n) * s.groups);
+          if (s.kind == kGroup) group_norm_backward_row(s.groups, d, xh, F, st + n * s.groups);
         });
         if (s.kind == kBatch)
           batch_norm_backward(dyt, xht, N, F, m ? m + t * N : nullptr, st + F,
