@@ -55,6 +55,16 @@ def _check_outputs(out, rows, norms):
     assert "| batch | n/a |" in summary and "gap" in summary
 
 
+def test_quick_check_does_not_write_over_the_shipped_results():
+    config = os.path.join(ROOT, "configs", "study_char_lm_shakespeare.yaml")
+    full = study.parser().parse_args(["--config", config])
+    quick = study.parser().parse_args(["--config", config, "--quick", "true"])
+    assert study.output_dir(full) == study.Path("results/batch_size_study/char_lm_shakespeare")
+    assert study.output_dir(quick) == study.Path("runs/batch_size_study/char_lm_shakespeare")
+    elsewhere = study.parser().parse_args(["--config", config, "--quick", "true", "--out", "x/y"])
+    assert study.output_dir(elsewhere) == study.Path("x/y")
+
+
 @pytest.mark.slow
 def test_quick_char_lm_writes_every_output(tmp_path):
     rows = study.main(["--quick", "true", "--out", str(tmp_path)])  # Python's docs: offline
