@@ -1,0 +1,74 @@
+"""benchmarks/bench_rnn.py on a tiny shape: it runs every implementation, its naive loops compute
+the cells they stand for, and its peak-memory count sees what a step allocates."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import seqnorm
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_rnn.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_rnn", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peak_counts_an_allocation_freed_before_the_end(bench):
+    def step():
+        a = torch.ones(2**20)  # 4 MiB, freed at once
+        del a
+        b = torch.ones(2**19)  # 2 MiB: the peak stays the first allocation
+        return b.sum()
+
+    assert 4.0 <= bench.peak_mb(step) < 4.5
+
+
+@pytest.mark.parametrize(("cls", "naive_cls"), [("LSTM", "NaiveLNLSTM"), ("GRU", "NaiveLNGRU")])
+def test_naive_loops_are_the_layer_normalized_cells(bench, cls, naive_cls):
+    """The baselines do the work they stand for: seqnorm's LN cell with the same weights (biases
+    zero, which the naive loops would normalize away; norms at their initial gains and shifts)."""
+    naive = getattr(bench, naive_cls)(3, 4).double()
+    ours = getattr(seqnorm, cls)(3, 4, norm="layer", dtype=torch.float64)
+    with torch.no_grad():
+        for p in (naive.ih.bias, naive.hh.bias, ours.bias_ih_l0, ours.bias_hh_l0):
+            p.zero_()
+        ours.weight_ih_l0.copy_(naive.ih.weight)
+        ours.weight_hh_l0.copy_(naive.hh.weight)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    (out, state), (naive_out, naive_state) = ours(x), naive(x)
+    torch.testing.assert_close(out, naive_out)
+    states = state if cls == "LSTM" else (state,)
+    naive_states = naive_state if cls == "LSTM" else (naive_state,)
+    for got, want in zip(states, naive_states, strict=True):
+        torch.testing.assert_close(got[0], want)  # seqnorm's final states are (layers, N, H)
+
+
+def test_main_writes_a_table_and_json(bench, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "SHAPES", {"T": (3, 4, 5, 8), "U": (1, 4, 5, 8)})
+    out = tmp_path / "bench.json"
+    argv = ["bench_rnn.py", "--shapes", "T", "U", "--warmup", "0", "--repeats", "1"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--json", str(out)])
+    bench.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 * len(bench.IMPLEMENTATIONS)
+    for row in rows:
+        assert row["fwd_ms"] > 0
+        skipped = "BN" in row["implementation"] and row["shape"] == "U"  # no batch statistics
+        assert (row["fwd_bwd_ms"] is None) == skipped
+        assert (row["peak_mb"] is None) == skipped
+        if not skipped:
+            assert row["fwd_bwd_ms"] > 0 and row["peak_mb"] > 0
+    baselines = [r for r in rows if r["implementation"] in ("torch.nn.LSTM", "torch.nn.GRU")]
+    assert len(baselines) == 4
+    assert all(r["fwd_ratio"] == r["fwd_bwd_ratio"] == r["peak_ratio"] == 1.0 for r in baselines)
+    table = capsys.readouterr().out
+    assert "| U | seqnorm BN-LSTM |" in table and "n/a" in table
