@@ -73,7 +73,9 @@ def parser() -> ArgumentParser:
     p.add_argument("--val_samples", type=int, default=2048, help="validation samples (at most)")
     p.add_argument("--curve_points", type=int, default=16)
     p.add_argument("--out", type=str, default="results/batch_size_study")
-    p.add_argument("--quick", type=bool, default=False, help="a reduced grid (about 2 minutes on 2 cores)")
+    p.add_argument(
+        "--quick", type=bool, default=False, help="a reduced grid (about 2 minutes on 2 cores)"
+    )
     p.add_argument("--replot", type=bool, default=False, help="redraw the figures from `out`")
     return p
 
