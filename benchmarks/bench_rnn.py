@@ -1,16 +1,17 @@
 """Speed and memory of seqnorm's LSTM and GRU against torch.nn and a naive per-step loop.
 
     python benchmarks/bench_rnn.py --json runs/bench_rnn.json
+    python benchmarks/bench_rnn.py --device cuda --shapes A C   # against cuDNN
 
 For each shape (A: batch 32, 100 steps, input 128, hidden 256; B: the same at batch 1, pure SGD;
 C: batch 64, 200 steps, input 256, hidden 512) and each implementation it measures the forward
 pass in eval mode without gradients, and forward plus backward in training mode (median of
 ``--repeats`` runs after ``--warmup`` runs, interleaved: each round runs every implementation of
 the shape once), and the peak memory allocated during one training step (from the profiler's
-allocation events). Ratios are against ``torch.nn.LSTM`` for LSTMs and
-``torch.nn.GRU`` for GRUs, measured in the same run. The naive loop is how most public CPU
-implementations of layer-normalized cells work: ``nn.Linear`` and ``nn.LayerNorm`` modules
-called at every step.
+allocation events; on CUDA the caching allocator's peak). Ratios are against ``torch.nn.LSTM``
+for LSTMs and ``torch.nn.GRU`` for GRUs (cuDNN's on CUDA), measured in the same run. The naive
+loop is how most public CPU implementations of layer-normalized cells work: ``nn.Linear`` and
+``nn.LayerNorm`` modules called at every step.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import seqnorm
 
+CPU = torch.device("cpu")
 SHAPES = {  # batch, steps, input, hidden
     "A": (32, 100, 128, 256),
     "B": (1, 100, 128, 256),
@@ -114,12 +116,20 @@ def interleaved_medians(fns: dict, warmup: int, repeats: int, before=None) -> di
     return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
-def peak_mb(fn) -> float:
-    """Peak of the bytes allocated and not yet freed while ``fn`` runs: the running sum of the
-    profiler's allocation records (one per allocation and free, in time order). Summing ops'
+def peak_mb(fn, device: torch.device = CPU) -> float:
+    """Peak of the bytes allocated and not yet freed while ``fn`` runs. On CPU: the running sum of
+    the profiler's allocation records (one per allocation and free, in time order). Summing ops'
     ``self_cpu_memory_usage`` instead would place a nested op's frees at its start: autograd frees
     saved tensors at the end of a backward node that began before the node's own allocations, so
-    backward peaks went uncounted (``torch.nn.LSTM`` at A read 52 MB where it peaks at 74)."""
+    backward peaks went uncounted (``torch.nn.LSTM`` at A read 52 MB where it peaks at 74). On
+    CUDA: the caching allocator's peak of allocated bytes, less what was allocated before."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
@@ -130,29 +140,43 @@ def peak_mb(fn) -> float:
     return peak / 2**20
 
 
+def synchronized(fn, device: torch.device):
+    """``fn`` followed by waiting for the device, so that a timer sees its kernels finish."""
+    if device.type != "cuda":
+        return fn
+
+    def run():
+        fn()
+        torch.cuda.synchronize(device)
+
+    return run
+
+
 def measure_shape(shape: str, names: list[str], args) -> dict:
     """Forward ms (eval, no grad), forward+backward ms (training) and peak MB of a training step
     of every implementation in ``names`` at ``shape``, timed in interleaved rounds."""
     batch, steps, input_size, hidden = SHAPES[shape]
+    device = args.device
     x = torch.randn(steps, batch, input_size, generator=torch.Generator().manual_seed(0))
+    x = x.to(device)
     models = {}
     for name in names:
         torch.manual_seed(0)
-        models[name] = IMPLEMENTATIONS[name][1](input_size, hidden)
+        models[name] = IMPLEMENTATIONS[name][1](input_size, hidden).to(device)
 
     def forward(model):
         def run():
             with torch.no_grad():
                 model(x)
 
-        return run
+        return synchronized(run, device)
 
     def train_step(model):
         def run():
             output, _ = model(x)
             output.sum().backward()
 
-        return run
+        return synchronized(run, device)
 
     for model in models.values():
         model.eval()
@@ -176,7 +200,7 @@ def measure_shape(shape: str, names: list[str], args) -> dict:
         results[name] = {
             "fwd_ms": fwd[name],
             "fwd_bwd_ms": fwd_bwd[name] if trained else None,
-            "peak_mb": peak_mb(train_step(model)) if trained else None,
+            "peak_mb": peak_mb(train_step(model), device) if trained else None,
         }
     return results
 
@@ -189,9 +213,12 @@ def main():
     )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda[:index]")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"argument --device: {args.device} was asked for, but CUDA is not available here")
     torch.set_num_threads(args.threads)
     seqnorm.fused.available()  # compile the kernel (once) before anything is timed
     rows = []
@@ -210,6 +237,7 @@ def main():
             print(_line(row), flush=True)
     machine = {
         "processor": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu",
         "threads": args.threads,
         "torch": torch.__version__,
         "fused": seqnorm.fused.available(),
@@ -218,7 +246,19 @@ def main():
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "args": vars(args), "rows": rows}, f, indent=2)
+            settings = {**vars(args), "device": str(args.device)}
+            json.dump({"machine": machine, "args": settings, "rows": rows}, f, indent=2)
+
+
+def _device(value: str) -> torch.device:
+    """--device: a torch device string, cpu or cuda."""
+    try:
+        device = torch.device(value)
+    except RuntimeError as err:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device: {err}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected cpu or cuda[:index]")
+    return device
 
 
 def _fmt(value, spec: str) -> str:

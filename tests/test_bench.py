@@ -58,7 +58,9 @@ def test_main_writes_a_table_and_json(bench, tmp_path, monkeypatch, capsys):
     argv = ["bench_rnn.py", "--shapes", "T", "U", "--warmup", "0", "--repeats", "1"]
     monkeypatch.setattr(sys, "argv", [*argv, "--json", str(out)])
     bench.main()
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    assert result["args"]["device"] == result["machine"]["device"] == "cpu"  # the default
+    rows = result["rows"]
     assert len(rows) == 2 * len(bench.IMPLEMENTATIONS)
     for row in rows:
         assert row["fwd_ms"] > 0
@@ -72,3 +74,49 @@ def test_main_writes_a_table_and_json(bench, tmp_path, monkeypatch, capsys):
     assert all(r["fwd_ratio"] == r["fwd_bwd_ratio"] == r["peak_ratio"] == 1.0 for r in baselines)
     table = capsys.readouterr().out
     assert "| U | seqnorm BN-LSTM |" in table and "n/a" in table
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("tpu", "argument --device: 'tpu' is not a device"), ("meta", "expected cpu or cuda")],
+)
+def test_device_rejects_what_is_not_cpu_or_cuda(bench, monkeypatch, capsys, value, message):
+    monkeypatch.setattr(sys, "argv", ["bench_rnn.py", "--device", value])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the message on a machine without CUDA")
+def test_device_cuda_without_cuda_says_so(bench, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_rnn.py", "--device", "cuda"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert (
+        "argument --device: cuda was asked for, but CUDA is not available"
+        in capsys.readouterr().err
+    )
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_main_on_cuda(bench, tmp_path, monkeypatch):
+    """The same tiny run on the GPU: models and input on the device, times synchronized, peaks from
+    the CUDA allocator (a 4 MiB tensor freed before a 2 MiB one peaks at 4 MiB there too)."""
+    device = torch.device("cuda")
+
+    def step():
+        a = torch.ones(2**20, device=device)
+        del a
+        return torch.ones(2**19, device=device).sum()
+
+    assert 4.0 <= bench.peak_mb(step, device) < 4.5
+    monkeypatch.setattr(bench, "SHAPES", {"T": (3, 4, 5, 8)})
+    out = tmp_path / "bench.json"
+    argv = ["bench_rnn.py", "--shapes", "T", "--warmup", "0", "--repeats", "1", "--device", "cuda"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--json", str(out)])
+    bench.main()
+    result = json.loads(out.read_text())
+    assert result["args"]["device"] == "cuda"
+    assert result["machine"]["device"] == torch.cuda.get_device_name(device)
+    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["peak_mb"] > 0 for r in result["rows"])
