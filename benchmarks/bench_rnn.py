@@ -11,7 +11,8 @@ the shape once), and the peak memory allocated during one training step (from th
 allocation events; on CUDA the caching allocator's peak). Ratios are against ``torch.nn.LSTM``
 for LSTMs and ``torch.nn.GRU`` for GRUs (cuDNN's on CUDA), measured in the same run. The naive
 loop is how most public CPU implementations of layer-normalized cells work: ``nn.Linear`` and
-``nn.LayerNorm`` modules called at every step.
+``nn.LayerNorm`` modules called at every step; the naive BN loop the same with per-step
+``nn.BatchNorm1d`` modules, as recurrent batch norm is usually written.
 """
 
 from __future__ import annotations
@@ -61,6 +62,43 @@ class NaiveLNLSTM(nn.Module):
         return torch.stack(outputs), (h, c)
 
 
+class NaiveBNLSTM(nn.Module):
+    """Recurrent batch-normalized LSTM (Cooijmans et al. 2016) as a Python loop of nn.Linear and
+    nn.BatchNorm1d: each step its own BatchNorm1d modules (statistics per step), gains shared."""
+
+    def __init__(self, input_size, hidden_size, max_steps=1000):
+        super().__init__()
+        self.ih = nn.Linear(input_size, 4 * hidden_size, bias=False)
+        self.hh = nn.Linear(hidden_size, 4 * hidden_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(4 * hidden_size))
+        self.gain_ih, self.gain_hh, self.gain_c = (
+            nn.Parameter(torch.full((n,), 0.1))
+            for n in (4 * hidden_size, 4 * hidden_size, hidden_size)
+        )
+        self.shift_c = nn.Parameter(torch.zeros(hidden_size))
+        self.bn_ih, self.bn_hh, self.bn_c = (
+            nn.ModuleList(nn.BatchNorm1d(n, affine=False) for _ in range(max_steps))
+            for n in (4 * hidden_size, 4 * hidden_size, hidden_size)
+        )
+        self.hidden_size = hidden_size
+
+    def forward(self, x):
+        h = c = x.new_zeros(x.shape[1], self.hidden_size)
+        outputs = []
+        for t, x_t in enumerate(x):
+            k = min(t, len(self.bn_c) - 1)  # later steps share the last statistics
+            gates = (
+                self.gain_ih * self.bn_ih[k](self.ih(x_t))
+                + self.gain_hh * self.bn_hh[k](self.hh(h))
+                + self.bias
+            )
+            i, f, g, o = gates.chunk(4, 1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(self.gain_c * self.bn_c[k](c) + self.shift_c)
+            outputs.append(h)
+        return torch.stack(outputs), (h, c)
+
+
 class NaiveLNGRU(nn.Module):
     """Layer-normalized GRU as a Python loop of nn.Linear and nn.LayerNorm."""
 
@@ -93,6 +131,7 @@ IMPLEMENTATIONS = {
     "seqnorm LN-LSTM": ("LSTM", lambda i, h: seqnorm.LSTM(i, h, norm="layer")),
     "seqnorm GN-LSTM (4 groups)": ("LSTM", lambda i, h: seqnorm.LSTM(i, h, norm="group", groups=4)),
     "seqnorm BN-LSTM": ("LSTM", lambda i, h: seqnorm.LSTM(i, h, norm="batch")),
+    "naive BN-LSTM loop": ("LSTM", NaiveBNLSTM),
     "torch.nn.GRU": ("GRU", lambda i, h: nn.GRU(i, h)),
     "naive LN-GRU loop": ("GRU", NaiveLNGRU),
     "seqnorm LN-GRU": ("GRU", lambda i, h: seqnorm.GRU(i, h, norm="layer")),

@@ -52,6 +52,32 @@ def test_naive_loops_are_the_layer_normalized_cells(bench, cls, naive_cls):
         torch.testing.assert_close(got[0], want)  # seqnorm's final states are (layers, N, H)
 
 
+def test_naive_bn_loop_is_the_batch_normalized_lstm(bench):
+    """The naive BN loop is seqnorm's BN-LSTM with the same weights, in training (batch statistics;
+    steps past max_steps share the last statistics) and in eval (the running ones it kept)."""
+    naive = bench.NaiveBNLSTM(3, 4, max_steps=4).double()
+    ours = seqnorm.LSTM(3, 4, norm="batch", max_steps=4, dtype=torch.float64)
+    with torch.no_grad():
+        ours.weight_ih_l0.copy_(naive.ih.weight)
+        ours.weight_hh_l0.copy_(naive.hh.weight)
+        ours.bias_hh_l0.zero_()
+        for p in (ours.bias_ih_l0, naive.gain_ih, naive.gain_hh, naive.gain_c, naive.shift_c):
+            p.uniform_(-1, 1)  # not the initial values, so that a swapped gain shows
+        naive.bias.copy_(ours.bias_ih_l0)
+        ours.norm_ih_l0.weight.copy_(naive.gain_ih)
+        ours.norm_hh_l0.weight.copy_(naive.gain_hh)
+        ours.norm_c_l0.weight.copy_(naive.gain_c)
+        ours.norm_c_l0.bias.copy_(naive.shift_c)
+    x = torch.randn(6, 5, 3, dtype=torch.float64)
+    for mode in ("train", "eval"):
+        ours.train(mode == "train")
+        naive.train(mode == "train")
+        (out, (h, c)), (naive_out, (naive_h, naive_c)) = ours(x), naive(x)
+        torch.testing.assert_close(out, naive_out)
+        torch.testing.assert_close(h[0], naive_h)
+        torch.testing.assert_close(c[0], naive_c)
+
+
 def test_main_writes_a_table_and_json(bench, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "SHAPES", {"T": (3, 4, 5, 8), "U": (1, 4, 5, 8)})
     out = tmp_path / "bench.json"
@@ -73,7 +99,8 @@ def test_main_writes_a_table_and_json(bench, tmp_path, monkeypatch, capsys):
     assert len(baselines) == 4
     assert all(r["fwd_ratio"] == r["fwd_bwd_ratio"] == r["peak_ratio"] == 1.0 for r in baselines)
     table = capsys.readouterr().out
-    assert "| U | seqnorm BN-LSTM |" in table and "n/a" in table
+    assert "| U | seqnorm BN-LSTM |" in table and "| U | naive BN-LSTM loop |" in table
+    assert "n/a" in table
 
 
 @pytest.mark.parametrize(
