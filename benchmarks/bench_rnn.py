@@ -196,8 +196,8 @@ def measure_shape(shape: str, names: list[str], args) -> dict:
     of every implementation in ``names`` at ``shape``, timed in interleaved rounds."""
     batch, steps, input_size, hidden = SHAPES[shape]
     device = args.device
-    x = torch.randn(steps, batch, input_size, generator=torch.Generator().manual_seed(0))
-    x = x.to(device)
+    seed = torch.Generator().manual_seed(0)
+    x = torch.randn(steps, batch, input_size, generator=seed).to(device)
     models = {}
     for name in names:
         torch.manual_seed(0)
