@@ -236,6 +236,9 @@ def measure_shape(shape: str, names: list[str], args) -> dict:
     for name, model in models.items():
         model.zero_grad(set_to_none=True)
         trained = name in trainable
+        # seqnorm's kernel keeps freed step buffers for reuse, and one kept by another model
+        # here may be larger than this one needs: measure this model's own
+        seqnorm.fused.empty_cache()
         results[name] = {
             "fwd_ms": fwd[name],
             "fwd_bwd_ms": fwd_bwd[name] if trained else None,

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from .functional import _update_running
 from .norms import RecurrentBatchNorm
@@ -73,6 +72,30 @@ def available() -> bool:
     return _loaded
 
 
+def cache_info() -> dict[str, int]:
+    """The kernel's buffer cache: bytes ``cached`` (freed, kept for reuse), ``in_use`` and the
+    ``limit`` on cached bytes (all 0 while the kernel is not built)."""
+    if not available():
+        return {"cached": 0, "in_use": 0, "limit": 0}
+    cached, in_use, limit = torch.ops.seqnorm_fused.cache_info()
+    return {"cached": cached, "in_use": in_use, "limit": limit}
+
+
+def set_cache_limit(nbytes: int) -> None:
+    """Keep at most ``nbytes`` of freed step buffers for reuse (default 1 GiB; 0 caches none and
+    releases what is kept)."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"nbytes={nbytes!r}: expected a whole number of bytes >= 0")
+    if available():
+        torch.ops.seqnorm_fused.set_cache_limit(nbytes)
+
+
+def empty_cache() -> None:
+    """Release the freed step buffers the kernel keeps for reuse (those in use stay)."""
+    if available():
+        torch.ops.seqnorm_fused.empty_cache()
+
+
 def applies(x: Tensor, *tensors: Tensor | None, norms: tuple[nn.Module | None, ...]) -> bool:
     """Whether the fused kernel computes what the Python loop would (to rounding) for these."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
@@ -85,28 +108,6 @@ def applies(x: Tensor, *tensors: Tensor | None, norms: tuple[nn.Module | None, .
     if any(isinstance(n, RecurrentBatchNorm) and n._synced() for n in norms):
         return False
     return available()
-
-
-_PACKED_ROWS = 1024  # below this the reorder of the weight outweighs the faster product
-
-
-def _project(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``x W^T + b``, called inside the layers' autograd functions (no autograd here): in
-    float32, for many rows, on oneDNN's packed weights. Measured on the benchmark machine,
-    reorder included: 3,200 rows of 128 into 1,024 features (shape A) in 11.9 against 13.6 ms
-    for sgemm, 12,800 rows of 256 into 2,048 (shape C) in 215 against 230 ms; from about 400
-    rows it is faster, at 100 rows slower (1.3 against 0.7 ms), hence ``_PACKED_ROWS`` with a
-    margin."""
-    rows = x.reshape(-1, x.shape[-1])
-    if (
-        x.dtype != torch.float32
-        or rows.shape[0] < _PACKED_ROWS
-        or not torch.backends.mkldnn.is_available()
-    ):
-        return F.linear(x, weight, bias)
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows.shape[0])
-    y = torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
-    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def lstm(
@@ -230,14 +231,18 @@ def _grads(ctx, *grads):
 
 def _input_forward(x, w_ih, gamma, beta, spec: _Spec, keep: bool):
     """The input half of the gates for every step at once, ``Nx(x W_ih^T) + beta`` (without a
-    norm ``x W_ih^T + beta``): a new tensor, which the recurrence then overwrites with its
-    activations. The projection runs without autograd, so many float32 rows take oneDNN's packed
-    product (see :func:`_project`); the norm's pass writes x_hat over the projection. Returns the
-    gates, x_hat and the norm's statistics (``None`` without a norm)."""
+    norm ``x W_ih^T + beta``): a new tensor from the kernel's buffer cache, which the recurrence
+    then overwrites with its activations; the norm's pass writes x_hat over the projection.
+    Returns the gates, x_hat and the norm's statistics (``None`` without a norm)."""
     if spec.kind == _NONE:
-        return _project(x, w_ih, beta).contiguous(), None, None
+        return torch.ops.seqnorm_fused.project(x, w_ih, beta), None, None
     gx, xhat, stats, bstats, counts = torch.ops.seqnorm_fused.input_norm_forward(
-        _project(x, w_ih).contiguous(), *spec.args(), gamma, beta, *spec.running[:2], keep
+        torch.ops.seqnorm_fused.project(x, w_ih, None),
+        *spec.args(),
+        gamma,
+        beta,
+        *spec.running[:2],
+        keep,
     )
     spec.update_running([bstats], counts)
     return gx, xhat, stats

@@ -105,31 +105,69 @@ def test_fused_float32_large_weights_are_accurate(cls, norm):
         assert (g.double() - w).abs().max() <= 5e-3 * w.abs().max()
 
 
+@pytest.fixture
+def empty_cache():
+    """The kernel's buffer cache emptied before and after, its limit restored."""
+    fused.empty_cache()
+    limit = fused.cache_info()["limit"]
+    yield
+    fused.set_cache_limit(limit)
+    fused.empty_cache()
+
+
+GATES_BYTES = 32 * 64 * 4 * 64 * 4  # the LSTM's gates (T=32, N=64, hidden 64) in float32: 2 MiB
+
+
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
-@pytest.mark.parametrize("grad", [True, False])
-def test_fused_packed_input_projection(cls, grad):
-    """Many float32 rows of input go through oneDNN's packed product (where torch has oneDNN;
-    at hidden 8 the per-step products do not), in training and without a backward: outputs
-    and gradients are the float64 loop's to float32 rounding."""
-    model = make(cls, "layer", hidden_size=8, input_size=8)
+def test_fused_step_buffers_come_from_the_cache(cls, empty_cache):
+    """Step buffers of 1 MiB and more (here the projection and the gates, 1.5-2 MiB) are taken
+    from the kernel's cache, kept there once freed and handed out again for the next sequence,
+    a shorter one too; the profiler sees them while in use; results are the float64 loop's."""
+    model = make(cls, "layer", hidden_size=64, input_size=8)
     reference = copy.deepcopy(model)
     reference.use_fused = False
     fast = copy.deepcopy(model).float()
-    x = torch.randn(16, 80, 8, dtype=torch.float64)  # 1,280 rows
-    assert x.shape[0] * x.shape[1] >= fused._PACKED_ROWS
-    with torch.set_grad_enabled(grad), torch.profiler.profile() as prof:
+    x = torch.randn(32, 64, 8, dtype=torch.float64)
+    with torch.profiler.profile(profile_memory=True) as prof:
         got, _ = fast(x.float())
-    if torch.backends.mkldnn.is_available():
-        assert "mkldnn::_linear_pointwise" in {e.name for e in prof.events()}
-    with torch.set_grad_enabled(grad):
-        want, _ = reference(x)
-    pairs = [(got, want)]
-    if grad:
+        in_use = fused.cache_info()["in_use"]
+        assert in_use >= 2 * GATES_BYTES * (3 if cls == "GRU" else 4) // 4  # projection, x_hat
         got.square().sum().backward()
-        want.square().sum().backward()
-        pairs += [(p.grad, q.grad) for p, q in zip(fast.parameters(), reference.parameters())]
-    for g, w in pairs:
+    want, _ = reference(x)
+    want.square().sum().backward()
+    pairs = [(got, want), *zip(fast.parameters(), reference.parameters())]
+    for g, w in pairs[:1] + [(p.grad, q.grad) for p, q in pairs[1:]]:
         assert (g.double() - w).abs().max() <= 1e-4 * w.abs().max()
+    sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    gates = GATES_BYTES * (3 if cls == "GRU" else 4) // 4
+    assert sizes.count(gates) >= 2 and sizes.count(-gates) >= 2  # in use, then back in the cache
+    del got
+    info = fused.cache_info()
+    assert info["in_use"] == 0 and info["cached"] >= in_use
+    fast(x[:24].float())[0].sum().backward()  # 3/4 of the length: the same buffers serve
+    assert fused.cache_info() == info
+
+
+def test_fused_cache_limit(empty_cache):
+    """With a limit of 0 nothing is cached and the results are the same, bit for bit; a limit
+    keeps at most that many bytes; bad limits are refused, naming the value."""
+    model = make("LSTM", "batch", hidden_size=64, input_size=8).float()
+    x = torch.randn(32, 64, 8)
+    model(x)[0].sum().backward()
+    cached = [p.grad.clone() for p in model.parameters()]
+    assert fused.cache_info()["cached"] >= 2 * GATES_BYTES
+    fused.set_cache_limit(GATES_BYTES)
+    assert 0 < fused.cache_info()["cached"] <= GATES_BYTES
+    fused.set_cache_limit(0)
+    assert fused.cache_info()["cached"] == 0
+    model.zero_grad()
+    model(x)[0].sum().backward()
+    assert fused.cache_info() == {"cached": 0, "in_use": 0, "limit": 0}
+    for p, g in zip(model.parameters(), cached):
+        assert_close(p.grad, g, rtol=0, atol=0)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=f"nbytes={bad!r}: expected a whole number"):
+            fused.set_cache_limit(bad)
 
 
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
