@@ -10,8 +10,12 @@ to the input norm's backward and to large matrix products for ``W_hh``, ``W_ih``
 so it stores no gradient of every step; and the forward's big buffers are reused in place (x_hat
 over the projection, the activations over the gates): a layer-normalized LSTM's training step
 allocates three buffers of every step's gates where separate functions took seven. Large float32
-weights use oneDNN's packed matrix products, and without a backward no step's activations are
-kept. It is compiled with ``torch.utils.cpp_extension`` the first time it is needed (about 20
+recurrent weights use oneDNN's packed matrix products, and without a backward no step's
+activations are kept. Buffers of 1 MiB and more come from a cache of the kernel's own, which
+keeps them once freed (up to :func:`set_cache_limit` bytes, 1 GiB by default) and hands them
+out again for the next sequence: fresh ones would be page-faulted and cleared by the operating
+system at every step, as glibc returns buffers over 32 MB to it on free (:func:`cache_info`,
+:func:`empty_cache`). It is compiled with ``torch.utils.cpp_extension`` the first time it is needed (about 20
 seconds, then cached in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). In
 float32 its sigmoid and tanh are polynomial forms accurate to a few units in the last place.
 
