@@ -15,9 +15,10 @@ activations are kept. Buffers of 1 MiB and more come from a cache of the kernel'
 keeps them once freed (up to :func:`set_cache_limit` bytes, 1 GiB by default) and hands them
 out again for the next sequence: fresh ones would be page-faulted and cleared by the operating
 system at every step, as glibc returns buffers over 32 MB to it on free (:func:`cache_info`,
-:func:`empty_cache`). It is compiled with ``torch.utils.cpp_extension`` the first time it is needed (about 20
-seconds, then cached in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). In
-float32 its sigmoid and tanh are polynomial forms accurate to a few units in the last place.
+:func:`empty_cache`). It is compiled with ``torch.utils.cpp_extension`` the first time it is
+needed (about 20 seconds, then cached in ``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``). In float32 its sigmoid and tanh are polynomial forms accurate
+to a few units in the last place.
 
 The layers use it for float32 and float64 on CPU outside autocast and ``torch.compile``, and
 fall back to the readable per-step Python loop (the reference the tests check this against)

@@ -106,7 +106,7 @@ def test_fused_float32_large_weights_are_accurate(cls, norm):
 
 
 @pytest.fixture
-def empty_cache():
+def fresh_cache():
     """The kernel's buffer cache emptied before and after, its limit restored."""
     fused.empty_cache()
     limit = fused.cache_info()["limit"]
@@ -119,10 +119,11 @@ GATES_BYTES = 32 * 64 * 4 * 64 * 4  # the LSTM's gates (T=32, N=64, hidden 64) i
 
 
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
-def test_fused_step_buffers_come_from_the_cache(cls, empty_cache):
+def test_fused_step_buffers_come_from_the_cache(cls, fresh_cache):
     """Step buffers of 1 MiB and more (here the projection and the gates, 1.5-2 MiB) are taken
     from the kernel's cache, kept there once freed and handed out again for the next sequence,
-    a shorter one too; the profiler sees them while in use; results are the float64 loop's."""
+    a shorter one too; the profiler sees them while in use; results are the float64 loop's, and
+    the same without a backward."""
     model = make(cls, "layer", hidden_size=64, input_size=8)
     reference = copy.deepcopy(model)
     reference.use_fused = False
@@ -135,9 +136,14 @@ def test_fused_step_buffers_come_from_the_cache(cls, empty_cache):
         got.square().sum().backward()
     want, _ = reference(x)
     want.square().sum().backward()
-    pairs = [(got, want), *zip(fast.parameters(), reference.parameters())]
-    for g, w in pairs[:1] + [(p.grad, q.grad) for p, q in pairs[1:]]:
+    pairs = [
+        (got, want),
+        *((p.grad, q.grad) for p, q in zip(fast.parameters(), reference.parameters())),
+    ]
+    for g, w in pairs:
         assert (g.double() - w).abs().max() <= 1e-4 * w.abs().max()
+    with torch.no_grad():  # without a backward, on buffers handed out again
+        assert_close(fast(x.float())[0], got, rtol=0, atol=0)
     sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     gates = GATES_BYTES * (3 if cls == "GRU" else 4) // 4
     assert sizes.count(gates) >= 2 and sizes.count(-gates) >= 2  # in use, then back in the cache
@@ -148,7 +154,7 @@ def test_fused_step_buffers_come_from_the_cache(cls, empty_cache):
     assert fused.cache_info() == info
 
 
-def test_fused_cache_limit(empty_cache):
+def test_fused_cache_limit(fresh_cache):
     """With a limit of 0 nothing is cached and the results are the same, bit for bit; a limit
     keeps at most that many bytes; bad limits are refused, naming the value."""
     model = make("LSTM", "batch", hidden_size=64, input_size=8).float()

@@ -54,7 +54,7 @@ using OptTensor = std::optional<Tensor>;
 // freed, for the next sequence. glibc maps every buffer over 32 MB afresh and unmaps it on free,
 // so without the cache each training step page-faults and clears all of them again: at shape C
 // an LN-LSTM step faulted 100k times and spent 200 ms of CPU time in the system (of 3.9 s), and
-// the cache made the step 3-7% faster in interleaved A/B runs on the benchmark machine. Buffers
+// the cache made the step 2-7% faster in interleaved A/B runs on the benchmark machine. Buffers
 // under kMinBytes, and all of them with a limit of 0, go to PyTorch's CPU allocator. A buffer is
 // handed out again for a request of at least half its size; freed buffers are kept up to `limit`
 // bytes, the oldest released first. In-use buffers are reported to PyTorch's memory profiler as
@@ -913,7 +913,7 @@ std::vector<Tensor> gru_forward(const Tensor& gx, const Tensor& h0_, const Tenso
   const Steps st(T, keep);
   Tensor out = buffer({T, N, H}, o);
   Tensor hs = buffer({st.states, N, H}, o);
-  Tensor acts = keep ? gx : at::empty({1, N, F}, o);         // r, z, n (over gx, as in the LSTM)
+  Tensor acts = keep ? gx : at::empty({1, N, F}, o);      // r, z, n (over gx, as in the LSTM)
   Tensor ghn = buffer({st.kept, N, H}, o);                // gh_n, the recurrent half of n
   Tensor xhat = buffer({normed ? st.kept : 1, N, F}, o);  // x_hat of h W_hh^T
   NormBuffers nb(s, T, N, F, gx);
@@ -1180,7 +1180,9 @@ TORCH_LIBRARY(seqnorm_fused, m) {
       &input_norm_forward);
   m.def("project(Tensor x, Tensor w, Tensor? bias) -> Tensor", &project);
   m.def("cache_info() -> int[]", [] { return BufferCache::get().info(); });
-  m.def("set_cache_limit(int bytes) -> ()",
-        [](int64_t bytes) { BufferCache::get().set_limit(static_cast<size_t>(bytes)); });
+  m.def("set_cache_limit(int bytes) -> ()", [](int64_t bytes) {
+    TORCH_CHECK(bytes >= 0, "set_cache_limit: bytes=", bytes, ", expected >= 0");
+    BufferCache::get().set_limit(static_cast<size_t>(bytes));
+  });
   m.def("empty_cache() -> ()", [] { BufferCache::get().empty(); });
 }
