@@ -79,7 +79,7 @@ def available() -> bool:
 
 def cache_info() -> dict[str, int]:
     """The kernel's buffer cache: bytes ``cached`` (freed, kept for reuse), ``in_use`` and the
-    ``limit`` on cached bytes (all 0 while the kernel is not built)."""
+    ``limit`` on cached bytes (all 0 where the kernel cannot be built)."""
     if not available():
         return {"cached": 0, "in_use": 0, "limit": 0}
     cached, in_use, limit = torch.ops.seqnorm_fused.cache_info()

@@ -49,17 +49,16 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
 // ---------------------------------------------------------------------------------------------
-// The buffers of every step (states, outputs, x_hat, the input half of the gates: 100 MB each
-// for the gates at shape C of benchmarks/bench_rnn.py) come from a cache that keeps them, once
-// freed, for the next sequence. glibc maps every buffer over 32 MB afresh and unmaps it on free,
-// so without the cache each training step page-faults and clears all of them again: at shape C
-// an LN-LSTM step faulted 100k times and spent 200 ms of CPU time in the system (of 3.9 s), and
-// the cache made the step 2-7% faster in interleaved A/B runs on the benchmark machine. Buffers
+// The buffers of every step (states, outputs, x_hat, the input half of the gates: 100 MB each for
+// the gates at shape C of benchmarks/bench_rnn.py) come from a cache that keeps them, once freed,
+// for the next sequence. glibc maps every buffer over 32 MB afresh and unmaps it on free, so
+// without the cache each training step page-faults and clears all of them again: at shape C an
+// LN-LSTM step faulted 96k-104k times and spent 200-280 ms of CPU time in the system (of 3.9 s),
+// and the cache made the step 2-7% faster in interleaved A/B runs on the benchmark machine. Buffers
 // under kMinBytes, and all of them with a limit of 0, go to PyTorch's CPU allocator. A buffer is
 // handed out again for a request of at least half its size; freed buffers are kept up to `limit`
-// bytes, the oldest released first. In-use buffers are reported to PyTorch's memory profiler as
-// its own CPU allocator reports them (free cached memory is not, as with CUDA's caching
-// allocator).
+// bytes, the oldest released first. In-use buffers are reported to PyTorch's memory profiler as its
+// own CPU allocator reports them (free cached memory is not, as with CUDA's caching allocator).
 class BufferCache final : public c10::Allocator {
  public:
   static constexpr size_t kMinBytes = size_t(1) << 20;
@@ -97,7 +96,6 @@ class BufferCache final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       used_[ptr] = size;
-      in_use_ += size;
     }
     c10::profiledCPUMemoryReporter().New(ptr, size);
     return {ptr, ptr, &release, c10::Device(c10::DeviceType::CPU)};
@@ -116,7 +114,9 @@ class BufferCache final : public c10::Allocator {
   // cached (free) bytes, bytes in use, the limit
   std::vector<int64_t> info() {
     std::lock_guard<std::mutex> lock(mutex_);
-    return {int64_t(cached_), int64_t(in_use_), int64_t(limit())};
+    size_t in_use = 0;
+    for (const auto& block : used_) in_use += block.second;
+    return {int64_t(cached_), int64_t(in_use), int64_t(limit())};
   }
   void empty() {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -130,8 +130,8 @@ class BufferCache final : public c10::Allocator {
   };
   std::mutex mutex_;
   std::vector<Block> free_;  // oldest first
-  std::unordered_map<void*, size_t> used_;
-  size_t cached_ = 0, in_use_ = 0;
+  std::unordered_map<void*, size_t> used_;  // in use: sizes
+  size_t cached_ = 0;                        // the sum of free_'s sizes
   std::atomic<size_t> limit_{size_t(1) << 30};
 
   static void release(void* ptr) {
@@ -141,7 +141,6 @@ class BufferCache final : public c10::Allocator {
     const auto it = c.used_.find(ptr);
     const size_t size = it->second;
     c.used_.erase(it);
-    c.in_use_ -= size;
     c.free_.push_back({ptr, size});
     c.cached_ += size;
     c.trim(c.limit());
