@@ -238,7 +238,8 @@ def measure_shape(shape: str, names: list[str], args) -> dict:
         trained = name in trainable
         # seqnorm's kernel keeps freed step buffers for reuse, and one kept by another model
         # here may be larger than this one needs: measure this model's own
-        seqnorm.fused.empty_cache()
+        if device.type == "cpu":
+            seqnorm.ops.empty_cache()
         results[name] = {
             "fwd_ms": fwd[name],
             "fwd_bwd_ms": fwd_bwd[name] if trained else None,
@@ -262,7 +263,8 @@ def main():
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"argument --device: {args.device} was asked for, but CUDA is not available here")
     torch.set_num_threads(args.threads)
-    seqnorm.fused.available()  # compile the kernel (once) before anything is timed
+    backend = seqnorm.ops.choose(None, torch.zeros(1, 1, 1, device=args.device), [], False)
+    print(f"seqnorm backend: {backend}")  # on CPU this builds the kernel before anything is timed
     rows = []
     for shape in args.shapes:
         base = {}
@@ -282,7 +284,7 @@ def main():
         "device": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu",
         "threads": args.threads,
         "torch": torch.__version__,
-        "fused": seqnorm.fused.available(),
+        "seqnorm_backend": backend,
     }
     print(f"\n{machine}\n")
     print(table(rows))

@@ -8,23 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as SF
-from .norms import at_step, check_groups, check_norm, check_positive_int, step_norm
-
-
-def check_cell_args(input_size, hidden_size, norm, groups, eps, max_steps) -> None:
-    """Validate the arguments every cell and layer shares, before anything is built."""
-    check_positive_int(input_size, "input_size")
-    check_positive_int(hidden_size, "hidden_size")
-    check_norm(norm)
-    check_groups(groups, hidden_size, "hidden_size")
-    if groups != 1 and norm != "group":
-        raise ValueError(
-            f"Expected argument `groups` to be 1 unless norm='group', got groups={groups} with "
-            f"norm={norm!r}"
-        )
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"Expected argument `eps` to be a positive number, got {eps!r}")
-    check_positive_int(max_steps, "max_steps")
+from .checks import ShapeError, check_cell_args
+from .norms import at_step, step_norm
 
 
 def add_cell_parameters(
@@ -40,33 +25,42 @@ def add_cell_parameters(
     max_steps: int,
     cell_norm: bool,
     factory: dict,
-) -> None:
+    proj_size: int = 0,
+) -> list[str]:
     """Register one cell's weights under torch's names, and its norms beside them.
 
-    ``weight_ih{suffix}`` ``(gates*H, H_in)``, ``weight_hh{suffix}`` ``(gates*H, H)``,
-    ``bias_ih{suffix}``/``bias_hh{suffix}`` ``(gates*H,)``; ``norm_ih{suffix}`` and
-    ``norm_hh{suffix}`` (gain only, the biases shift) and, if ``cell_norm``, ``norm_c{suffix}``
-    on the cell state (gain and shift). With ``norm="none"`` the norms are None.
+    ``weight_ih{suffix}`` ``(gates*H, H_in)``, ``weight_hh{suffix}`` ``(gates*H, P)``,
+    ``bias_ih{suffix}``/``bias_hh{suffix}`` ``(gates*H,)`` and, with ``proj_size`` P > 0,
+    ``weight_hr{suffix}`` ``(P, H)``; ``norm_ih{suffix}`` and ``norm_hh{suffix}`` (gain only, the
+    biases shift) and, if ``cell_norm``, ``norm_c{suffix}`` on the cell state (gain and shift).
+    With ``norm="none"`` the norms are None. Returns the weights' names in torch's order.
     """
     features = gates * hidden_size
 
     def param(*shape):
         return nn.Parameter(torch.empty(*shape, **factory))
 
-    setattr(module, f"weight_ih{suffix}", param(features, input_size))
-    setattr(module, f"weight_hh{suffix}", param(features, hidden_size))
-    setattr(module, f"bias_ih{suffix}", param(features) if bias else None)
-    setattr(module, f"bias_hh{suffix}", param(features) if bias else None)
+    names = [f"weight_ih{suffix}", f"weight_hh{suffix}"]
+    setattr(module, names[0], param(features, input_size))
+    setattr(module, names[1], param(features, proj_size or hidden_size))
+    for name in (f"bias_ih{suffix}", f"bias_hh{suffix}"):
+        setattr(module, name, param(features) if bias else None)
+        if bias:
+            names.append(name)
+    if proj_size:
+        names.append(f"weight_hr{suffix}")
+        setattr(module, names[-1], param(proj_size, hidden_size))
     kw = {"eps": eps, "max_steps": max_steps, **factory}
     setattr(module, f"norm_ih{suffix}", step_norm(norm, features, groups, bias=False, **kw))
     setattr(module, f"norm_hh{suffix}", step_norm(norm, features, groups, bias=False, **kw))
     if cell_norm:
         setattr(module, f"norm_c{suffix}", step_norm(norm, hidden_size, groups, bias=True, **kw))
+    return names
 
 
 def reset_cell_parameters(module: nn.Module, hidden_size: int) -> None:
     """torch's initialization for weights and biases (uniform in +-1/sqrt(H)); norms their own."""
-    bound = 1 / math.sqrt(hidden_size)
+    bound = 1 / math.sqrt(hidden_size) if hidden_size > 0 else 0
     for name, p in module.named_parameters(recurse=False):
         if name.startswith(("weight_", "bias_")):
             nn.init.uniform_(p, -bound, bound)
@@ -75,7 +69,50 @@ def reset_cell_parameters(module: nn.Module, hidden_size: int) -> None:
             child.reset_parameters()
 
 
-class _CellBase(nn.Module):
+class NormRecord:
+    """Records in the state dict what changes the computation but not the parameters' shapes
+    (``norm``, ``groups``, ``eps``), and refuses a state dict recorded otherwise.
+
+    A state dict without the record (``torch.nn``'s, or one saved before seqnorm kept it) loads
+    as before: its keys decide.
+    """
+
+    norm: str
+    groups: int
+    eps: float
+    _RECORDED = ("norm", "groups", "eps")
+
+    def get_extra_state(self) -> dict:
+        return {key: getattr(self, key) for key in self._RECORDED}
+
+    def set_extra_state(self, state) -> None:
+        if not isinstance(state, dict) or not set(self._RECORDED) <= state.keys():
+            raise RuntimeError(
+                f"Expected the state dict's `_extra_state` of {type(self).__name__} to record "
+                f"{', '.join(self._RECORDED)}, got {state!r}"
+            )
+        mine, theirs = self.get_extra_state(), {k: state[k] for k in self._RECORDED}
+        if self.norm == "none" and theirs["norm"] == "none":
+            mine.pop("eps"), theirs.pop("eps")  # eps does nothing without a norm
+        if mine != theirs:
+            describe = lambda d: ", ".join(f"{k}={v!r}" for k, v in d.items())
+            raise RuntimeError(
+                f"Expected a state dict of a {type(self).__name__} with {describe(mine)}, got one "
+                f"saved with {describe(theirs)}: its parameters fit, but it computes something "
+                f"else. Build the model with {describe(theirs)} to load it"
+            )
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors
+    ):
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing, unexpected, errors
+        )
+        if prefix + "_extra_state" in missing:
+            missing.remove(prefix + "_extra_state")  # no record to check: the keys decide
+
+
+class _CellBase(NormRecord, nn.Module):
     _gates: int
     _cell_norm: bool
 
@@ -92,7 +129,7 @@ class _CellBase(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        check_cell_args(input_size, hidden_size, norm, groups, eps, max_steps)
+        check_cell_args(input_size, hidden_size, bias, norm, groups, eps, max_steps, layer=False)
         self.input_size, self.hidden_size, self.bias = input_size, hidden_size, bias
         self.norm, self.groups, self.eps, self.max_steps = norm, groups, eps, max_steps
         add_cell_parameters(
@@ -126,10 +163,20 @@ class _CellBase(nn.Module):
         """Return ``(N, H_in)`` input and whether it was batched."""
         if not isinstance(input, Tensor):
             raise TypeError(f"Expected argument `input` to be a Tensor, got {type(input).__name__}")
-        if input.dim() not in (1, 2) or input.shape[-1] != self.input_size:
+        name = type(self).__name__
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if input.shape[-1] != self.input_size:
+            raise ShapeError(
+                f"input has inconsistent input_size: got {input.shape[-1]} expected "
+                f"{self.input_size} (argument `input` of {name}({self.input_size}, "
+                f"{self.hidden_size}) must be (N, {self.input_size}) or ({self.input_size},))"
+            )
+        if input.dtype != self.weight_ih.dtype and not torch.is_autocast_enabled(input.device.type):
             raise ValueError(
-                f"Expected argument `input` of shape (N, {self.input_size}) or "
-                f"({self.input_size},), got {tuple(input.shape)}"
+                f"{name} input dtype ({input.dtype}) does not match weight dtype "
+                f"({self.weight_ih.dtype}). Convert input: input.to({self.weight_ih.dtype}), or "
+                f"convert model: model.to({input.dtype})"
             )
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
@@ -140,12 +187,30 @@ class _CellBase(nn.Module):
             )
         return x, batched
 
-    def _check_state(self, state: Tensor, name: str, n: int, batched: bool) -> Tensor:
-        shape = (n, self.hidden_size) if batched else (self.hidden_size,)
-        if not isinstance(state, Tensor) or tuple(state.shape) != shape:
-            got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
-            raise ValueError(f"Expected argument `{name}` of shape {shape}, got {got}")
-        return state if batched else state.unsqueeze(0)
+    def _check_state(self, state, index: int, name: str, n: int, torch_name: str) -> Tensor:
+        """A state ``(N, H)`` (``(H,)`` for unbatched input), checked as torch checks it
+        (``torch_name``: what torch's messages call it)."""
+        if not isinstance(state, Tensor):
+            raise TypeError(
+                f"Expected argument `{name}` to be a Tensor, got {type(state).__name__}"
+            )
+        if state.dim() not in (1, 2):
+            raise ValueError(
+                f"Expected {torch_name} to be 1D or 2D, got {state.dim()}D instead (argument "
+                f"`{name}` of shape {tuple(state.shape)})"
+            )
+        state = state if state.dim() == 2 else state.unsqueeze(0)
+        if state.shape[0] != n:
+            raise ShapeError(
+                f"Input batch size {n} doesn't match hidden{index} batch size {state.shape[0]} "
+                f"(argument `{name}`)"
+            )
+        if state.shape[1] != self.hidden_size:
+            raise ShapeError(
+                f"hidden{index} has inconsistent hidden_size: got {state.shape[1]}, expected "
+                f"{self.hidden_size} (argument `{name}`)"
+            )
+        return state
 
 
 class LSTMCell(_CellBase):
@@ -177,14 +242,14 @@ class LSTMCell(_CellBase):
         x, batched = self._check_input(input)
         n = x.shape[0]
         if hx is None:
-            h = c = x.new_zeros(n, self.hidden_size)
+            h = c = x.new_zeros(n, self.hidden_size, dtype=self.weight_hh.dtype)
         else:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                 raise TypeError(
                     f"Expected argument `hx` to be a tuple (h, c), got {type(hx).__name__}"
                 )
-            h = self._check_state(hx[0], "hx[0]", n, batched)
-            c = self._check_state(hx[1], "hx[1]", n, batched)
+            h = self._check_state(hx[0], 0, "hx[0]", n, "hx[0]")
+            c = self._check_state(hx[1], 1, "hx[1]", n, "hx[1]")
         gx = SF.lstm_input(
             x, self.weight_ih, self.bias_ih, self.bias_hh, at_step(self.norm_ih, step, None)
         )
@@ -218,11 +283,10 @@ class GRUCell(_CellBase):
     def forward(self, input: Tensor, hx: Tensor | None = None, *, step: int = 0) -> Tensor:
         x, batched = self._check_input(input)
         n = x.shape[0]
-        h = (
-            x.new_zeros(n, self.hidden_size)
-            if hx is None
-            else self._check_state(hx, "hx", n, batched)
-        )
+        if hx is None:
+            h = x.new_zeros(n, self.hidden_size, dtype=self.weight_hh.dtype)
+        else:
+            h = self._check_state(hx, 0, "hx", n, "hidden")
         gx = SF.gru_input(x, self.weight_ih, self.bias_ih, at_step(self.norm_ih, step, None))
         h = SF.gru_step(gx, h, self.weight_hh, self.bias_hh, at_step(self.norm_hh, step, None))
         return h if batched else h.squeeze(0)

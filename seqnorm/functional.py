@@ -1,16 +1,22 @@
 """The math of seqnorm, written once.
 
 Normalizations (DESIGN.md §1) and the LSTM/GRU step equations (§2). Modules in ``norms``,
-``cells`` and ``rnn`` own the parameters and call these functions.
+``cells`` and ``rnn`` own the parameters and call these functions; the fused kernels in
+:mod:`seqnorm.ops` are tested against them.
 
 Every normalization computes ``x_hat = (x - mean) / sqrt(var + eps)`` with the biased variance,
-then ``y = gamma * x_hat + beta``. Statistics are taken in at least float32, so that half and
-bfloat16 inputs (autocast) are normalized in float32, as ``torch.nn.functional.layer_norm`` does.
+then ``y = gamma * x_hat + beta``. Statistics are taken in float64, so that they neither lose
+precision in half precision nor overflow (the squares of float32 values of 1e19 and more do:
+ATen's float32 layer norm then returns zeros or NaN, depending on the row's length); the
+kernels agree, computing them in float32 where that is exact enough and in double where it
+overflows. The result has the dtype that ``x * gamma + beta`` has (the input's when the
+parameters share it, float32 under autocast, where the parameters stay float32).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +27,16 @@ Norm = Callable[[Tensor], Tensor]
 
 
 def _stats_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
+    return torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
+
+
+def _result_dtype(x: Tensor, *params: Tensor | None) -> torch.dtype:
+    """The dtype of ``x * gamma + beta``: the input's, promoted by the parameters'."""
+    dtype = x.dtype
+    for p in params:
+        if p is not None:
+            dtype = torch.promote_types(dtype, p.dtype)
+    return dtype
 
 
 def _affine(x_hat: Tensor, weight: Tensor | None, bias: Tensor | None, channel_dim: int) -> Tensor:
@@ -51,21 +66,22 @@ def group_norm(
         eps: added to the variance.
 
     Returns:
-        ``(N, C, *)``, in float32 when ``x`` is half or bfloat16.
+        ``(N, C, *)`` in the dtype of ``x * weight + bias``; statistics in float64.
 
     Example:
         >>> x = torch.randn(2, 4, 3)
         >>> torch.allclose(group_norm(x, 4), torch.nn.functional.instance_norm(x), atol=1e-6)
         True
     """
+    out = _result_dtype(x, weight, bias)
     xs = x.to(_stats_dtype(x))
     cast = lambda p: None if p is None else p.to(xs.dtype)
     if x.dim() == 2:  # the same statistics; ATen's layer norm is the faster kernel
         if groups == 1:
-            return F.layer_norm(xs, xs.shape[1:], cast(weight), cast(bias), eps)
+            return F.layer_norm(xs, xs.shape[1:], cast(weight), cast(bias), eps).to(out)
         x_hat = F.layer_norm(xs.reshape(x.shape[0], groups, -1), (x.shape[1] // groups,), eps=eps)
-        return _affine(x_hat.reshape(x.shape), weight, bias, channel_dim=1)
-    return F.group_norm(xs, groups, cast(weight), cast(bias), eps)
+        return _affine(x_hat.reshape(x.shape), cast(weight), cast(bias), channel_dim=1).to(out)
+    return F.group_norm(xs, groups, cast(weight), cast(bias), eps).to(out)
 
 
 def layer_norm(x: Tensor, weight=None, bias=None, eps: float = 1e-5) -> Tensor:
@@ -104,6 +120,7 @@ def batch_norm(
         x: ``(N, C, *)``.
         running_mean, running_var: ``(C,)`` buffers updated in place, or None.
     """
+    out = _result_dtype(x, weight, bias)
     dims = [0, *range(2, x.dim())]
     xs = x.to(_stats_dtype(x))
     if training or running_mean is None:
@@ -114,10 +131,22 @@ def batch_norm(
                 running_mean.lerp_(mean.to(running_mean.dtype), momentum)
                 running_var.lerp_((var * count / max(count - 1, 1)).to(running_var.dtype), momentum)
     else:
-        mean, var = running_mean, running_var
+        mean, var = running_mean.to(xs.dtype), running_var.to(xs.dtype)
     shape = [1, -1] + [1] * (x.dim() - 2)
     x_hat = (xs - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)
-    return _affine(x_hat, weight, bias, channel_dim=1)
+    cast = lambda p: None if p is None else p.to(xs.dtype)
+    return _affine(x_hat, cast(weight), cast(bias), channel_dim=1).to(out)
+
+
+class BatchStats(NamedTuple):
+    """The batch statistics of every step of a recurrent batch norm, for its running ones."""
+
+    mean: Tensor
+    """``(T, F)``: each step's mean over its valid samples."""
+    var: Tensor
+    """``(T, F)``: each step's biased variance over its valid samples."""
+    count: Tensor
+    """``(T,)`` int64: each step's valid samples; steps with fewer than two used running ones."""
 
 
 def recurrent_batch_norm(
@@ -128,38 +157,35 @@ def recurrent_batch_norm(
     bias: Tensor | None = None,
     *,
     mask: Tensor | None = None,
-    start: int = 0,
     training: bool = True,
-    momentum: float = 0.1,
     eps: float = 1e-5,
     all_reduce: Callable[[Tensor], Tensor] | None = None,
-) -> Tensor:
+) -> tuple[Tensor, BatchStats | None]:
     """Recurrent batch normalization (Cooijmans et al., 2016) with per-step statistics.
 
-    Step ``t`` of ``x`` is time step ``start + t``. Its mean and biased variance are taken per
-    feature over the samples valid at that step (``mask``), so padding never enters them; its
-    running statistics live in row ``min(start + t, S - 1)`` of the ``(S, F)`` buffers. A step
-    with fewer than two valid samples uses its running statistics. In eval mode every step uses
-    its running statistics.
+    Each step's mean and biased variance are taken per feature over the samples valid at that
+    step (``mask``), so padding never enters them. A step with fewer than two valid samples, and
+    every step in eval mode, uses its running statistics instead.
 
     Args:
         x: ``(T, N, F)``.
-        running_mean, running_var: ``(S, F)``, updated in place in training.
+        running_mean, running_var: ``(T, F)``, the running statistics of each step (see
+            :func:`running_rows`); read, never written.
         weight, bias: ``(F,)`` or None.
         mask: ``(T, N)`` bool, True where a sample is valid; None means all valid.
-        all_reduce: sums a tensor over processes (in place or not, differentiably) to take the
-            statistics over the global batch under data parallelism; None for local statistics.
+        all_reduce: sums a tensor over processes (differentiably) to take the statistics over
+            the global batch under data parallelism; None for local statistics.
 
     Returns:
-        ``(T, N, F)``.
+        ``(T, N, F)`` and, in training, the batch statistics (for :func:`update_running`).
     """
-    steps = running_mean.shape[0]
-    slot = (torch.arange(x.shape[0], device=x.device) + start).clamp_(max=steps - 1)  # (T,)
-    run_mean, run_var = running_mean[slot], running_var[slot]  # (T, F)
+    out = _result_dtype(x, weight, bias)
     xs = x.to(_stats_dtype(x))
-    if mask is None and all_reduce is None:
-        running = (running_mean, running_var, slot, momentum)
-        return _batch_norm_all_valid(xs, run_mean, run_var, running, weight, bias, training, eps)
+    cast = lambda p: None if p is None else p.to(xs.dtype)
+    if training and mask is None and all_reduce is None and x.shape[1] >= 2:
+        return _batch_norm_all_valid(xs, cast(weight), cast(bias), eps, out)
+    run_mean, run_var = running_mean.to(xs.dtype), running_var.to(xs.dtype)
+    stats = None
     if not training:
         mean, var = run_mean, run_var
     else:
@@ -176,61 +202,67 @@ def recurrent_batch_norm(
         use_batch = count >= 2  # (T, 1)
         mean = torch.where(use_batch, batch_mean, run_mean)
         var = torch.where(use_batch, batch_var, run_var)
-        with torch.no_grad():
-            unbiased = batch_var * count / (count - 1).clamp(min=1)
-            _update_running(running_mean, batch_mean, use_batch, slot, momentum)
-            _update_running(running_var, unbiased, use_batch, slot, momentum)
+        stats = BatchStats(batch_mean.detach(), batch_var.detach(), count.squeeze(1).long())
     x_hat = (xs - mean.unsqueeze(1)) * torch.rsqrt(var.unsqueeze(1) + eps)
-    return _affine(x_hat, weight, bias, channel_dim=2)
+    return _affine(x_hat, cast(weight), cast(bias), channel_dim=2).to(out), stats
 
 
-def _batch_norm_all_valid(xs, run_mean, run_var, running, weight, bias, training, eps):
-    """:func:`recurrent_batch_norm` without padding: one call of ATen's batch norm with a channel
-    per (step, feature), which saves only its input for the backward."""
+def _batch_norm_all_valid(xs, weight, bias, eps, out) -> tuple[Tensor, BatchStats]:
+    """:func:`recurrent_batch_norm` in training without padding (every step uses its batch
+    statistics): one call of ATen's batch norm with a channel per (step, feature), which saves
+    only its input for the backward."""
     steps, n, f = xs.shape
-    use_batch = training and n >= 2
-    if use_batch:
-        with torch.no_grad():
-            var, mean = torch.var_mean(xs, dim=1, correction=0)  # (T, F)
-            running_mean, running_var, slot, momentum = running
-            use = torch.ones(steps, 1, dtype=torch.bool, device=xs.device)
-            _update_running(running_mean, mean, use, slot, momentum)
-            _update_running(running_var, var * n / (n - 1), use, slot, momentum)
+    with torch.no_grad():
+        var, mean = torch.var_mean(xs, dim=1, correction=0)  # (T, F)
     channels = xs.permute(0, 2, 1).reshape(1, steps * f, n)  # statistics over the samples
-    tile = lambda p: None if p is None else p.to(xs.dtype).repeat(steps)
-    y = F.batch_norm(
-        channels,
-        None if use_batch else run_mean.reshape(-1),
-        None if use_batch else run_var.reshape(-1),
-        tile(weight),
-        tile(bias),
-        training=use_batch,
-        eps=eps,
-    )
-    return y.reshape(steps, f, n).permute(0, 2, 1)
+    tile = lambda p: None if p is None else p.repeat(steps)
+    y = F.batch_norm(channels, None, None, tile(weight), tile(bias), training=True, eps=eps)
+    count = torch.full((steps,), n, dtype=torch.long, device=xs.device)
+    return y.reshape(steps, f, n).permute(0, 2, 1).to(out), BatchStats(mean, var, count)
 
 
-def _update_running(running: Tensor, batch: Tensor, use: Tensor, slot: Tensor, momentum: float):
-    """Move rows ``slot`` of ``running`` towards ``batch`` where ``use``, as if step by step.
+def running_rows(running: Tensor, start, steps) -> Tensor:
+    """Rows ``start .. start + steps - 1`` of ``(S, F)`` running statistics, as ``(T, F)``:
+    steps past the last row share it."""
+    slot = (torch.arange(steps, device=running.device) + start).clamp_(max=running.shape[0] - 1)
+    return running[slot]
 
-    Steps past the last row share it; each moves it in turn, so a whole sequence updates the
-    statistics exactly as one call per step would: a step followed by ``k`` later updates of the
-    same row keeps weight ``momentum * (1 - momentum) ** k``. Only the touched range of rows is
-    read and written, so a one-step call costs O(F), not O(S F).
+
+@torch.no_grad()
+def update_running(
+    running_mean: Tensor, running_var: Tensor, stats: BatchStats, start: int, momentum: float
+) -> None:
+    """Move the running statistics towards each step's batch statistics, as if step by step.
+
+    Step ``t`` moves row ``min(start + t, S - 1)`` by ``momentum`` (mean, and the unbiased
+    variance as in ``torch.nn.BatchNorm1d``) if it had at least two valid samples. Steps past the
+    last row share it and move it in turn, so a whole sequence updates the statistics exactly as
+    one call per step would: a step followed by ``k`` later updates of the same row keeps weight
+    ``momentum * (1 - momentum) ** k``. Only the touched range of rows is read and written, so a
+    one-step call costs O(F), not O(S F).
     """
-    lo = int(slot[0])
-    rows = running[lo : int(slot[-1]) + 1]  # (R, F), a view
+    rows_total = running_mean.shape[0]
+    steps = stats.mean.shape[0]
+    slot = (torch.arange(steps, device=running_mean.device) + start).clamp_(max=rows_total - 1)
+    count = stats.count.to(running_mean.device, stats.mean.dtype).unsqueeze(1)  # (T, 1)
+    used = (count >= 2).to(running_mean.dtype).squeeze(1)  # (T,)
+    unbiased = stats.var * count / (count - 1).clamp(min=1)
+    lo = min(start, rows_total - 1)
+    hi = min(start + steps - 1, rows_total - 1) + 1
     index = slot - lo
-    used = use.squeeze(1).to(rows.dtype)  # (T,)
-    hits = rows.new_zeros(rows.shape[0]).index_add_(0, index, used)  # (R,)
+    hits = used.new_zeros(hi - lo).index_add_(0, index, used)  # (R,)
     # Slots never decrease along the steps, so the updates after step t that hit its row are
     # the row's hits minus those up to and including t.
     upto = torch.cumsum(used, 0) - torch.cumsum(hits, 0)[index] + hits[index]  # (T,)
     later = hits[index] - upto
     keep = 1 - momentum
     weight = used * momentum * keep**later  # (T,)
-    moved = torch.zeros_like(rows).index_add_(0, index, batch.to(rows.dtype) * weight.unsqueeze(1))
-    rows.copy_(rows * (keep**hits).unsqueeze(1) + moved)
+    for running, batch in ((running_mean, stats.mean), (running_var, unbiased)):
+        rows = running[lo:hi]  # (R, F), a view
+        moved = torch.zeros_like(rows).index_add_(
+            0, index, batch.to(rows.dtype) * weight.unsqueeze(1)
+        )
+        rows.copy_(rows * (keep**hits).unsqueeze(1) + moved)
 
 
 def lstm_input(
@@ -252,30 +284,40 @@ def lstm_input(
     if norm_ih is None:
         return F.linear(x, weight_ih, bias)  # (..., 4H)
     gx = norm_ih(F.linear(x, weight_ih))
-    return gx if bias is None else gx.add_(bias)  # in place: gx is the norm's own new tensor
+    return gx if bias is None else gx + bias
 
 
 def lstm_step(
-    gx: Tensor, h: Tensor, c: Tensor, weight_hh: Tensor, norm_hh: Norm | None, norm_c: Norm | None
+    gx: Tensor,
+    h: Tensor,
+    c: Tensor,
+    weight_hh: Tensor,
+    norm_hh: Norm | None,
+    norm_c: Norm | None,
+    weight_hr: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One LSTM step given the input half of its gates (Ba et al., 2016, eqs. 20-22).
 
     ``gates = gx + Nh(h W_hh^T)``, split as ``i, f, g, o`` (torch's order);
-    ``c' = sig(f) * c + sig(i) * tanh(g)``; ``h' = sig(o) * tanh(Nc(c'))``.
-    The carried ``c'`` is not normalized.
+    ``c' = sig(f) * c + sig(i) * tanh(g)``; ``h' = sig(o) * tanh(Nc(c'))``, projected to
+    ``h' W_hr^T`` when the LSTM has projections (``proj_size`` P > 0). The carried ``c'`` is not
+    normalized.
 
     Args:
         gx: ``(N, 4H)`` from :func:`lstm_input`.
-        h, c: ``(N, H)``.
+        h: ``(N, H)``, or ``(N, P)`` with projections; c: ``(N, H)``.
+        weight_hr: ``(P, H)`` or None.
 
     Returns:
-        ``(h', c')``, each ``(N, H)``.
+        ``(h', c')``.
     """
     gh = F.linear(h, weight_hh)  # (N, 4H)
     gates = gx + (gh if norm_hh is None else norm_hh(gh))
     i, f, g, o = gates.chunk(4, dim=1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    h = torch.sigmoid(o) * torch.tanh(c if norm_c is None else norm_c(c))
+    h = torch.sigmoid(o) * torch.tanh(c if norm_c is None else norm_c(c))  # (N, H)
+    if weight_hr is not None:
+        h = F.linear(h, weight_hr)  # (N, P)
     return h, c
 
 
@@ -291,7 +333,7 @@ def gru_input(x: Tensor, weight_ih: Tensor, bias_ih: Tensor | None, norm_ih: Nor
     if norm_ih is None:
         return F.linear(x, weight_ih, bias_ih)  # (..., 3H)
     gx = norm_ih(F.linear(x, weight_ih))
-    return gx if bias_ih is None else gx.add_(bias_ih)  # in place: gx is the norm's new tensor
+    return gx if bias_ih is None else gx + bias_ih
 
 
 def gru_step(

@@ -14,9 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as SF
-
-NORMS = ("none", "layer", "group", "batch")
-"""The choices for a cell's ``norm`` argument."""
+from .checks import check_groups, check_int
 
 
 class _ChannelNorm(nn.Module):
@@ -24,10 +22,7 @@ class _ChannelNorm(nn.Module):
 
     def __init__(self, num_channels: int, eps: float, affine: bool, bias: bool, device, dtype):
         super().__init__()
-        if not isinstance(num_channels, int) or num_channels < 1:
-            raise ValueError(
-                f"Expected argument `num_channels` to be a positive int, got {num_channels!r}"
-            )
+        check_int(num_channels, "num_channels", 0)
         if not eps > 0:
             raise ValueError(f"Expected argument `eps` to be positive, got {eps!r}")
         self.num_channels, self.eps = num_channels, eps
@@ -209,9 +204,7 @@ class RecurrentGroupNorm(GroupNorm):
     """
 
     def forward(self, x: Tensor, step: int = 0, mask: Tensor | None = None) -> Tensor:
-        y = SF.group_norm(
-            x.reshape(-1, x.shape[-1]), self.num_groups, self.weight, self.bias, self.eps
-        )
+        y = SF.group_norm(x.flatten(0, -2), self.num_groups, self.weight, self.bias, self.eps)
         return y.reshape(x.shape)
 
 
@@ -250,7 +243,7 @@ class RecurrentBatchNorm(_ChannelNorm):
         dtype=None,
     ):
         super().__init__(num_features, eps, True, bias, device, dtype)
-        check_positive_int(max_steps, "max_steps")
+        check_int(max_steps, "max_steps")
         self.max_steps, self.momentum, self.sync = max_steps, momentum, sync
         self.gain_init = 0.1
         kw = {"device": device, "dtype": dtype}
@@ -272,28 +265,35 @@ class RecurrentBatchNorm(_ChannelNorm):
             raise ValueError(
                 f"Expected input of shape (T, N, {self.num_channels}), got {tuple(x.shape)}"
             )
-        if self.training and x.shape[1] < 2 and not self._synced():
+        if self.training and x.shape[1] < 2 and not self.synchronized:
             raise ValueError(
                 "Expected a batch of more than one sample for batch norm in training, got batch "
                 f"size {x.shape[1]}: there are no batch statistics. Use norm='layer' or "
                 "norm='group', or call .eval() to use the running statistics"
             )
-        y = SF.recurrent_batch_norm(
+        y, stats = SF.recurrent_batch_norm(
             x,
-            self.running_mean,
-            self.running_var,
+            SF.running_rows(self.running_mean, step, x.shape[0]),
+            SF.running_rows(self.running_var, step, x.shape[0]),
             self.weight,
             self.bias,
             mask=mask,
-            start=step,
             training=self.training,
-            momentum=self.momentum,
             eps=self.eps,
-            all_reduce=_all_reduce_sum if self._synced() else None,
+            all_reduce=all_reduce_sum if self.synchronized else None,
         )
+        if stats is not None:
+            self.update_running(stats, step)
         return y.squeeze(0) if one_step else y
 
-    def _synced(self) -> bool:
+    def update_running(self, stats: SF.BatchStats, step: int = 0) -> None:
+        """Move the running statistics of steps ``step, step + 1, ...`` towards ``stats``."""
+        SF.update_running(self.running_mean, self.running_var, stats, step, self.momentum)
+
+    @property
+    def synchronized(self) -> bool:
+        """Whether the statistics are taken over every process (``sync`` under an initialized
+        ``torch.distributed`` process group, in training)."""
         dist = torch.distributed
         return self.sync and self.training and dist.is_available() and dist.is_initialized()
 
@@ -301,41 +301,11 @@ class RecurrentBatchNorm(_ChannelNorm):
         return f"{super().extra_repr()}, max_steps={self.max_steps}, sync={self.sync}"
 
 
-def _all_reduce_sum(x: Tensor) -> Tensor:
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """``x`` summed over every process of the default group, differentiably."""
     from torch.distributed.nn.functional import all_reduce
 
     return all_reduce(x)
-
-
-def check_positive_int(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(
-            f"Expected argument `{name}` to be an int, got {type(value).__name__} {value!r}"
-        )
-    if value < 1:
-        raise ValueError(f"Expected argument `{name}` to be at least 1, got {value}")
-
-
-def check_groups(groups, features: int, features_name: str) -> None:
-    check_positive_int(groups, "groups")
-    if features % groups:
-        raise ValueError(
-            f"Expected argument `groups` to divide {features_name}={features}, got groups={groups}"
-        )
-
-
-def check_norm(norm) -> None:
-    """Reject anything a recurrent cell cannot use, saying what it can."""
-    if norm == "instance":
-        raise ValueError(
-            "Expected argument `norm` to be one of " + ", ".join(map(repr, NORMS)) + ", got "
-            "'instance': at one time step each sample and feature is a single number, so instance "
-            "norm would always output 0. Use norm='layer' (one group) or norm='group'"
-        )
-    if norm not in NORMS:
-        raise ValueError(
-            f"Expected argument `norm` to be one of {', '.join(map(repr, NORMS))}, got {norm!r}"
-        )
 
 
 def step_norm(

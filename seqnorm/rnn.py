@@ -1,10 +1,10 @@
 """Multi-layer, bidirectional normalized LSTM and GRU with the ``torch.nn.LSTM``/``GRU`` contract.
 
-The input projection and its normalization are computed for all steps at once, outside the time
-loop; only the recurrent projection, its normalization and the gate arithmetic run per step.
-Padding (``lengths`` or a ``PackedSequence``) is handled with a mask: a padded step leaves the
-state as it was, outputs zeros and never enters batch statistics. The reverse direction reads
-each sample backwards from its own last valid step.
+Each direction of each layer is one call of the recurrence operator (:mod:`seqnorm.ops`): the
+input projection and its normalization for all steps at once, then the time loop. Padding
+(``lengths`` or a ``PackedSequence``) is a mask: a padded step leaves the state as it was,
+outputs zeros and never enters batch statistics. The reverse direction reads each sample
+backwards from its own last valid step.
 """
 
 from __future__ import annotations
@@ -16,21 +16,31 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import functional as SF
-from . import fused
-from .cells import add_cell_parameters, check_cell_args, reset_cell_parameters
-from .norms import at_step, check_positive_int
+from . import ops
+from .cells import NormRecord, add_cell_parameters, reset_cell_parameters
+from .checks import (
+    ShapeError,
+    check_bool,
+    check_cell_args,
+    check_dropout,
+    check_dtype,
+    check_int,
+    check_lengths,
+    check_proj_size,
+)
+from .norms import RecurrentBatchNorm, all_reduce_sum
 
 State = tuple[Tensor, ...]
 
 
-class _RNNBase(nn.Module):
+class _RNNBase(NormRecord, nn.Module):
     _gates: int
     _cell_norm: bool
     _num_states: int
-    use_fused: bool = True
-    """Run the time loop in the fused C++ kernel where it applies (see :mod:`seqnorm.fused`);
-    set to False on an instance to run the readable per-step Python loop."""
+    backend: str | None = None
+    """Which implementation runs the recurrence (``"auto"``, ``"cpp"``, ``"triton"``,
+    ``"python"``; see :mod:`seqnorm.ops.backend`); None follows ``SEQNORM_BACKEND``. Set it on an
+    instance, e.g. ``rnn.backend = "python"`` for the readable per-step loop."""
 
     def __init__(
         self,
@@ -41,6 +51,7 @@ class _RNNBase(nn.Module):
         batch_first: bool = False,
         dropout: float = 0.0,
         bidirectional: bool = False,
+        proj_size: int = 0,
         norm: str = "layer",
         groups: int = 1,
         eps: float = 1e-5,
@@ -49,30 +60,29 @@ class _RNNBase(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        check_cell_args(input_size, hidden_size, norm, groups, eps, max_steps)
-        check_positive_int(num_layers, "num_layers")
-        if (
-            isinstance(dropout, bool)
-            or not isinstance(dropout, (int, float))
-            or not 0 <= dropout <= 1
-        ):
-            raise ValueError(
-                f"Expected argument `dropout` to be a number in [0, 1], got {dropout!r}"
-            )
+        check_cell_args(input_size, hidden_size, bias, norm, groups, eps, max_steps, layer=True)
+        check_int(num_layers, "num_layers")
+        check_bool(batch_first, "batch_first")
+        check_bool(bidirectional, "bidirectional")
+        check_dropout(dropout)
+        check_proj_size(proj_size, hidden_size)
         if dropout > 0 and num_layers == 1:
             warnings.warn(
-                f"dropout={dropout} acts between layers, so with num_layers=1 it does nothing",
-                stacklevel=2,
+                "dropout option adds dropout after all but last recurrent layer, so non-zero "
+                f"dropout expects num_layers greater than 1, but got dropout={dropout} and "
+                f"num_layers={num_layers}",
+                stacklevel=3,
             )
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
-        self.bidirectional = bidirectional
+        self.bidirectional, self.proj_size = bidirectional, proj_size
         self.norm, self.groups, self.eps, self.max_steps = norm, groups, eps, max_steps
         directions = 2 if bidirectional else 1
+        self._all_weights: list[list[str]] = []
         for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else hidden_size * directions
+            layer_input = input_size if layer == 0 else (proj_size or hidden_size) * directions
             for suffix in self._suffixes(layer):
-                add_cell_parameters(
+                names = add_cell_parameters(
                     self,
                     suffix,
                     layer_input,
@@ -85,11 +95,26 @@ class _RNNBase(nn.Module):
                     max_steps,
                     self._cell_norm,
                     {"device": device, "dtype": dtype},
+                    proj_size,
                 )
+                self._all_weights.append(names)
+        self._flat_weights_names = [name for names in self._all_weights for name in names]
         self.reset_parameters()
 
     def _suffixes(self, layer: int) -> list[str]:
         return [f"_l{layer}", f"_l{layer}_reverse"][: 2 if self.bidirectional else 1]
+
+    @property
+    def all_weights(self) -> list[list[Tensor]]:
+        """torch's weights of each layer and direction (``weight_ih``, ``weight_hh``, the biases,
+        ``weight_hr``), as in ``torch.nn.LSTM.all_weights``; the norms' parameters are not here."""
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    @property
+    def _flat_weights(self) -> list[Tensor | None]:
+        """torch's weights in ``_flat_weights_names`` order, read afresh on every access, so that a
+        parametrization (weight norm) or a pruning mask is always seen, as the forward sees it."""
+        return [getattr(self, name, None) for name in self._flat_weights_names]
 
     def reset_parameters(self) -> None:
         reset_cell_parameters(self, self.hidden_size)
@@ -99,6 +124,8 @@ class _RNNBase(nn.Module):
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size:
+            s += f", proj_size={self.proj_size}"
         if self.num_layers != 1:
             s += f", num_layers={self.num_layers}"
         if not self.bias:
@@ -121,6 +148,16 @@ class _RNNBase(nn.Module):
         the final state."""
         raise NotImplementedError
 
+    def _site(self, name: str) -> tuple[nn.Module | None, ops.Running | None]:
+        """A norm module of a direction and, for batch norm, its running statistics."""
+        norm = getattr(self, name, None)
+        if isinstance(norm, RecurrentBatchNorm):
+            return norm, ops.Running(norm.running_mean, norm.running_var, norm.momentum)
+        return norm, None
+
+    def _config(self) -> ops.NormConfig:
+        return ops.NormConfig(self.norm, self.groups, self.eps, self.training)
+
     def _forward(self, input, hx, lengths) -> tuple[Tensor | PackedSequence, State]:
         x, lengths, batched, packed = self._check_input(input, lengths)
         steps, n = x.shape[:2]
@@ -131,7 +168,8 @@ class _RNNBase(nn.Module):
                 f"size {n}: there are no batch statistics. Use norm='layer' or 'group', or .eval()"
             )
         mask = reverse = None
-        if lengths is not None and bool((lengths < steps).any()):
+        compiling = torch.compiler.is_compiling()
+        if lengths is not None and (compiling or bool((lengths < steps).any())):
             t = torch.arange(steps, device=x.device).unsqueeze(1)  # (T, 1)
             lengths = lengths.to(x.device)
             mask = t < lengths  # (T, N)
@@ -173,25 +211,9 @@ class _RNNBase(nn.Module):
             output = output.transpose(0, 1)
         return output, final
 
-    def _recur(self, gx: Tensor, mask: Tensor | None, state: State, step) -> tuple[Tensor, State]:
-        """The time loop: ``state = step(gx[t], state, t, mask[t])``, kept where ``mask`` is off.
-
-        Returns the ``(T, N, H)`` outputs (zero at padding) and the state after the last step.
-        """
-        outputs = []
-        for t in range(gx.shape[0]):
-            valid = None if mask is None else mask[t].unsqueeze(1)  # (N, 1)
-            new = step(gx[t], state, t, None if mask is None else mask[t])
-            if valid is None:
-                outputs.append(new[0])
-            else:
-                new = tuple(torch.where(valid, a, b) for a, b in zip(new, state))
-                outputs.append(torch.where(valid, new[0], 0))
-            state = new
-        return torch.stack(outputs), state
-
     def _check_input(self, input, lengths):
         """Return ``(T, N, H_in)`` input, validated lengths or None, batched, the PackedSequence."""
+        name = type(self).__name__
         if isinstance(input, PackedSequence):
             if lengths is not None:
                 raise ValueError(
@@ -209,8 +231,9 @@ class _RNNBase(nn.Module):
         if input.dim() not in (2, 3):
             layout = "(N, L, H_in)" if self.batch_first else "(L, N, H_in)"
             raise ValueError(
-                f"Expected argument `input` to be 3-D {layout} or 2-D unbatched (L, H_in), got "
-                f"{input.dim()}-D of shape {tuple(input.shape)}"
+                f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead (argument "
+                f"`input` must be 3-D {layout} or 2-D unbatched (L, H_in), got shape "
+                f"{tuple(input.shape)})"
             )
         self._check_features(input)
         batched = input.dim() == 3
@@ -218,61 +241,73 @@ class _RNNBase(nn.Module):
             x = input.unsqueeze(1)
         else:
             x = input.transpose(0, 1) if self.batch_first else input
+        if x.shape[0] == 0:
+            raise ShapeError(
+                f"Expected sequence length to be larger than 0 in RNN, got input of shape "
+                f"{tuple(input.shape)}"
+            )
         if lengths is not None:
-            lengths = _check_lengths(lengths, x.shape[1], x.shape[0])
+            compiling = torch.compiler.is_compiling()
+            lengths = check_lengths(lengths, x.shape[1], x.shape[0], values=not compiling)
         return x, lengths, batched, None
 
     def _check_features(self, x: Tensor) -> None:
         if x.shape[-1] != self.input_size:
-            raise ValueError(
-                f"Expected argument `input` to have input_size={self.input_size} features in its "
-                f"last axis, got shape {tuple(x.shape)}"
+            raise ShapeError(
+                f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got "
+                f"{x.shape[-1]} (argument `input` of shape {tuple(x.shape)})"
             )
+        check_dtype(x, self.weight_ih_l0)
+
+    def _state_sizes(self) -> tuple[int, ...]:
+        """The last axis of each state: h (proj_size or hidden_size), and c for the LSTM."""
+        return ((self.proj_size or self.hidden_size), self.hidden_size)[: self._num_states]
 
     def _check_hx(self, hx, n: int, batched: bool, x: Tensor) -> State:
         layers = self.num_layers * (2 if self.bidirectional else 1)
-        shape = (layers, n, self.hidden_size) if batched else (layers, self.hidden_size)
+        sizes = self._state_sizes()
         if hx is None:
-            zeros = x.new_zeros(layers, n, self.hidden_size)
-            return (zeros,) * self._num_states
-        parts = (hx,) if self._num_states == 1 else hx
-        if self._num_states > 1 and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
+            return tuple(
+                x.new_zeros(layers, n, size, dtype=self.weight_hh_l0.dtype) for size in sizes
+            )
+        lstm = self._num_states == 2
+        if lstm and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
             raise TypeError(
                 f"Expected argument `hx` to be a tuple (h_0, c_0), got {type(hx).__name__}"
             )
-        names = ["hx"] if self._num_states == 1 else ["hx[0] (h_0)", "hx[1] (c_0)"]
-        for part, name in zip(parts, names):
+        parts = tuple(hx) if lstm else (hx,)
+        for part, name in zip(parts, ("hx[0] (h_0)", "hx[1] (c_0)") if lstm else ("hx",)):
             if not isinstance(part, Tensor):
                 raise TypeError(
                     f"Expected argument `{name}` to be a Tensor, got {type(part).__name__}"
                 )
+        dims = [p.dim() for p in parts]
+        want = 3 if batched else 2
+        if any(d != want for d in dims):
+            kind = "batched 3-D" if batched else "unbatched 2-D"
+            got = f"({dims[0]}-D, {dims[1]}-D) tensors" if lstm else f"{dims[0]}-D tensor"
+            what = "hx and cx" if lstm else "hx"
+            raise ShapeError(f"For {kind} input, {what} should also be {want}-D but got {got}")
+        for i, (part, size) in enumerate(zip(parts, sizes)):
+            shape = (layers, n, size) if batched else (layers, size)
             if tuple(part.shape) != shape:
-                raise ValueError(
-                    f"Expected argument `{name}` of shape {shape} (num_layers * num_directions, "
-                    f"{'N, ' if batched else ''}hidden_size), got {tuple(part.shape)}"
+                which = f"hidden[{i}]" if lstm else "hidden"
+                raise ShapeError(
+                    f"Expected {which} size {shape}, got {list(part.shape)} (argument `hx"
+                    f"{f'[{i}]' if lstm else ''}` is (num_layers * num_directions, "
+                    f"{'N, ' if batched else ''}{'proj_size or ' if i == 0 and lstm else ''}"
+                    "hidden_size))"
                 )
         return tuple(p if batched else p.unsqueeze(1) for p in parts)
 
+    def _backend(self, x: Tensor, tensors, norms) -> str:
+        synced = any(isinstance(m, RecurrentBatchNorm) and m.synchronized for m in norms)
+        return ops.choose(self.backend, x, tensors, synced)
 
-def _check_lengths(lengths, n: int, steps: int) -> Tensor:
-    lengths = torch.as_tensor(lengths)
-    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-        raise TypeError(f"Expected argument `lengths` to hold integers, got dtype {lengths.dtype}")
-    if lengths.dim() != 1:
-        raise ValueError(f"Expected argument `lengths` to be 1-D, got shape {tuple(lengths.shape)}")
-    if lengths.numel() != n:
-        raise ValueError(
-            f"Expected argument `lengths` to hold one length per sample ({n}), got "
-            f"{lengths.numel()}"
-        )
-    low, high = int(lengths.min()), int(lengths.max())
-    if low < 1 or high > steps:
-        bad = low if low < 1 else high
-        raise ValueError(
-            f"Expected every entry of argument `lengths` to be in [1, {steps}] (the sequence "
-            f"length), got {bad}"
-        )
-    return lengths.long()
+    @staticmethod
+    def _all_reduce(norms):
+        synced = any(isinstance(m, RecurrentBatchNorm) and m.synchronized for m in norms)
+        return all_reduce_sum if synced else None
 
 
 def _reversed(x: Tensor, reverse: Tensor | None) -> Tensor:
@@ -285,18 +320,20 @@ def _reversed(x: Tensor, reverse: Tensor | None) -> Tensor:
 class LSTM(_RNNBase):
     """A multi-layer LSTM with layer, group or batch normalization inside every cell.
 
-    Drop-in for ``torch.nn.LSTM``: the same arguments, parameter names, shapes and outputs, plus
-    ``norm`` (``"none"``, ``"layer"``, ``"group"``, ``"batch"``), ``groups``, ``eps`` and
-    ``max_steps``. Layer norm: Ba et al., "Layer Normalization", 2016 (eqs. 20-22); batch norm:
-    Cooijmans et al., "Recurrent Batch Normalization", 2016; group norm: Wu & He, 2018.
+    Drop-in for ``torch.nn.LSTM``: the same arguments (``proj_size`` included), parameter names,
+    shapes and outputs, plus ``norm`` (``"none"``, ``"layer"``, ``"group"``, ``"batch"``),
+    ``groups``, ``eps`` and ``max_steps``. Layer norm: Ba et al., "Layer Normalization", 2016
+    (eqs. 20-22); batch norm: Cooijmans et al., "Recurrent Batch Normalization", 2016; group
+    norm: Wu & He, 2018.
 
     Shapes: ``input`` ``(L, N, H_in)`` (``(N, L, H_in)`` if ``batch_first``), ``(L, H_in)``
-    unbatched, or a ``PackedSequence``; ``hx = (h_0, c_0)``, each ``(D * num_layers, N, H)``.
-    ``lengths`` ``(N,)``: steps at or after a sample's length are padding.
+    unbatched, or a ``PackedSequence``; ``hx = (h_0, c_0)``, ``(D * num_layers, N, P)`` and
+    ``(D * num_layers, N, H)`` with P = ``proj_size`` or H. ``lengths`` ``(N,)``: steps at or
+    after a sample's length are padding.
 
     Returns:
-        ``output`` ``(L, N, D * H)`` (zero at padding; packed if the input was) and
-        ``(h_n, c_n)``, each ``(D * num_layers, N, H)``, from each sample's last valid step.
+        ``output`` ``(L, N, D * P)`` (zero at padding; packed if the input was) and
+        ``(h_n, c_n)`` from each sample's last valid step.
 
     Example:
         >>> lstm = LSTM(10, 20, num_layers=2, norm="layer")
@@ -317,36 +354,33 @@ class LSTM(_RNNBase):
         return output, (h_n, c_n)
 
     def _direction(self, x, mask, state, suffix):
-        weight_ih, weight_hh = (
+        (norm_ih, run_ih), (norm_hh, run_hh), (norm_c, run_c) = (
+            self._site(f"{site}{suffix}") for site in ("norm_ih", "norm_hh", "norm_c")
+        )
+        params = ops.LSTMParams(
             getattr(self, f"weight_ih{suffix}"),
             getattr(self, f"weight_hh{suffix}"),
+            getattr(self, f"bias_ih{suffix}"),
+            getattr(self, f"bias_hh{suffix}"),
+            getattr(self, f"weight_hr{suffix}", None),
+            *(None if m is None else m.weight for m in (norm_ih, norm_hh, norm_c)),
+            None if norm_c is None else norm_c.bias,
         )
-        bias_ih, bias_hh = getattr(self, f"bias_ih{suffix}"), getattr(self, f"bias_hh{suffix}")
-        norm_ih, norm_hh = getattr(self, f"norm_ih{suffix}"), getattr(self, f"norm_hh{suffix}")
-        norm_c = getattr(self, f"norm_c{suffix}")
-        if self.use_fused and fused.applies(
-            x, *state, weight_ih, weight_hh, bias_ih, bias_hh, norms=(norm_ih, norm_hh, norm_c)
-        ):
-            bias = None if bias_ih is None else bias_ih + bias_hh
-            return fused.lstm(
-                x, weight_ih, bias, norm_ih, (state[0], state[1]), weight_hh, norm_hh, norm_c, mask
-            )
-        gx = SF.lstm_input(x, weight_ih, bias_ih, bias_hh, at_step(norm_ih, 0, mask))  # (T, N, 4H)
-
-        def step(gx_t, state, t, valid):
-            h, c = state
-            return SF.lstm_step(
-                gx_t, h, c, weight_hh, at_step(norm_hh, t, valid), at_step(norm_c, t, valid)
-            )
-
-        return self._recur(gx, mask, state, step)
+        norms = (norm_ih, norm_hh, norm_c)
+        backend = self._backend(x, (*state, *params), norms)
+        out, (h, c) = ops.lstm(
+            x, state, params, self._config(), (run_ih, run_hh, run_c), mask, backend,
+            self._all_reduce(norms),
+        )  # fmt: skip
+        return out, (h, c)
 
 
 class GRU(_RNNBase):
     """A multi-layer GRU with layer, group or batch normalization of its projections.
 
     Drop-in for ``torch.nn.GRU``, with ``norm``, ``groups``, ``eps`` and ``max_steps`` as in
-    :class:`LSTM`. ``hx`` is ``h_0`` ``(D * num_layers, N, H)``.
+    :class:`LSTM`. ``hx`` is ``h_0`` ``(D * num_layers, N, H)``. As in ``torch.nn.GRU``,
+    ``proj_size`` is refused.
 
     Returns:
         ``output`` ``(L, N, D * H)`` and ``h_n`` ``(D * num_layers, N, H)``.
@@ -360,6 +394,32 @@ class GRU(_RNNBase):
 
     _gates, _cell_norm, _num_states = 3, False, 1
 
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        norm: str = "layer",
+        groups: int = 1,
+        eps: float = 1e-5,
+        max_steps: int = 1000,
+        device=None,
+        dtype=None,
+        **kwargs,
+    ):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if kwargs:
+            raise TypeError(f"GRU got unexpected keyword arguments {sorted(kwargs)}")
+        super().__init__(
+            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0,
+            norm, groups, eps, max_steps, device, dtype,
+        )  # fmt: skip
+
     def forward(
         self,
         input: Tensor | PackedSequence,
@@ -370,22 +430,20 @@ class GRU(_RNNBase):
         return output, h_n
 
     def _direction(self, x, mask, state, suffix):
-        weight_ih, weight_hh = (
+        (norm_ih, run_ih), (norm_hh, run_hh) = (
+            self._site(f"{site}{suffix}") for site in ("norm_ih", "norm_hh")
+        )
+        params = ops.GRUParams(
             getattr(self, f"weight_ih{suffix}"),
             getattr(self, f"weight_hh{suffix}"),
+            getattr(self, f"bias_ih{suffix}"),
+            getattr(self, f"bias_hh{suffix}"),
+            *(None if m is None else m.weight for m in (norm_ih, norm_hh)),
         )
-        bias_ih, bias_hh = getattr(self, f"bias_ih{suffix}"), getattr(self, f"bias_hh{suffix}")
-        norm_ih, norm_hh = getattr(self, f"norm_ih{suffix}"), getattr(self, f"norm_hh{suffix}")
-        if self.use_fused and fused.applies(
-            x, state[0], weight_ih, weight_hh, bias_ih, bias_hh, norms=(norm_ih, norm_hh)
-        ):
-            out, h = fused.gru(
-                x, weight_ih, bias_ih, norm_ih, state[0], weight_hh, bias_hh, norm_hh, mask
-            )
-            return out, (h,)
-        gx = SF.gru_input(x, weight_ih, bias_ih, at_step(norm_ih, 0, mask))  # (T, N, 3H)
-
-        def step(gx_t, state, t, valid):
-            return (SF.gru_step(gx_t, state[0], weight_hh, bias_hh, at_step(norm_hh, t, valid)),)
-
-        return self._recur(gx, mask, state, step)
+        norms = (norm_ih, norm_hh)
+        backend = self._backend(x, (*state, *params), norms)
+        out, h = ops.gru(
+            x, state[0], params, self._config(), (run_ih, run_hh), mask, backend,
+            self._all_reduce(norms),
+        )  # fmt: skip
+        return out, (h,)

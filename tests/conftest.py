@@ -1,24 +1,6 @@
 import pytest
 import torch
 
-import seqnorm
-
-NORM_CASES = ["none", "layer", "group", "batch"]
-
-
-def make(cls_name, norm, *, input_size=5, hidden_size=8, dtype=torch.float64, seed=0, **kw):
-    """A seqnorm module with non-trivial norm gains and shifts (so that they are tested too)."""
-    torch.manual_seed(seed)
-    groups = 4 if norm == "group" else 1
-    model = getattr(seqnorm, cls_name)(
-        input_size, hidden_size, norm=norm, groups=groups, dtype=dtype, **kw
-    )
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.startswith("norm_"):
-                p.uniform_(0.5, 1.5) if name.endswith("weight") else p.uniform_(-0.5, 0.5)
-    return model
-
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -54,9 +54,11 @@ def direction(model, suffix, xs, lengths, h0, c0, reverse, training):
     lstm = c0 is not None
     p = lambda name: getattr(model, f"{name}{suffix}", None)
     w_ih, w_hh, b_ih, b_hh = p("weight_ih"), p("weight_hh"), p("bias_ih"), p("bias_hh")
+    w_hr = p("weight_hr")  # (P, H) with projections: h = w_hr (o * tanh(Nc(c)))
     n_ih, n_hh, n_c = p("norm_ih"), p("norm_hh"), p("norm_c")
     steps, n = xs.shape[:2]
-    hid = w_hh.shape[1]
+    hid = w_hh.shape[0] // (4 if lstm else 3)
+    out_size = w_hh.shape[1]
     h = [h0[i] for i in range(n)]
     c = [c0[i] for i in range(n)] if lstm else None
     out = {}
@@ -80,6 +82,8 @@ def direction(model, suffix, xs, lengths, h0, c0, reverse, training):
             h_new = torch.sigmoid(o_) * torch.tanh(
                 normalize(c_new, kind, groups, wc, bc, eps, rc, training)
             )
+            if w_hr is not None:
+                h_new = h_new @ w_hr.T
         else:
             gx = a if b_ih is None else a + b_ih
             gh = b if b_hh is None else b + b_hh
@@ -92,7 +96,7 @@ def direction(model, suffix, xs, lengths, h0, c0, reverse, training):
             if lstm:
                 c[i] = c_new[j]
             out[pos[i], i] = h_new[j]
-    zero = xs.new_zeros(hid)
+    zero = xs.new_zeros(out_size)
     outputs = torch.stack(
         [torch.stack([out.get((t, i), zero) for i in range(n)]) for t in range(steps)]
     )
@@ -109,9 +113,10 @@ def run(model, x, lengths=None, hx=None, training=True):
     lstm = type(model).__name__ == "LSTM"
     dirs = 2 if model.bidirectional else 1
     hid = model.hidden_size
+    out_size = getattr(model, "proj_size", 0) or hid
     if hx is None:
-        zeros = x.new_zeros(model.num_layers * dirs, n, hid)
-        hx = (zeros, zeros) if lstm else zeros
+        zeros = x.new_zeros(model.num_layers * dirs, n, out_size)
+        hx = (zeros, x.new_zeros(model.num_layers * dirs, n, hid)) if lstm else zeros
     h0, c0 = hx if lstm else (hx, None)
     layer_input, hs, cs = x, [], []
     for layer in range(model.num_layers):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import make
+from helpers import make
 from torch.testing import assert_close
 
 import seqnorm

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make
+from helpers import make
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.testing import assert_close
 

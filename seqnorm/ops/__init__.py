@@ -1,0 +1,156 @@
+"""The recurrence operator: one direction of one layer, on every device.
+
+:func:`lstm` and :func:`gru` run the input projection of every step and its normalization, then
+the time loop, through the ``seqnorm::lstm_forward`` / ``seqnorm::gru_forward`` operators
+(:mod:`.library`): the C++ kernel on CPU (:mod:`.cpp`, ``csrc/``), Triton kernels on CUDA
+(:mod:`.triton_kernels`), or the readable Python loop (:mod:`.reference`) that every kernel is
+tested against. :mod:`.backend` chooses among them (``SEQNORM_BACKEND``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .. import functional as SF
+from . import library, reference  # noqa: F401  (library registers the operators)
+from .backend import BACKENDS, choose
+from .types import GRUParams, LSTMParams, NormConfig, Running
+
+__all__ = [
+    "BACKENDS",
+    "GRUParams",
+    "LSTMParams",
+    "NormConfig",
+    "Running",
+    "cache_info",
+    "choose",
+    "empty_cache",
+    "gru",
+    "lstm",
+    "set_cache_limit",
+]
+
+AllReduce = Callable[[Tensor], Tensor] | None
+
+
+def lstm(
+    x: Tensor,
+    state: tuple[Tensor, Tensor],
+    params: LSTMParams,
+    config: NormConfig,
+    running: tuple[Running | None, Running | None, Running | None],
+    mask: Tensor | None,
+    backend: str,
+    all_reduce: AllReduce = None,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """One direction of an LSTM layer, as :func:`seqnorm.functional.lstm_input` and a loop of
+    :func:`seqnorm.functional.lstm_step` compute it.
+
+    Args:
+        x: ``(T, N, H_in)``; state: ``(h_0, c_0)``, ``(N, P)`` and ``(N, H)``.
+        running: batch norm's running statistics at the input projection, the recurrent
+            projection and the cell state, moved in training (None for the other norms).
+        mask: ``(T, N)`` bool, True where a sample is valid, or None.
+        backend: ``"cpp"``, ``"triton"`` or ``"python"`` (see :func:`choose`).
+        all_reduce: sums over processes (synchronized batch norm; the Python loop only).
+
+    Returns:
+        ``(T, N, P)`` outputs (zero at padding) and ``(h_n, c_n)``.
+    """
+    h0, c0 = state
+    if backend == "python":
+        rows = tuple(_rows(r, x.shape[0]) for r in running)
+        out, h, c, stats = reference.lstm(x, h0, c0, params, config, rows, mask, all_reduce)
+        _update(running, stats)
+        return out, (h, c)
+    keep = _keep(x, h0, c0, *params)
+    result = torch.ops.seqnorm.lstm_forward(
+        x, h0, c0, *params, *_stacked_rows(running, x.shape[0]), mask, *config, keep, backend
+    )
+    if config.norm == "batch" and config.training:
+        _update_op(running, result[3:6], result[-1])
+    return result[0], (result[1], result[2])
+
+
+def gru(
+    x: Tensor,
+    h0: Tensor,
+    params: GRUParams,
+    config: NormConfig,
+    running: tuple[Running | None, Running | None],
+    mask: Tensor | None,
+    backend: str,
+    all_reduce: AllReduce = None,
+) -> tuple[Tensor, Tensor]:
+    """One direction of a GRU layer, as :func:`lstm` (``h0`` ``(N, H)``): returns the outputs
+    and ``h_n``."""
+    if backend == "python":
+        rows = tuple(_rows(r, x.shape[0]) for r in running)
+        out, h, stats = reference.gru(x, h0, params, config, rows, mask, all_reduce)
+        _update(running, stats)
+        return out, h
+    keep = _keep(x, h0, *params)
+    result = torch.ops.seqnorm.gru_forward(
+        x, h0, *params, *_stacked_rows(running, x.shape[0]), mask, *config, keep, backend
+    )
+    if config.norm == "batch" and config.training:
+        _update_op(running, result[2:4], result[-1])
+    return result[0], result[1]
+
+
+def _keep(*tensors: Tensor | None) -> bool:
+    """Whether a backward can follow, so that the forward must keep what it needs."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _rows(running: Running | None, steps) -> reference.Rows | None:
+    if running is None:
+        return None
+    return SF.running_rows(running.mean, 0, steps), SF.running_rows(running.var, 0, steps)
+
+
+def _stacked_rows(running, steps) -> tuple[Tensor | None, ...]:
+    return tuple(None if r is None else torch.stack(_rows(r, steps)) for r in running)
+
+
+def _update(running, stats) -> None:
+    for r, s in zip(running, stats):
+        if r is not None and s is not None:
+            SF.update_running(r.mean, r.var, s, 0, r.momentum)
+
+
+def _update_op(running, batches, counts) -> None:
+    for r, batch in zip(running, batches):
+        torch.ops.seqnorm.update_running_stats(r.mean, r.var, batch, counts, r.momentum)
+
+
+def cache_info() -> dict[str, int]:
+    """The C++ kernel's buffer cache: bytes ``cached`` (freed, kept for reuse), ``in_use`` and
+    the ``limit`` on cached bytes (see ``docs/kernels.md``). Builds the kernel if needed."""
+    from . import cpp
+
+    cpp.load()
+    cached, in_use, limit = torch.ops.seqnorm_cpp.cache_info()
+    return {"cached": cached, "in_use": in_use, "limit": limit}
+
+
+def set_cache_limit(nbytes: int) -> None:
+    """Keep at most ``nbytes`` of the C++ kernel's freed step buffers for reuse (default
+    1 GiB; 0 caches none and releases what is kept)."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"nbytes={nbytes!r}: expected a whole number of bytes >= 0")
+    from . import cpp
+
+    cpp.load()
+    torch.ops.seqnorm_cpp.set_cache_limit(nbytes)
+
+
+def empty_cache() -> None:
+    """Release the freed step buffers the C++ kernel keeps for reuse (those in use stay)."""
+    from . import cpp
+
+    cpp.load()
+    torch.ops.seqnorm_cpp.empty_cache()

@@ -1,0 +1,197 @@
+// The normalizations of one step's (N, F) values, forward and backward: group norm (layer norm
+// is one group) row by row, batch norm per feature over the step's valid rows, with running
+// statistics where a step has fewer than two valid samples or in eval mode.
+//
+// Every norm keeps the statistics it used, per step: group norm rstd (N, G), batch norm mean and
+// rstd (2, F). In training, batch norm also writes each step's batch mean and biased variance to
+// batch_stats (2, steps, F), from which Python moves the running statistics.
+#pragma once
+
+#include "common.h"
+
+#include <cmath>
+
+namespace seqnorm {
+
+// Per-step storage of a norm's statistics over `steps` steps of N rows of F features.
+struct NormBuffers {
+  Tensor stats, batch_stats;
+  int64_t stride;  // a step's share of stats
+  NormBuffers(const NormConfig& s, int64_t steps, int64_t N, int64_t F, const Tensor& like) {
+    const auto o = like.options();
+    stride = s.kind == NormKind::group ? N * s.groups : s.batch() ? 2 * F : 0;
+    stats = at::empty({steps * stride}, o);
+    batch_stats = at::zeros({2, s.batch() ? steps : 0, F}, o);
+  }
+};
+
+// Batch statistics of a step, per feature over the valid samples, or the running ones when
+// there are fewer than two valid samples or in eval mode. Writes mean and rstd (F); when the
+// batch statistics are used, also their mean and biased variance to batch_mean, batch_var.
+template <typename scalar_t>
+void batch_stats(const NormConfig& s, const scalar_t* x, int64_t N, int64_t F, const bool* valid,
+                 int64_t count, const scalar_t* run_mean, const scalar_t* run_var,
+                 scalar_t* mean, scalar_t* rstd, scalar_t* batch_mean, scalar_t* batch_var) {
+  if (!s.uses_batch(count)) {
+    std::copy(run_mean, run_mean + F, mean);
+SEQNORM_SIMD
+    for (int64_t f = 0; f < F; ++f)
+      rstd[f] = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(run_var[f]) + s.eps));
+    return;
+  }
+  for_features(N, F, [&](int64_t lo, int64_t hi) {
+    std::vector<double> sum(hi - lo, 0.0), squares(hi - lo, 0.0);
+    for (int64_t n = 0; n < N; ++n) {
+      if (valid && !valid[n]) continue;
+      const scalar_t* p = x + n * F + lo;
+      for (int64_t f = 0; f < hi - lo; ++f) sum[f] += p[f];
+    }
+    for (int64_t f = 0; f < hi - lo; ++f) sum[f] /= count;
+    for (int64_t n = 0; n < N; ++n) {
+      if (valid && !valid[n]) continue;
+      const scalar_t* p = x + n * F + lo;
+      for (int64_t f = 0; f < hi - lo; ++f) squares[f] += (p[f] - sum[f]) * (p[f] - sum[f]);
+    }
+    for (int64_t f = 0; f < hi - lo; ++f) {
+      squares[f] /= count;
+      batch_mean[lo + f] = mean[lo + f] = static_cast<scalar_t>(sum[f]);
+      batch_var[lo + f] = static_cast<scalar_t>(squares[f]);
+      rstd[lo + f] = static_cast<scalar_t>(1.0 / std::sqrt(squares[f] + s.eps));
+    }
+  });
+}
+
+// Normalizes one group of values with statistics in double precision, as the Python reference
+// does, for values whose squares overflow float32. (NaN or infinite values stay NaN.)
+template <typename scalar_t>
+void normalize_group_in_double(const scalar_t* p, scalar_t* q, int64_t width, double eps,
+                               scalar_t* rstd) {
+  double sum = 0, squares = 0;
+  for (int64_t k = 0; k < width; ++k) sum += p[k];
+  const double m = sum / width;
+  for (int64_t k = 0; k < width; ++k) squares += (p[k] - m) * (p[k] - m);
+  const double r = 1.0 / std::sqrt(squares / width + eps);
+  for (int64_t k = 0; k < width; ++k) q[k] = static_cast<scalar_t>((p[k] - m) * r);
+  *rstd = static_cast<scalar_t>(r);
+}
+
+// Normalizes one row x (F) into xhat (may alias x). Group: statistics per group of F/G
+// contiguous features, written to rstd (G); batch: the step's mean_f and rstd_f (F).
+template <typename scalar_t>
+void normalize_row(const NormConfig& s, const scalar_t* x, scalar_t* xhat, int64_t F,
+                   scalar_t* rstd, const scalar_t* mean_f, const scalar_t* rstd_f) {
+  if (s.batch()) {
+SEQNORM_SIMD
+    for (int64_t f = 0; f < F; ++f) xhat[f] = (x[f] - mean_f[f]) * rstd_f[f];
+    return;
+  }
+  const int64_t G = s.groups, width = F / G;
+  for (int64_t g = 0; g < G; ++g) {
+    const scalar_t* p = x + g * width;
+    scalar_t* q = xhat + g * width;
+    scalar_t sum = 0, squares = 0;  // the SIMD lanes are separate partial sums, as in ATen's norms
+#pragma omp simd reduction(+ : sum)
+    for (int64_t k = 0; k < width; ++k) sum += p[k];
+    const scalar_t m = sum / width;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t k = 0; k < width; ++k) squares += (p[k] - m) * (p[k] - m);
+    if (!std::isfinite(static_cast<double>(squares))) {  // float32 overflowed (|x| ~ 1e19 and
+      normalize_group_in_double(p, q, width, s.eps, rstd + g);  // up): the reference's result
+      continue;
+    }
+    const scalar_t r =
+        static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(squares) / width + s.eps));
+SEQNORM_SIMD
+    for (int64_t k = 0; k < width; ++k) q[k] = (p[k] - m) * r;
+    rstd[g] = r;
+  }
+}
+
+// The backward of a group normalization of one row: d holds dL/dxhat on entry, dL/dx on exit.
+template <typename scalar_t>
+void group_norm_backward_row(int64_t G, scalar_t* d, const scalar_t* xhat, int64_t F,
+                             const scalar_t* rstd) {
+  const int64_t width = F / G;
+  for (int64_t g = 0; g < G; ++g) {
+    scalar_t* p = d + g * width;
+    const scalar_t* xh = xhat + g * width;
+    scalar_t m1 = 0, m2 = 0;
+#pragma omp simd reduction(+ : m1, m2)
+    for (int64_t k = 0; k < width; ++k) {
+      m1 += p[k];
+      m2 += p[k] * xh[k];
+    }
+    const scalar_t a = static_cast<scalar_t>(m1 / width), b = static_cast<scalar_t>(m2 / width);
+    const scalar_t r = rstd[g];
+SEQNORM_SIMD
+    for (int64_t k = 0; k < width; ++k) p[k] = r * (p[k] - a - xh[k] * b);
+  }
+}
+
+// The backward of batch normalization of a step, all rows at once: d holds dL/dxhat on entry,
+// dL/dx on exit. Rows of samples that are not valid were normalized but took no part in the
+// statistics: their derivative is rstd times theirs on entry (in the recurrence they are zero on
+// entry and stay zero). With running statistics (use_batch false) they are constants.
+template <typename scalar_t>
+void batch_norm_backward(scalar_t* d, const scalar_t* xhat, int64_t N, int64_t F,
+                         const bool* valid, const scalar_t* rstd, bool use_batch, int64_t count) {
+  if (!use_batch) {
+    for (int64_t n = 0; n < N; ++n)
+SEQNORM_SIMD
+      for (int64_t f = 0; f < F; ++f) d[n * F + f] *= rstd[f];
+    return;
+  }
+  for_features(N, F, [&](int64_t lo, int64_t hi) {
+    const int64_t width = hi - lo;
+    std::vector<double> m1(width, 0.0), m2(width, 0.0);
+    for (int64_t n = 0; n < N; ++n) {  // every row's output used the statistics
+      const scalar_t* p = d + n * F + lo;
+      const scalar_t* xh = xhat + n * F + lo;
+      for (int64_t f = 0; f < width; ++f) {
+        m1[f] += p[f];
+        m2[f] += p[f] * xh[f];
+      }
+    }
+    std::vector<scalar_t> a(width), b(width);
+    for (int64_t f = 0; f < width; ++f) {
+      a[f] = static_cast<scalar_t>(m1[f] / count);
+      b[f] = static_cast<scalar_t>(m2[f] / count);
+    }
+    const scalar_t* r = rstd + lo;
+    for (int64_t n = 0; n < N; ++n) {
+      scalar_t* p = d + n * F + lo;
+      const scalar_t* xh = xhat + n * F + lo;
+      if (valid && !valid[n]) {
+SEQNORM_SIMD
+        for (int64_t f = 0; f < width; ++f) p[f] *= r[f];
+        continue;
+      }
+SEQNORM_SIMD
+      for (int64_t f = 0; f < width; ++f) p[f] = r[f] * (p[f] - a[f] - xh[f] * b[f]);
+    }
+  });
+}
+
+// A norm's view of one step: its statistics (batch statistics are computed over all rows here,
+// before the rows run; group statistics by each row as it is normalized).
+template <typename scalar_t>
+struct StepNorm {
+  const NormConfig& s;
+  int64_t F;
+  scalar_t* stats;  // group: rstd (N, G); batch: mean (F) and rstd (F)
+  // values (N, F) of step t of `steps`; run_mean and run_var (steps, F) or null.
+  StepNorm(const NormConfig& s_, NormBuffers& buf, int64_t t, int64_t steps, int64_t N,
+           int64_t F_, const scalar_t* values, const bool* valid, int64_t count,
+           const scalar_t* run_mean, const scalar_t* run_var)
+      : s(s_), F(F_), stats(buf.stats.data_ptr<scalar_t>() + t * buf.stride) {
+    if (!s.batch()) return;
+    scalar_t* batch = buf.batch_stats.data_ptr<scalar_t>();
+    batch_stats(s, values, N, F, valid, count, run_mean + t * F, run_var + t * F, stats,
+                stats + F, batch + t * F, batch + (steps + t) * F);
+  }
+  void row(int64_t n, const scalar_t* x, scalar_t* xhat) const {
+    normalize_row(s, x, xhat, F, stats + n * s.groups, stats, stats + F);
+  }
+};
+
+}  // namespace seqnorm

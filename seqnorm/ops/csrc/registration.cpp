@@ -1,0 +1,42 @@
+// The kernels' operators, torch.ops.seqnorm_cpp.*, called by the CPU implementations of the
+// recurrence operators in seqnorm/ops/library.py.
+#include <torch/library.h>
+
+#include "buffer_cache.h"
+#include "input_half.h"
+#include "kernels.h"
+
+TORCH_LIBRARY(seqnorm_cpp, m) {
+  using namespace seqnorm;
+  m.def(
+      "input_forward(Tensor x, Tensor w_ih, Tensor? bias, Tensor? gamma, Tensor? running, "
+      "Tensor? mask, str norm, int groups, float eps, bool training, bool keep) -> Tensor[]",
+      &input_forward);
+  m.def(
+      "lstm_forward(Tensor(a!) gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, "
+      "Tensor? gamma_hh, Tensor? gamma_c, Tensor? beta_c, Tensor? running_hh, Tensor? running_c, "
+      "Tensor? mask, str norm, int groups, float eps, bool training, bool keep) -> Tensor[]",
+      &lstm_forward);
+  m.def(
+      "lstm_backward(Tensor grad_out, Tensor grad_h, Tensor grad_c, Tensor[] saved, Tensor x, "
+      "Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? gamma_ih, Tensor? gamma_hh, "
+      "Tensor? gamma_c, Tensor? beta_c, Tensor? mask, str norm, int groups, float eps, "
+      "bool training, bool[11] needs) -> Tensor[]",
+      &lstm_backward);
+  m.def(
+      "gru_forward(Tensor(a!) gx, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? gamma_hh, "
+      "Tensor? running_hh, Tensor? mask, str norm, int groups, float eps, bool training, "
+      "bool keep) -> Tensor[]",
+      &gru_forward);
+  m.def(
+      "gru_backward(Tensor grad_out, Tensor grad_h, Tensor[] saved, Tensor x, Tensor w_ih, "
+      "Tensor w_hh, Tensor? b_hh, Tensor? gamma_ih, Tensor? gamma_hh, Tensor? mask, str norm, "
+      "int groups, float eps, bool training, bool[8] needs) -> Tensor[]",
+      &gru_backward);
+  m.def("cache_info() -> int[]", [] { return BufferCache::get().info(); });
+  m.def("set_cache_limit(int bytes) -> ()", [](int64_t bytes) {
+    TORCH_CHECK(bytes >= 0, "set_cache_limit: bytes=", bytes, ", expected >= 0");
+    BufferCache::get().set_limit(static_cast<size_t>(bytes));
+  });
+  m.def("empty_cache() -> ()", [] { BufferCache::get().empty(); });
+}

@@ -1,0 +1,534 @@
+"""The recurrence as PyTorch operators, registered with ``torch.library``.
+
+``seqnorm::lstm_forward`` and ``seqnorm::gru_forward`` run one direction of one layer (the input
+projection of every step and its normalization, then the time loop) and return the outputs, the
+final state, batch norm's batch statistics and what the backward needs (:class:`LSTMSaved`,
+:class:`GRUSaved`); ``seqnorm::lstm_backward`` and ``seqnorm::gru_backward`` are their
+gradients, registered as their autograd formulas. ``seqnorm::update_running_stats`` moves batch
+norm's running statistics (its two mutated arguments). Every operator has a fake
+implementation, so ``torch.compile`` and ``torch.export`` keep each direction as one node
+whatever the sequence length.
+
+Kernels: on CPU the C++ one (:mod:`seqnorm.ops.cpp`), or the Triton one in Triton's interpreter
+when the backend argument says ``"triton"``; on CUDA the Triton one. A backward run with grad
+mode on (``create_graph=True``: higher-order gradients) or on batched gradients (``vmap``) does
+not call the backward operator: it recomputes the direction through the differentiable
+reference loop (:mod:`seqnorm.ops.reference`) and differentiates that, so every order of
+gradient is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import cpp, reference
+from .types import GRUParams, GRUSaved, LSTMParams, LSTMSaved, NormConfig
+
+_Opt = Tensor | None
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+def _stats_numel(norm: str, groups: int, steps, n, features) -> int:
+    """The statistics a norm keeps per site: rstd (T, N, G), or batch mean and rstd (T, 2, F)."""
+    if norm == "batch":
+        return steps * 2 * features
+    if norm == "none":
+        return 0
+    return steps * n * (groups if norm == "group" else 1)
+
+
+# --- LSTM -----------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("seqnorm::lstm_forward", mutates_args=())
+def lstm_forward(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: _Opt,
+    b_hh: _Opt,
+    w_hr: _Opt,
+    gamma_ih: _Opt,
+    gamma_hh: _Opt,
+    gamma_c: _Opt,
+    beta_c: _Opt,
+    running_ih: _Opt,
+    running_hh: _Opt,
+    running_c: _Opt,
+    mask: _Opt,
+    norm: str,
+    groups: int,
+    eps: float,
+    training: bool,
+    keep: bool,
+    backend: str,
+) -> tuple[
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+]:  # fmt: skip
+    """One direction of an LSTM layer.
+
+    ``running_*``: batch norm's running mean and variance of every step, ``(2, T, F)``.
+    ``keep``: a backward will follow (else nothing is saved). Returns ``out`` ``(T, N, P)``,
+    ``h_n``, ``c_n``, the batch statistics of the three sites (``(2, T, F)``: mean and biased
+    variance; empty unless batch norm in training) and the fields of :class:`LSTMSaved`.
+    """
+    raise NotImplementedError("seqnorm::lstm_forward has kernels for CPU and CUDA only")
+
+
+@lstm_forward.register_fake
+def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, gamma_ih, gamma_hh, gamma_c, beta_c,
+      running_ih, running_hh, running_c, mask, norm, groups, eps, training, keep, backend):  # fmt: skip
+    steps, n = x.shape[:2]
+    hidden, out_size = c0.shape[-1], h0.shape[-1]
+    features = 4 * hidden
+    batch = norm == "batch" and training
+    heads = (
+        x.new_empty(steps, n, out_size),
+        x.new_empty(n, out_size),
+        x.new_empty(n, hidden),
+        *(x.new_empty(2, steps, f) if batch else _empty(x) for f in (features, features, hidden)),
+    )
+    counts = x.new_empty(steps, dtype=torch.long)
+    if not keep:
+        return (*heads, *(_empty(x) for _ in LSTMSaved._fields[:-1]), counts)
+    normed = norm != "none"
+    saved = LSTMSaved(
+        hs=x.new_empty(steps + 1, n, out_size),
+        cs=x.new_empty(steps + 1, n, hidden),
+        acts=x.new_empty(steps, n, features),
+        xhat_hh=x.new_empty(steps, n, features) if normed else _empty(x),
+        stats_hh=x.new_empty(_stats_numel(norm, groups, steps, n, features)),
+        xhat_c=x.new_empty(steps, n, hidden) if normed else _empty(x),
+        stats_c=x.new_empty(_stats_numel(norm, groups, steps, n, hidden)),
+        hpre=x.new_empty(steps, n, hidden) if w_hr is not None else _empty(x),
+        xhat_ih=x.new_empty(steps, n, features) if normed else _empty(x),
+        stats_ih=x.new_empty(_stats_numel(norm, groups, steps, n, features)),
+        counts=counts,
+    )
+    return (*heads, *saved)
+
+
+@lstm_forward.register_kernel("cpu")
+def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, gamma_ih, gamma_hh, gamma_c, beta_c,
+      running_ih, running_hh, running_c, mask, norm, groups, eps, training, keep, backend):  # fmt: skip
+    if backend == "triton":
+        return _triton().lstm_forward(*_args_of(locals()))
+    cpp.load()
+    kernels = torch.ops.seqnorm_cpp
+    mask, running_ih, running_hh, running_c = _contiguous(mask, running_ih, running_hh, running_c)
+    bias = None if b_ih is None else b_ih + b_hh
+    gx, xhat_ih, stats_ih, batch_ih, _ = kernels.input_forward(
+        x, w_ih, bias, gamma_ih, running_ih, mask, norm, groups, eps, training, keep
+    )
+    (out, h, c, hs, cs, acts, xhat_hh, stats_hh, xhat_c, stats_c, hpre, batch_hh, batch_c,
+     counts) = kernels.lstm_forward(
+        gx, h0, c0, w_hh, w_hr, gamma_hh, gamma_c, beta_c, running_hh, running_c, mask, norm,
+        groups, eps, training, keep,
+    )  # fmt: skip
+    batch = norm == "batch" and training
+    heads = (out, h, c, *(b if batch else _empty(x) for b in (batch_ih, batch_hh, batch_c)))
+    if not keep:
+        return (*heads, *(_empty(x) for _ in LSTMSaved._fields[:-1]), counts)
+    normed = norm != "none"
+    saved = LSTMSaved(
+        hs, cs, acts,
+        xhat_hh if normed else _empty(x), stats_hh,
+        xhat_c if normed else _empty(x), stats_c,
+        hpre if w_hr is not None else _empty(x),
+        xhat_ih if normed else _empty(x), stats_ih,
+        counts,
+    )  # fmt: skip
+    return (*heads, *saved)
+
+
+def _contiguous(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
+@torch.library.custom_op("seqnorm::lstm_backward", mutates_args=())
+def lstm_backward(
+    grad_out: Tensor,
+    grad_h: Tensor,
+    grad_c: Tensor,
+    x: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    w_hr: _Opt,
+    gamma_ih: _Opt,
+    gamma_hh: _Opt,
+    gamma_c: _Opt,
+    beta_c: _Opt,
+    mask: _Opt,
+    hs: Tensor,
+    cs: Tensor,
+    acts: Tensor,
+    xhat_hh: Tensor,
+    stats_hh: Tensor,
+    xhat_c: Tensor,
+    stats_c: Tensor,
+    hpre: Tensor,
+    xhat_ih: Tensor,
+    stats_ih: Tensor,
+    counts: Tensor,
+    norm: str,
+    groups: int,
+    eps: float,
+    training: bool,
+    needs: list[bool],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of :func:`lstm_forward`: those of ``x, h0, c0, w_ih, w_hh``, the bias
+    (``b_ih`` and ``b_hh`` alike), ``w_hr, gamma_ih, gamma_hh, gamma_c, beta_c``, in that order
+    (``needs`` says which are wanted; the others are empty)."""
+    raise NotImplementedError("seqnorm::lstm_backward has kernels for CPU and CUDA only")
+
+
+LSTM_GRADS = ("x", "h0", "c0", "w_ih", "w_hh", "bias", "w_hr", "gamma_ih", "gamma_hh", "gamma_c",
+              "beta_c")  # fmt: skip
+"""The gradients of :func:`lstm_backward`, in order (the kernels return them so)."""
+
+
+@lstm_backward.register_fake
+def _(grad_out, grad_h, grad_c, x, w_ih, w_hh, w_hr, gamma_ih, gamma_hh, gamma_c, beta_c, mask,
+      hs, cs, acts, xhat_hh, stats_hh, xhat_c, stats_c, hpre, xhat_ih, stats_ih, counts,
+      norm, groups, eps, training, needs, backend):  # fmt: skip
+    likes = (x, grad_h, grad_c, w_ih, w_hh, w_hh[:, 0], w_hr, gamma_ih, gamma_hh, gamma_c, beta_c)
+    return tuple(
+        torch.empty_like(like) if need and like is not None else _empty(x)
+        for like, need in zip(likes, needs)
+    )
+
+
+@lstm_backward.register_kernel("cpu")
+def _(grad_out, grad_h, grad_c, x, w_ih, w_hh, w_hr, gamma_ih, gamma_hh, gamma_c, beta_c, mask,
+      hs, cs, acts, xhat_hh, stats_hh, xhat_c, stats_c, hpre, xhat_ih, stats_ih, counts,
+      norm, groups, eps, training, needs, backend):  # fmt: skip
+    if backend == "triton":
+        return _triton().lstm_backward(*_args_of(locals()))
+    saved = [hs, cs, acts, xhat_hh, stats_hh, xhat_c, stats_c, hpre, xhat_ih, stats_ih, counts]
+    grads = torch.ops.seqnorm_cpp.lstm_backward(
+        grad_out, grad_h, grad_c, saved, x, w_ih, w_hh, w_hr, gamma_ih, gamma_hh, gamma_c, beta_c,
+        *_contiguous(mask), norm, groups, eps, training, needs,
+    )  # fmt: skip
+    return _wanted(grads, needs, x)
+
+
+def _wanted(grads, needs, like: Tensor) -> tuple[Tensor, ...]:
+    """The gradients asked for, empty tensors for the rest (an operator returns no None)."""
+    return tuple(
+        g if need and g is not None and g.numel() else _empty(like) for g, need in zip(grads, needs)
+    )
+
+
+def _lstm_setup(ctx, inputs, output):
+    (x, h0, c0, *rest) = inputs
+    params = LSTMParams(*rest[:9])
+    running = rest[9:12]
+    mask, norm, groups, eps, training, keep, backend = rest[12:]
+    ctx.config = NormConfig(norm, groups, eps, training)
+    ctx.backend, ctx.has_mask = backend, mask is not None
+    ctx.optional = [t is not None for t in (*params, *running)]
+    saved = output[6:] if keep else ()
+    present = [t for t in (*params, *running) if t is not None]
+    ctx.save_for_backward(x, h0, c0, mask, *present, *saved)
+    ctx.keep = keep
+
+
+def _unpack(ctx, fields: type) -> tuple:
+    """The forward's inputs and saved results, as saved by a setup function above."""
+    x, h0, c0, mask, *rest = ctx.saved_tensors
+    present = iter(rest)
+    optional = [next(present) if has else None for has in ctx.optional]
+    saved = list(present)
+    n_params = len(fields._fields)
+    return x, h0, c0, mask, fields(*optional[:n_params]), optional[n_params:], saved
+
+
+def _lstm_backward(ctx, grad_out, grad_h, grad_c, *unused):
+    x, h0, c0, mask, params, running, saved = _unpack(ctx, LSTMParams)
+    inputs = (x, h0, c0, *params)
+    grads = [_zeros_if_none(g, t) for g, t in ((grad_out, None), (grad_h, h0), (grad_c, c0))]
+    if grads[0] is None:
+        grads[0] = x.new_zeros(x.shape[0], x.shape[1], h0.shape[-1])
+    if _recompute(grads) or not ctx.keep:
+        with torch.enable_grad():
+            out, h, c, _ = reference.lstm(
+                x, h0, c0, params, ctx.config, _rows(running), mask if ctx.has_mask else None
+            )
+        result = _grad_through((out, h, c), grads, inputs, ctx.needs_input_grad)
+    else:
+        s = LSTMSaved(*saved)
+        needs = list(ctx.needs_input_grad[:5])
+        needs += [ctx.needs_input_grad[5] or ctx.needs_input_grad[6], *ctx.needs_input_grad[7:12]]
+        g = torch.ops.seqnorm.lstm_backward(
+            *grads, x, params.w_ih, params.w_hh, params.w_hr, params.gamma_ih, params.gamma_hh,
+            params.gamma_c, params.beta_c, mask if ctx.has_mask else None, *s, *ctx.config,
+            needs, ctx.backend,
+        )  # fmt: skip
+        dbias = g[5] if needs[5] else None
+        result = [*g[:5], dbias, dbias, *g[6:]]
+        result = [
+            r if need and r.numel() else None for r, need in zip(result, ctx.needs_input_grad)
+        ]
+    return (*result, *(None,) * (len(ctx.needs_input_grad) - len(result)))
+
+
+lstm_forward.register_autograd(_lstm_backward, setup_context=_lstm_setup)
+
+
+# --- GRU --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("seqnorm::gru_forward", mutates_args=())
+def gru_forward(
+    x: Tensor,
+    h0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: _Opt,
+    b_hh: _Opt,
+    gamma_ih: _Opt,
+    gamma_hh: _Opt,
+    running_ih: _Opt,
+    running_hh: _Opt,
+    mask: _Opt,
+    norm: str,
+    groups: int,
+    eps: float,
+    training: bool,
+    keep: bool,
+    backend: str,
+) -> tuple[
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor
+]:
+    """One direction of a GRU layer: ``out``, ``h_n``, the batch statistics of the two sites and
+    the fields of :class:`GRUSaved` (see :func:`lstm_forward`)."""
+    raise NotImplementedError("seqnorm::gru_forward has kernels for CPU and CUDA only")
+
+
+@gru_forward.register_fake
+def _(x, h0, w_ih, w_hh, b_ih, b_hh, gamma_ih, gamma_hh, running_ih, running_hh, mask,
+      norm, groups, eps, training, keep, backend):  # fmt: skip
+    steps, n = x.shape[:2]
+    hidden = h0.shape[-1]
+    features = 3 * hidden
+    batch = norm == "batch" and training
+    heads = (
+        x.new_empty(steps, n, hidden),
+        x.new_empty(n, hidden),
+        *(x.new_empty(2, steps, features) if batch else _empty(x) for _ in range(2)),
+    )
+    counts = x.new_empty(steps, dtype=torch.long)
+    if not keep:
+        return (*heads, *(_empty(x) for _ in GRUSaved._fields[:-1]), counts)
+    normed = norm != "none"
+    saved = GRUSaved(
+        hs=x.new_empty(steps + 1, n, hidden),
+        acts=x.new_empty(steps, n, features),
+        ghn=x.new_empty(steps, n, hidden),
+        xhat_hh=x.new_empty(steps, n, features) if normed else _empty(x),
+        stats_hh=x.new_empty(_stats_numel(norm, groups, steps, n, features)),
+        xhat_ih=x.new_empty(steps, n, features) if normed else _empty(x),
+        stats_ih=x.new_empty(_stats_numel(norm, groups, steps, n, features)),
+        counts=counts,
+    )
+    return (*heads, *saved)
+
+
+@gru_forward.register_kernel("cpu")
+def _(x, h0, w_ih, w_hh, b_ih, b_hh, gamma_ih, gamma_hh, running_ih, running_hh, mask,
+      norm, groups, eps, training, keep, backend):  # fmt: skip
+    if backend == "triton":
+        return _triton().gru_forward(*_args_of(locals()))
+    cpp.load()
+    kernels = torch.ops.seqnorm_cpp
+    mask, running_ih, running_hh = _contiguous(mask, running_ih, running_hh)
+    gx, xhat_ih, stats_ih, batch_ih, _ = kernels.input_forward(
+        x, w_ih, b_ih, gamma_ih, running_ih, mask, norm, groups, eps, training, keep
+    )
+    out, h, hs, acts, gh_n, xhat_hh, stats_hh, batch_hh, counts = kernels.gru_forward(
+        gx, h0, w_hh, b_hh, gamma_hh, running_hh, mask, norm, groups, eps, training, keep
+    )
+    batch = norm == "batch" and training
+    heads = (out, h, *(b if batch else _empty(x) for b in (batch_ih, batch_hh)))
+    if not keep:
+        return (*heads, *(_empty(x) for _ in GRUSaved._fields[:-1]), counts)
+    normed = norm != "none"
+    saved = GRUSaved(
+        hs, acts, gh_n, xhat_hh if normed else _empty(x), stats_hh,
+        xhat_ih if normed else _empty(x), stats_ih, counts,
+    )  # fmt: skip
+    return (*heads, *saved)
+
+
+@torch.library.custom_op("seqnorm::gru_backward", mutates_args=())
+def gru_backward(
+    grad_out: Tensor,
+    grad_h: Tensor,
+    x: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_hh: _Opt,
+    gamma_ih: _Opt,
+    gamma_hh: _Opt,
+    mask: _Opt,
+    hs: Tensor,
+    acts: Tensor,
+    ghn: Tensor,
+    xhat_hh: Tensor,
+    stats_hh: Tensor,
+    xhat_ih: Tensor,
+    stats_ih: Tensor,
+    counts: Tensor,
+    norm: str,
+    groups: int,
+    eps: float,
+    training: bool,
+    needs: list[bool],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of :func:`gru_forward`: those of ``x, h0, w_ih, w_hh, b_ih, b_hh,
+    gamma_ih, gamma_hh``, in that order (``needs`` says which are wanted)."""
+    raise NotImplementedError("seqnorm::gru_backward has kernels for CPU and CUDA only")
+
+
+GRU_GRADS = ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh", "gamma_ih", "gamma_hh")
+"""The gradients of :func:`gru_backward`, in order (the kernels return them so)."""
+
+
+@gru_backward.register_fake
+def _(grad_out, grad_h, x, w_ih, w_hh, b_hh, gamma_ih, gamma_hh, mask, hs, acts, ghn, xhat_hh,
+      stats_hh, xhat_ih, stats_ih, counts, norm, groups, eps, training, needs, backend):  # fmt: skip
+    likes = (x, grad_h, w_ih, w_hh, w_hh[:, 0], b_hh, gamma_ih, gamma_hh)
+    return tuple(
+        torch.empty_like(like) if need and like is not None else _empty(x)
+        for like, need in zip(likes, needs)
+    )
+
+
+@gru_backward.register_kernel("cpu")
+def _(grad_out, grad_h, x, w_ih, w_hh, b_hh, gamma_ih, gamma_hh, mask, hs, acts, ghn, xhat_hh,
+      stats_hh, xhat_ih, stats_ih, counts, norm, groups, eps, training, needs, backend):  # fmt: skip
+    if backend == "triton":
+        return _triton().gru_backward(*_args_of(locals()))
+    saved = [hs, acts, ghn, xhat_hh, stats_hh, xhat_ih, stats_ih, counts]
+    grads = torch.ops.seqnorm_cpp.gru_backward(
+        grad_out, grad_h, saved, x, w_ih, w_hh, b_hh, gamma_ih, gamma_hh, *_contiguous(mask),
+        norm, groups, eps, training, needs,
+    )  # fmt: skip
+    return _wanted(grads, needs, x)
+
+
+def _gru_setup(ctx, inputs, output):
+    x, h0, *rest = inputs
+    params = GRUParams(*rest[:6])
+    running = rest[6:8]
+    mask, norm, groups, eps, training, keep, backend = rest[8:]
+    ctx.config = NormConfig(norm, groups, eps, training)
+    ctx.backend, ctx.has_mask, ctx.keep = backend, mask is not None, keep
+    ctx.optional = [t is not None for t in (*params, *running)]
+    saved = output[4:] if keep else ()
+    present = [t for t in (*params, *running) if t is not None]
+    ctx.save_for_backward(x, h0, h0, mask, *present, *saved)  # h0 twice: the LSTM's c0 slot
+
+
+def _gru_backward(ctx, grad_out, grad_h, *unused):
+    x, h0, _, mask, params, running, saved = _unpack(ctx, GRUParams)
+    inputs = (x, h0, *params)
+    grads = [_zeros_if_none(grad_out, None), _zeros_if_none(grad_h, h0)]
+    if grads[0] is None:
+        grads[0] = x.new_zeros(x.shape[0], x.shape[1], h0.shape[-1])
+    if _recompute(grads) or not ctx.keep:
+        with torch.enable_grad():
+            out, h, _ = reference.gru(
+                x, h0, params, ctx.config, _rows(running), mask if ctx.has_mask else None
+            )
+        result = _grad_through((out, h), grads, inputs, ctx.needs_input_grad)
+    else:
+        needs = list(ctx.needs_input_grad[:8])
+        g = torch.ops.seqnorm.gru_backward(
+            *grads, x, params.w_ih, params.w_hh, params.b_hh, params.gamma_ih, params.gamma_hh,
+            mask if ctx.has_mask else None, *GRUSaved(*saved), *ctx.config, needs, ctx.backend,
+        )  # fmt: skip
+        result = [r if need and r.numel() else None for r, need in zip(g, needs)]
+    return (*result, *(None,) * (len(ctx.needs_input_grad) - len(result)))
+
+
+gru_forward.register_autograd(_gru_backward, setup_context=_gru_setup)
+
+
+# --- shared -----------------------------------------------------------------------------------
+
+
+def _zeros_if_none(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
+    if grad is None and like is not None:
+        return torch.zeros_like(like)
+    return grad
+
+
+def _recompute(grads) -> bool:
+    """Whether the backward must go through the differentiable reference: a graph of the
+    gradient is wanted (higher-order gradients), or the gradients are batched (vmap). (So does
+    a backward of a forward that kept nothing, ``keep=False``.)"""
+    if torch.is_grad_enabled():
+        return True
+    batched = torch._C._functorch.is_batchedtensor
+    return any(g is not None and batched(g) for g in grads)
+
+
+def _rows(running) -> tuple:
+    """The (mean, var) rows per site from the forward's ``(2, T, F)`` running inputs."""
+    return tuple(None if r is None else (r[0], r[1]) for r in running)
+
+
+def _grad_through(outputs, grads, inputs, needs) -> list:
+    wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
+    computed = iter(
+        torch.autograd.grad(
+            outputs, wanted, grads, create_graph=torch.is_grad_enabled(), allow_unused=True
+        )
+        if wanted
+        else ()
+    )
+    result = [next(computed) if need and t is not None else None for t, need in zip(inputs, needs)]
+    return [
+        torch.zeros_like(t) if r is None and need and t is not None else r
+        for r, t, need in zip(result, inputs, needs)
+    ]
+
+
+def _args_of(scope: dict) -> tuple:
+    """A kernel's arguments in schema order, from its ``locals()`` (the Triton kernels take
+    exactly the operator's arguments)."""
+    return tuple(scope.values())
+
+
+def _triton():
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+@torch.library.custom_op(
+    "seqnorm::update_running_stats", mutates_args=("running_mean", "running_var")
+)
+def update_running_stats(
+    running_mean: Tensor, running_var: Tensor, batch: Tensor, counts: Tensor, momentum: float
+) -> None:
+    """Move batch norm's ``(S, F)`` running statistics towards the batch statistics of steps
+    ``0 .. T-1`` (``batch`` ``(2, T, F)``: mean and biased variance; ``counts`` ``(T,)``)."""
+    from ..functional import BatchStats, update_running
+
+    update_running(running_mean, running_var, BatchStats(batch[0], batch[1], counts), 0, momentum)
+
+
+@update_running_stats.register_fake
+def _(running_mean, running_var, batch, counts, momentum):
+    return None

@@ -1,0 +1,32 @@
+"""What the tests share: model factories, the cases every test runs through, and the backends."""
+
+from __future__ import annotations
+
+import torch
+
+import seqnorm
+
+NORM_CASES = ["none", "layer", "group", "batch"]
+
+BACKENDS = ["python", "cpp"]
+"""The implementations every reference test runs on: the readable loop and the C++ kernel
+(required: a kernel that does not build fails these tests, it does not skip them). The Triton
+kernels have their own tests in Triton's interpreter (tests/test_triton.py)."""
+
+
+def make(
+    cls_name, norm, *, input_size=5, hidden_size=8, dtype=torch.float64, seed=0, backend=None, **kw
+):
+    """A seqnorm module with non-trivial norm gains and shifts (so that they are tested too)."""
+    torch.manual_seed(seed)
+    groups = 4 if norm == "group" else 1
+    model = getattr(seqnorm, cls_name)(
+        input_size, hidden_size, norm=norm, groups=groups, dtype=dtype, **kw
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("norm_"):
+                p.uniform_(0.5, 1.5) if name.endswith("weight") else p.uniform_(-0.5, 0.5)
+    if backend is not None:
+        model.backend = backend
+    return model

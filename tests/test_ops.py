@@ -1,0 +1,429 @@
+"""The recurrence operator: its registration, the C++ kernel against the readable Python loop in
+the cases the reference tests do not reach (chunked backward, thread splits, oneDNN products, the
+buffer cache, inference without saved activations), gradcheck of the operators themselves, and
+the choice of backend."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from helpers import NORM_CASES, make
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.testing import assert_close
+
+import seqnorm
+from seqnorm import ops
+from seqnorm.ops import backend as backends
+from seqnorm.ops import library
+
+LENGTHS = torch.tensor([9, 4, 7, 1, 9, 2])  # a lone sample at the last steps: batch-norm fallback
+# (T=4, N=3) for gradcheck: padding in the middle sample, one valid sample at the last step
+GRADCHECK_MASK = torch.tensor([[1, 1, 1], [1, 0, 1], [1, 0, 1], [0, 0, 1]], dtype=torch.bool)
+
+CELLS = ["LSTM", "GRU", "LSTM-proj"]
+CASES = [
+    pytest.param(cls, norm, bidir, mode, id=f"{norm}-{cls}-{'bi' if bidir else 'uni'}-{mode}")
+    for cls in CELLS
+    for norm in NORM_CASES
+    for bidir in [False, True]
+    for mode in ["full", "lengths", "packed"]
+]
+
+
+def _make(cls, norm, **kw):
+    if cls == "LSTM-proj":
+        return make("LSTM", norm, proj_size=5, **kw)
+    return make(cls, norm, **kw)
+
+
+def _pair(model):
+    """The model on the C++ kernel and a copy on the Python loop."""
+    reference = copy.deepcopy(model)
+    model.backend, reference.backend = "cpp", "python"
+    return model, reference
+
+
+def _run(model, x, hx, mode):
+    """Outputs, final states, every gradient and every buffer after one training step."""
+    model.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    hx = tuple(h.detach().requires_grad_() for h in hx)
+    state_in = hx if len(hx) == 2 else hx[0]
+    if mode == "packed":
+        out, state = model(pack_padded_sequence(x, LENGTHS, enforce_sorted=False), state_in)
+        out = pad_packed_sequence(out, total_length=x.shape[0])[0]
+    else:
+        out, state = model(x, state_in, lengths=None if mode == "full" else LENGTHS)
+    states = state if isinstance(state, tuple) else (state,)
+    weights = [
+        torch.linspace(-1, 1, t.numel(), dtype=t.dtype).reshape(t.shape) for t in (out, *states)
+    ]
+    sum((t * w).sum() for t, w in zip((out, *states), weights)).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    return out, states, x.grad, [h.grad for h in hx], grads, dict(model.named_buffers())
+
+
+def _case(cls, norm, bidir):
+    model = _make(cls, norm, hidden_size=16, bidirectional=bidir, num_layers=2)
+    x = torch.randn(9, 6, 5, dtype=torch.float64)
+    dirs = 2 if bidir else 1
+    sizes = {"LSTM": (16, 16), "GRU": (16,), "LSTM-proj": (5, 16)}[cls]
+    hx = tuple(torch.randn(2 * dirs, 6, size, dtype=torch.float64) for size in sizes)
+    return model, x, hx
+
+
+def _outputs(run):
+    """The output, final states and the gradients of the input and initial states of a run."""
+    out, states, dx, dhx = run[:4]
+    return [out, *states, dx, *dhx]
+
+
+@pytest.mark.parametrize(("cls", "norm", "bidir", "mode"), CASES)
+def test_cpp_matches_python_loop(cls, norm, bidir, mode):
+    model, x, hx = _case(cls, norm, bidir)
+    got, want = (_run(m, x, hx, mode) for m in _pair(model))
+    for g, w in zip(_outputs(got), _outputs(want)):
+        assert_close(g, w)
+    assert got[4].keys() == want[4].keys()
+    for name in want[4]:  # every parameter's gradient
+        assert_close(got[4][name], want[4][name], msg=lambda m, name=name: f"{name}: {m}")
+    for name in want[5]:  # batch norm's running statistics, moved identically
+        assert_close(got[5][name], want[5][name])
+
+
+@pytest.mark.parametrize("cls", CELLS)
+@pytest.mark.parametrize("norm", NORM_CASES)
+def test_cpp_float32_is_accurate(cls, norm):
+    """In float32 the kernel is within float32 rounding of the float64 result, like the loop."""
+    model, x, hx = _case(cls, norm, True)
+    want = _run(model, x, hx, "lengths")
+    fast = copy.deepcopy(model).float()
+    fast.backend = "cpp"
+    got = _run(fast, x.float(), tuple(h.float() for h in hx), "lengths")
+    pairs = [*zip(_outputs(got), _outputs(want)), *((got[4][k], want[4][k]) for k in want[4])]
+    for g, w in pairs:  # error relative to the largest entry: padding zeros need no rtol
+        assert_close(g.double(), w, rtol=0, atol=5e-3 * w.abs().max().item())
+
+
+@pytest.mark.parametrize("cls", CELLS)
+@pytest.mark.parametrize("norm", NORM_CASES)
+def test_cpp_float32_large_weights_are_accurate(cls, norm):
+    """Hidden 512 in float32: the per-step products run on oneDNN's packed weights (where torch
+    has oneDNN), still within float32 rounding of the float64 loop."""
+    model = _make(cls, norm, hidden_size=512, input_size=8)
+    x, lengths = torch.randn(4, 3, 8, dtype=torch.float64), torch.tensor([4, 2, 3])
+    reference = copy.deepcopy(model)
+    reference.backend = "python"
+    fast = copy.deepcopy(model).float()
+    fast.backend = "cpp"
+    with torch.profiler.profile() as prof:
+        got_out, got_state = fast(x.float(), lengths=lengths)
+        got_state = got_state if isinstance(got_state, tuple) else (got_state,)
+        sum(t.square().sum() for t in (got_out, *got_state)).backward()
+    want_out, want_state = reference(x, lengths=lengths)
+    want_state = want_state if isinstance(want_state, tuple) else (want_state,)
+    sum(t.square().sum() for t in (want_out, *want_state)).backward()
+    with torch.no_grad():  # the path that keeps no activations gives the same
+        assert_close(fast(x.float(), lengths=lengths)[0], got_out, rtol=0, atol=0)
+    if torch.backends.mkldnn.is_available() and cls != "LSTM-proj":  # W_hh (4H, 5) is small
+        assert "mkldnn::_linear_pointwise" in {e.name for e in prof.events()}
+    pairs = [(got_out, want_out), *zip(got_state, want_state)]
+    pairs += [(p.grad, q.grad) for p, q in zip(fast.parameters(), reference.parameters())]
+    for g, w in pairs:
+        assert_close(g.double(), w, rtol=0, atol=5e-3 * w.abs().max().item())
+
+
+@pytest.fixture
+def fresh_cache():
+    """The kernel's buffer cache emptied before and after, its limit restored."""
+    ops.empty_cache()
+    limit = ops.cache_info()["limit"]
+    yield
+    ops.set_cache_limit(limit)
+    ops.empty_cache()
+
+
+GATES_BYTES = 32 * 64 * 4 * 64 * 4  # the LSTM's gates (T=32, N=64, hidden 64) in float32: 2 MiB
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+def test_step_buffers_come_from_the_cache(cls, fresh_cache):
+    """Step buffers of 1 MiB and more (here the projection and the gates, 1.5-2 MiB) are taken
+    from the kernel's cache, kept there once freed and handed out again for the next sequence,
+    a shorter one too; the profiler sees them while in use; results are the float64 loop's, and
+    the same without a backward."""
+    model = make(cls, "layer", hidden_size=64, input_size=8, backend="python")
+    fast = copy.deepcopy(model).float()
+    fast.backend = "cpp"
+    x = torch.randn(32, 64, 8, dtype=torch.float64)
+    gates = GATES_BYTES * (3 if cls == "GRU" else 4) // 4
+    with torch.profiler.profile(profile_memory=True) as prof:
+        got, _ = fast(x.float())
+        in_use = ops.cache_info()["in_use"]
+        assert in_use >= 2 * gates  # the projection (x_hat of it) and x_hat of h W_hh^T
+        got.square().sum().backward()
+    want, _ = model(x)
+    want.square().sum().backward()
+    pairs = [
+        (got, want),
+        *((p.grad, q.grad) for p, q in zip(fast.parameters(), model.parameters())),
+    ]
+    for g, w in pairs:
+        assert_close(g.double(), w, rtol=0, atol=1e-4 * w.abs().max().item())
+    with torch.no_grad():  # without a backward, on buffers handed out again
+        assert_close(fast(x.float())[0], got, rtol=0, atol=0)
+    sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    assert sizes.count(gates) >= 2 and sizes.count(-gates) >= 2  # in use, then back in the cache
+    del got
+    info = ops.cache_info()
+    assert info["in_use"] == 0 and info["cached"] >= in_use
+    fast(x[:24].float())[0].sum().backward()  # 3/4 of the length: the same buffers serve
+    assert ops.cache_info() == info
+
+
+def test_cache_limit(fresh_cache):
+    """With a limit of 0 nothing is cached and the results are the same, bit for bit; a limit
+    keeps at most that many bytes; bad limits are refused, naming the value."""
+    model = make("LSTM", "batch", hidden_size=64, input_size=8, backend="cpp").float()
+    x = torch.randn(32, 64, 8)
+    model(x)[0].sum().backward()
+    cached = [p.grad.clone() for p in model.parameters()]
+    assert ops.cache_info()["cached"] >= 2 * GATES_BYTES
+    ops.set_cache_limit(GATES_BYTES)
+    assert 0 < ops.cache_info()["cached"] <= GATES_BYTES
+    ops.set_cache_limit(0)
+    assert ops.cache_info()["cached"] == 0
+    model.zero_grad()
+    model(x)[0].sum().backward()
+    assert ops.cache_info() == {"cached": 0, "in_use": 0, "limit": 0}
+    for p, g in zip(model.parameters(), cached):
+        assert_close(p.grad, g, rtol=0, atol=0)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=f"nbytes={bad!r}: expected a whole number"):
+            ops.set_cache_limit(bad)
+
+
+def _step_and_gradients(model, x, lengths):
+    out, state = model(x, lengths=lengths)
+    states = state if isinstance(state, tuple) else (state,)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    ((out * weights).sum() + sum(s.sum() for s in states)).backward()
+    return [out, *states, *(p.grad for p in model.parameters()), *model.buffers()]
+
+
+@pytest.mark.parametrize("cls", CELLS)
+def test_batch_norm_statistics_split_over_threads(cls):
+    """Batch 32 and hidden 128: the per-feature batch statistics and their backward run in
+    feature ranges over threads (with padding in the batch); still the loop's, in float64."""
+    model = _make(cls, "batch", hidden_size=128, input_size=8)
+    x = torch.randn(5, 32, 8, dtype=torch.float64)
+    lengths = torch.tensor([5, 3, 1, 4] * 8)
+    got, want = (_step_and_gradients(m, x, lengths) for m in _pair(model))
+    for g, w in zip(got, want):
+        assert_close(g, w)
+
+
+@pytest.mark.parametrize("cls", CELLS)
+@pytest.mark.parametrize("norm", NORM_CASES)
+def test_backward_over_chunks_matches_python_loop(cls, norm):
+    """Batch 64: the backward hands its gradients on 8 steps at a time (3 chunks of 20 steps,
+    the last one short) to the input norm's backward and the weight and input products; with
+    padding, two layers (the second one's input gradient) and both directions, in float64."""
+    model = _make(cls, norm, hidden_size=8, num_layers=2, bidirectional=True)
+    x = torch.randn(20, 64, 5, dtype=torch.float64, requires_grad=True)
+    lengths = torch.randint(1, 21, (64,), generator=torch.Generator().manual_seed(0))
+    lengths[:3] = torch.tensor([20, 17, 9])  # sequences ending inside and at the end of chunks
+    runs = []
+    for m in _pair(model):
+        x.grad = None
+        runs.append([*_step_and_gradients(m, x, lengths), x.grad])
+    for got, want in zip(*runs):
+        assert_close(got, want)
+
+
+@pytest.mark.parametrize("cls", CELLS)
+@pytest.mark.parametrize("norm", NORM_CASES)
+@pytest.mark.parametrize("mode", ["full", "lengths", "packed"])
+def test_without_grad_matches_python_loop(cls, norm, mode):
+    """Without a backward the kernel keeps no step's activations (a ring of two states instead):
+    outputs, final states and running statistics are still the loop's, in training mode."""
+    model, x, hx = _case(cls, norm, True)
+    state_in = hx if len(hx) == 2 else hx[0]
+    runs = []
+    for m in _pair(model):
+        with torch.no_grad():
+            if mode == "packed":
+                out, state = m(pack_padded_sequence(x, LENGTHS, enforce_sorted=False), state_in)
+                out = pad_packed_sequence(out, total_length=x.shape[0])[0]
+            else:
+                out, state = m(x, state_in, lengths=None if mode == "full" else LENGTHS)
+        runs.append((out, *(state if isinstance(state, tuple) else (state,)), *m.buffers()))
+    assert len(runs[0]) == len(runs[1])
+    for got, want in zip(*runs):
+        assert_close(got, want)
+
+
+@pytest.mark.parametrize("cls", CELLS)
+@pytest.mark.parametrize("norm", NORM_CASES)
+def test_eval_mode_matches_python_loop(cls, norm):
+    model = _make(cls, norm, hidden_size=16).eval()
+    if norm == "batch":  # non-trivial running statistics
+        for name, buf in model.named_buffers():
+            buf.uniform_(0.5, 1.5) if "var" in name else buf.normal_()
+    fast, reference = _pair(model)
+    x = torch.randn(7, 1, 5, dtype=torch.float64)  # batch of one: fine in eval mode
+    with torch.no_grad():
+        assert_close(fast(x)[0], reference(x)[0])
+
+
+# --- the operators themselves -------------------------------------------------------------
+
+
+def _leaves(*tensors):
+    return tuple(None if t is None else t.detach().clone().requires_grad_() for t in tensors)
+
+
+def _lstm_op_inputs(norm, masked, training, proj):
+    """A float64 direction's inputs to seqnorm::lstm_forward (the input half included)."""
+    model = make("LSTM", norm, hidden_size=8, input_size=3, proj_size=5 if proj else 0)
+    t, n = 4, 3
+    norms = (model.norm_ih_l0, model.norm_hh_l0, model.norm_c_l0)
+    params = _leaves(
+        model.weight_ih_l0, model.weight_hh_l0, model.bias_ih_l0, model.bias_hh_l0,
+        getattr(model, "weight_hr_l0", None),
+        *(None if m is None else m.weight for m in norms),
+        None if norms[2] is None else norms[2].bias,
+    )  # fmt: skip
+    running = [None] * 3
+    if norm == "batch":  # non-trivial running statistics, for the fallback and eval mode
+        running = [
+            torch.stack((torch.randn(t, f), torch.rand(t, f) + 0.5)).double() for f in (32, 32, 8)
+        ]
+    x = torch.randn(t, n, 3, dtype=torch.float64)
+    h0 = torch.randn(n, 5 if proj else 8, dtype=torch.float64)
+    c0 = torch.randn(n, 8, dtype=torch.float64)
+    config = (norm, 4 if norm == "group" else 1, 1e-5, training)
+    return (*_leaves(x, h0, c0), *params), running, GRADCHECK_MASK if masked else None, config
+
+
+GRADCHECK_CASES = pytest.mark.parametrize(
+    ("norm", "masked", "training"),
+    [(n, m, t) for n in NORM_CASES for m in (False, True) for t in (True, False)],
+)
+
+
+@GRADCHECK_CASES
+@pytest.mark.parametrize("proj", [False, True])
+def test_lstm_operator_gradcheck(norm, masked, training, proj):
+    """The operator's registered backward (the C++ kernel's) against finite differences, for a
+    whole direction: the input projection, its norm (under a mask batch statistics come from the
+    valid samples only, and a step with one valid sample uses running ones), then the loop."""
+    inputs, running, mask, config = _lstm_op_inputs(norm, masked, training, proj)
+
+    def f(*args):
+        return torch.ops.seqnorm.lstm_forward(*args, *running, mask, *config, True, "cpp")[:3]
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@GRADCHECK_CASES
+def test_gru_operator_gradcheck(norm, masked, training):
+    model = make("GRU", norm, hidden_size=8, input_size=3)
+    t, n = 4, 3
+    params = _leaves(
+        model.weight_ih_l0, model.weight_hh_l0, model.bias_ih_l0, model.bias_hh_l0,
+        *(None if m is None else m.weight for m in (model.norm_ih_l0, model.norm_hh_l0)),
+    )  # fmt: skip
+    running = [None] * 2
+    if norm == "batch":
+        running = [
+            torch.stack((torch.randn(t, 24), torch.rand(t, 24) + 0.5)).double() for _ in "ih"
+        ]
+    x, h0 = _leaves(
+        torch.randn(t, n, 3, dtype=torch.float64), torch.randn(n, 8, dtype=torch.float64)
+    )
+    mask = GRADCHECK_MASK if masked else None
+    config = (norm, 4 if norm == "group" else 1, 1e-5, training)
+
+    def f(*args):
+        return torch.ops.seqnorm.gru_forward(*args, *running, mask, *config, True, "cpp")[:2]
+
+    assert torch.autograd.gradcheck(f, (x, h0, *params))
+
+
+@pytest.mark.parametrize("norm", NORM_CASES)
+def test_operators_pass_opcheck(norm):
+    """torch.library.opcheck: schemas, fake implementations (shapes and dtypes of every output,
+    which torch.compile and torch.export rely on) and the autograd registration."""
+    for proj in (False, True):
+        inputs, running, mask, config = _lstm_op_inputs(norm, True, True, proj)
+        args = (*inputs, *running, mask, *config, True, "cpp")
+        torch.library.opcheck(torch.ops.seqnorm.lstm_forward.default, args)
+        args = (*inputs, *running, mask, *config, False, "cpp")  # keep=False: nothing saved
+        torch.library.opcheck(torch.ops.seqnorm.lstm_forward.default, args)
+
+
+def test_update_running_stats_operator_declares_its_mutation():
+    schema = torch.ops.seqnorm.update_running_stats.default._schema
+    mutated = {
+        a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write
+    }
+    assert mutated == {"running_mean", "running_var"}
+    mean, var = torch.zeros(3, 2), torch.ones(3, 2)
+    batch = torch.stack((torch.full((2, 2), 2.0), torch.full((2, 2), 4.0)))  # T=2 steps
+    counts = torch.tensor([4, 1])  # the second step used running statistics: no update
+    torch.ops.seqnorm.update_running_stats(mean, var, batch, counts, 0.5)
+    assert_close(mean, torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]))
+    assert_close(var, torch.tensor([[0.5 + 0.5 * 4 * 4 / 3] * 2, [1.0, 1.0], [1.0, 1.0]]))
+
+
+# --- choosing the backend --------------------------------------------------------------------
+
+
+def test_backend_environment_variable(monkeypatch):
+    x = torch.randn(3, 2, 4)
+    monkeypatch.setenv("SEQNORM_BACKEND", "python")
+    assert ops.choose(None, x, [], False) == "python"
+    monkeypatch.setenv("SEQNORM_BACKEND", "cpp")
+    assert ops.choose(None, x, [], False) == "cpp"
+    assert ops.choose("python", x, [], False) == "python"  # the layer's own choice wins
+    monkeypatch.setenv("SEQNORM_BACKEND", "fused")
+    with pytest.raises(
+        ValueError, match=r"SEQNORM_BACKEND to be one of 'auto', 'cpp'.*got 'fused'"
+    ):
+        ops.choose(None, x, [], False)
+    with pytest.raises(ValueError, match=r"`backend` to be one of .* got 'gpu'"):
+        ops.choose("gpu", x, [], False)
+
+
+def test_auto_backend_falls_back_to_python_with_one_warning(monkeypatch):
+    monkeypatch.setattr(backends, "_warned", set())
+    lstm = seqnorm.LSTM(4, 8).half()
+    x = torch.randn(3, 2, 4).half()
+    with pytest.warns(
+        RuntimeWarning,
+        match="Python loop because the C\\+\\+ kernel runs in float32 and float64, got torch.float16",
+    ):
+        lstm(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per reason
+        lstm(x)
+    lstm.backend = "cpp"  # asked for: an error that says why
+    with pytest.raises(
+        RuntimeError, match=r"backend='cpp' cannot run here: the C\+\+ kernel runs in float32"
+    ):
+        lstm(x)
+    assert ops.choose(None, torch.randn(3, 2, 4), [], False) == "cpp"
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(
+        RuntimeError, match="Triton kernels run on CUDA, or on CPU with TRITON_INTERPRET=1"
+    ):
+        ops.choose("triton", torch.randn(3, 2, 4), [], False)
+
+
+def test_library_module_names_each_gradient():
+    assert len(library.LSTM_GRADS) == 11 and len(library.GRU_GRADS) == 8
