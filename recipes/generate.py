@@ -5,7 +5,7 @@ python recipes/generate.py runs/char_lm_pydoc_ln_lstm/checkpoints/last.ckpt --pr
 
 import argparse
 
-from seqnorm.lightning import LanguageModel
+from seqnorm.lightning import LanguageModel, check_checkpoint, check_generation
 
 
 def main(argv=None) -> str:
@@ -16,6 +16,11 @@ def main(argv=None) -> str:
     parser.add_argument("--temperature", type=float, default=0.8, help="> 0; lower is more certain")
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args(argv)
+    try:  # before the checkpoint is read: a typo costs no time
+        check_generation(args.length, args.temperature)
+        check_checkpoint(args.checkpoint, LanguageModel)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
     model = LanguageModel.load_from_checkpoint(args.checkpoint, map_location="cpu")
     text = model.generate(args.prompt, args.length, args.temperature, seed=args.seed)
     print(text)

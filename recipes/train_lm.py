@@ -11,8 +11,7 @@ character (or perplexity) and a text sample. Sample from a checkpoint with ``rec
 
 from lightning.pytorch.cli import LightningCLI
 
-from seqnorm.lightning import LanguageModel
-from seqnorm.lightning.data import _LMDataModule
+from seqnorm.lightning import LanguageModel, LMDataModule, check_checkpoint
 
 
 class LMCLI(LightningCLI):
@@ -20,11 +19,17 @@ class LMCLI(LightningCLI):
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
         parser.link_arguments("data.level", "model.level", apply_on="instantiate")
 
+    def parse_arguments(self, parser, args):  # a bad --ckpt_path fails before anything else
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            check_checkpoint(self.config[subcommand].get("ckpt_path"), LanguageModel)
+
 
 def main(args=None, run=True):
     return LMCLI(
         LanguageModel,
-        _LMDataModule,
+        LMDataModule,
         subclass_mode_data=True,
         # Batches are consecutive windows of fixed streams; the DataModule shards them by rank.
         trainer_defaults={"use_distributed_sampler": False},

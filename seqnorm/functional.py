@@ -182,14 +182,14 @@ def recurrent_batch_norm(
     out = _result_dtype(x, weight, bias)
     xs = x.to(_stats_dtype(x))
     cast = lambda p: None if p is None else p.to(xs.dtype)
-    if training and mask is None and all_reduce is None and x.shape[1] >= 2:
+    if training and mask is None and all_reduce is None and x.shape[1] >= 2 and x.shape[2]:
         return _batch_norm_all_valid(xs, cast(weight), cast(bias), eps, out)
     run_mean, run_var = running_mean.to(xs.dtype), running_var.to(xs.dtype)
     stats = None
     if not training:
         mean, var = run_mean, run_var
     else:
-        valid = torch.ones_like(xs[..., 0]) if mask is None else mask.to(xs.dtype)
+        valid = xs.new_ones(xs.shape[:2]) if mask is None else mask.to(xs.dtype)
         w = valid.unsqueeze(-1)  # (T, N, 1)
         count, total = w.sum(1), (xs * w).sum(1)  # (T, 1), (T, F)
         if all_reduce is not None:

@@ -1,7 +1,9 @@
 """The torch.nn contract around the math: parameters, state dicts, dtypes, autocast, compile."""
 
+import copy
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -116,14 +118,82 @@ def test_bf16_autocast_runs_with_float32_statistics(cls, norm):
     assert_close(got.float(), want, atol=5e-2, rtol=5e-2)
 
 
+def _compile_counter():
+    import torch._dynamo.testing
+
+    return torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+
+
+def _graph_ops(counter) -> set:
+    return {str(n.target) for g in counter.graphs for n in g.graph.nodes if n.op == "call_function"}
+
+
+@pytest.mark.parametrize(("cls", "norm"), [("LSTM", "layer"), ("GRU", "batch"), ("LSTM", "group")])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_torch_compile_runs_the_operator_without_graph_breaks(cls, norm, with_lengths):
+    """fullgraph=True (no graph break), the operator in the graph (not an unrolled loop), at most
+    one recompile when the sequence length first changes, and eager's results in training."""
+    torch._dynamo.reset()
+    model = make(cls, norm, dtype=torch.float32, bidirectional=True, num_layers=2)
+    eager = copy.deepcopy(model)
+    counter = _compile_counter()
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    for steps in (5, 7, 9, 12):
+        x = torch.randn(steps, 3, 5, requires_grad=True)
+        lengths = torch.tensor([steps, 2, 3]) if with_lengths else None
+        got, want = compiled(x, lengths=lengths)[0], eager(x, lengths=lengths)[0]
+        assert_close(got, want)
+        (gx,) = torch.autograd.grad(got.sum(), x)
+        assert_close(gx, torch.autograd.grad(want.sum(), x)[0])
+    assert counter.frame_count <= 2
+    ops = _graph_ops(counter)
+    assert f"seqnorm.{cls.lower()}_forward" in ops
+    assert ("seqnorm.update_running_stats" in ops) == (norm == "batch")
+    for name, buffer in eager.named_buffers():  # batch norm's running statistics moved alike
+        assert_close(dict(model.named_buffers())[name], buffer)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("cls", "norm"), [("LSTM", "layer"), ("GRU", "batch")])
-def test_torch_compile_matches_eager(cls, norm):
-    model = make(cls, norm, dtype=torch.float32, bidirectional=True)
-    model.eval()  # eval: the same running statistics for both calls
-    x, lengths = torch.randn(4, 3, 5), torch.tensor([4, 2, 3])
-    compiled = torch.compile(model)
-    assert_close(compiled(x, lengths=lengths)[0], model(x, lengths=lengths)[0])
+def test_torch_compile_with_inductor_matches_eager():
+    """The default backend (inductor) compiles the graph around the operator, forward and
+    backward."""
+    torch._dynamo.reset()
+    model = make("LSTM", "layer", dtype=torch.float32, bidirectional=True)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True)
+    for steps in (4, 6):
+        x = torch.randn(steps, 3, 5, requires_grad=True)
+        lengths = torch.tensor([steps, 2, 3])
+        got, want = compiled(x, lengths=lengths)[0], eager(x, lengths=lengths)[0]
+        assert_close(got, want)
+        assert_close(torch.autograd.grad(got.sum(), x), torch.autograd.grad(want.sum(), x))
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+@pytest.mark.parametrize("norm", ["none", "layer", "batch"])
+def test_torch_export_with_a_dynamic_sequence_length(cls, norm):
+    from torch.export import Dim, export
+
+    model = make(cls, norm, dtype=torch.float32, bidirectional=True).eval()
+    steps = Dim("steps", min=2, max=1000)
+    program = export(model, (torch.randn(6, 3, 5),), dynamic_shapes=({0: steps},))
+    targets = {str(n.target) for n in program.graph.nodes}
+    assert f"seqnorm.{cls.lower()}_forward.default" in targets
+    for length in (3, 11):
+        x = torch.randn(length, 3, 5)
+        assert_close(program.module()(x)[0], model(x)[0])
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+def test_jit_trace_at_one_length_runs_at_another(cls):
+    """As torch.nn.LSTM: the traced graph holds one operator per direction, not a loop of steps."""
+    model = make(cls, "layer", dtype=torch.float32, bidirectional=True).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, (torch.randn(6, 3, 5),), check_trace=False)
+    for length in (2, 11):
+        x = torch.randn(length, 3, 5)
+        assert_close(traced(x)[0], model(x)[0])
 
 
 @pytest.mark.cuda
@@ -136,3 +206,99 @@ def test_cuda_matches_cpu(cls, norm):
     want, _ = model(x, lengths=lengths)
     got, _ = model.cuda()(x.cuda(), lengths=lengths)
     assert_close(got.cpu(), want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "LSTMCell", "GRUCell"])
+def test_state_dict_records_the_normalization(cls):
+    """A layer-norm state dict does not load into a group-norm model (the parameters fit, the
+    computation differs), nor groups 4 into groups 2; the error names both settings."""
+    make = lambda norm, groups=1, eps=1e-5: getattr(seqnorm, cls)(
+        4, 8, norm=norm, groups=groups, eps=eps
+    )
+    layer = make("layer").state_dict()
+    with pytest.raises(
+        RuntimeError, match=r"norm='group', groups=4.*saved with norm='layer', groups=1"
+    ):
+        make("group", 4).load_state_dict(layer)
+    with pytest.raises(RuntimeError, match=r"groups=2.*saved with norm='group', groups=4"):
+        make("group", 2).load_state_dict(make("group", 4).state_dict())
+    with pytest.raises(
+        RuntimeError, match=r"eps=0.001.*saved with norm='layer', groups=1, eps=1e-05"
+    ):
+        make("layer", eps=1e-3).load_state_dict(layer)
+    make("layer").load_state_dict(layer)
+    old = {k: v for k, v in layer.items() if k != "_extra_state"}  # saved before the record
+    make("layer").load_state_dict(old)
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+def test_torch_state_dict_loads_strictly_into_norm_none(cls):
+    control = getattr(torch.nn, cls)(5, 7, num_layers=2, bidirectional=True)
+    ours = getattr(seqnorm, cls)(5, 7, num_layers=2, bidirectional=True, norm="none")
+    ours.load_state_dict(control.state_dict())  # strict: every key matches, no record to check
+    x = torch.randn(4, 3, 5)
+    assert_close(ours(x)[0], control(x)[0])
+
+
+HALF = [torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+@pytest.mark.parametrize("norm", ["none", "layer", "group", "batch"])
+def test_half_precision_parameters(cls, norm, dtype):
+    """After .to(float16/bfloat16): parameters, outputs and states in that dtype (statistics in
+    float32 or better inside), over several steps, near the float32 model's outputs."""
+    model = make(cls, norm, dtype=torch.float32, bidirectional=True, num_layers=2)
+    half = copy.deepcopy(model).to(dtype)
+    x, lengths = torch.randn(6, 4, 5), torch.tensor([6, 3, 5, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the C++ kernel does not run in half
+        out, state = half(x.to(dtype), lengths=lengths)
+    states = state if isinstance(state, tuple) else (state,)
+    assert all(t.dtype == dtype for t in (out, *states))
+    assert all(b.dtype == dtype for b in half.buffers())
+    want, _ = model(x, lengths=lengths)
+    assert (out.float() - want).abs().mean() < 0.02  # half-precision rounding over 12 steps
+    out.float().sum().backward()
+    assert all(p.grad.dtype == dtype for p in half.parameters())
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("cls", ["LSTMCell", "GRUCell"])
+@pytest.mark.parametrize("norm", ["none", "layer", "batch"])
+def test_cells_in_half_precision_return_their_dtype(cls, norm, dtype):
+    cell = getattr(seqnorm, cls)(5, 8, norm=norm).to(dtype)
+    out = cell(torch.randn(3, 5, dtype=dtype))
+    out = cell(torch.randn(3, 5, dtype=dtype), out)  # the state feeds the next step
+    assert all(t.dtype == dtype for t in (out if isinstance(out, tuple) else (out,)))
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+@pytest.mark.parametrize("norm", ["none", "layer", "group", "batch"])
+@pytest.mark.parametrize("scale", [1e20, 1e30, math.inf])
+def test_extreme_inputs_give_the_same_answer_on_every_backend(cls, norm, scale):
+    """Where float32 squares overflow (1e20 and up) both paths still normalize (the statistics
+    are exact, in double); infinite inputs give NaN on both. Same values, same NaNs."""
+    model = make(cls, norm, dtype=torch.float32, bidirectional=True, backend="cpp")
+    reference = copy.deepcopy(model)
+    reference.backend = "python"
+    x = torch.randn(5, 3, 5) * scale
+    got, want = model(x)[0], reference(x)[0]
+    assert_close(got, want, atol=1e-5, rtol=1e-4, equal_nan=True)
+    if math.isfinite(scale):  # the input's scale does not matter to a normalized cell
+        assert got.isfinite().all()
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+@pytest.mark.parametrize("norm", ["layer", "group", "batch"])
+def test_a_nan_sample_stays_in_its_row_except_with_batch_norm(cls, norm):
+    """Documented: the per-sample norms keep a NaN in its own sample; batch norm's statistics
+    mix samples, so one NaN sample poisons every output (as torch.nn.BatchNorm1d does)."""
+    model = make(cls, norm, dtype=torch.float32)
+    x = torch.randn(4, 3, 5)
+    x[2, 1, 0] = math.nan
+    out = model(x)[0]
+    assert out[2:, 1].isnan().all() and not out[:2].isnan().any()
+    assert out[2:, [0, 2]].isnan().all() == (norm == "batch")
+    assert out[2:, [0, 2]].isnan().any() == (norm == "batch")

@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -14,7 +15,12 @@ pytest.importorskip("lightning")
 
 import lightning as L
 
-from seqnorm.lightning import CharLMDataModule, LanguageModel, TextClassificationDataModule
+from seqnorm.lightning import (
+    CharLMDataModule,
+    LanguageModel,
+    SequenceClassifier,
+    TextClassificationDataModule,
+)
 from seqnorm.lightning import data as data_module
 from seqnorm.norms import RecurrentBatchNorm
 
@@ -88,7 +94,9 @@ def lm_args(text_file, tmp_path, *extra):
 
 
 def test_lm_recipe_fast_dev_run(text_file, tmp_path):
-    train_lm.main(lm_args(text_file, tmp_path, "--trainer.fast_dev_run=true"))
+    cli = train_lm.main(lm_args(text_file, tmp_path, "--trainer.fast_dev_run=true"))
+    assert cli.trainer.global_step == 1
+    assert torch.isfinite(cli.trainer.callback_metrics["train_loss_step"])
 
 
 def test_local_lm_config_trains_on_a_small_file(text_file, tmp_path, monkeypatch):
@@ -113,7 +121,10 @@ def test_classifier_recipe_fast_dev_run(tsv_file, tmp_path):
         "--trainer.fast_dev_run=true", "--trainer.logger=false", "--trainer.callbacks=[]",
         f"--trainer.default_root_dir={tmp_path}", "--model.hidden_size=16", *QUIET,
     ]  # fmt: skip
-    train_classifier.main(args)
+    cli = train_classifier.main(args)
+    assert cli.trainer.global_step == 1
+    assert 0 <= float(cli.trainer.callback_metrics["val_acc"]) <= 1
+    assert cli.model.label_names == ["0", "1"]
 
 
 def test_char_lm_overfits_a_tiny_corpus(text_file, tmp_path):
@@ -199,6 +210,11 @@ def test_ddp_two_processes(text_file, tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "recipes", "train_lm.py"), *args],
                             capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    (path,) = glob.glob(str(tmp_path / "**" / "*.ckpt"), recursive=True)
+    saved = torch.load(path, weights_only=True)
+    assert saved["global_step"] >= 2  # saved at the validation of step 2
+    running = saved["state_dict"]["rnn.norm_hh_l0.running_mean"]
+    assert running[:3].abs().sum() > 0 and torch.isfinite(running).all()  # statistics moved
 
 
 def missing_file(p):
@@ -254,10 +270,153 @@ def test_bad_config_fails_before_training(arg, match, text_file, tmp_path, capsy
     assert not glob.glob(str(tmp_path / "**" / "*.ckpt"), recursive=True)
 
 
-def test_datamodule_vocab_travels_with_the_model(text_file):
+def test_the_checkpoint_file_holds_the_vocabulary(text_file, tmp_path):
     dm = CharLMDataModule(path=text_file, batch_size=2, bptt=10)
     model = LanguageModel(dm.vocab, hidden_size=8, embedding_dim=4)
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         limit_val_batches=0, enable_model_summary=False)  # fmt: skip
     trainer.fit(model, dm)
-    assert model.hparams.vocab == dm.vocab
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    saved = torch.load(tmp_path / "model.ckpt", weights_only=True)  # safely loadable, too
+    assert saved["hyper_parameters"]["vocab"] == ["<pad>", "<unk>", *dm.vocab[2:]]
+    assert set(dm.vocab[2:]) == set(TEXT)  # every character of the training text, once
+
+
+def tsv(tmp_path, rows, header="label\ttext\n", name="reviews.tsv"):
+    path = tmp_path / name
+    path.write_text(header + "".join(f"{label}\t{text}\n" for label, text in rows))
+    return str(path)
+
+
+def test_string_labels_become_named_classes_saved_and_predicted(tmp_path):
+    """Labels "neg"/"pos" are classes 0/1 (sorted); the names travel with the checkpoint and
+    predictions are names."""
+    rows = [
+        ("pos" if i % 2 else "neg", f"{'a good fine' if i % 2 else 'a bad dull'} film {i}")
+        for i in range(60)
+    ]
+    path = tsv(tmp_path, rows)
+    args = [
+        "fit", "--config", os.path.join(ROOT, "configs", "cls_mr_polarity_ln_lstm.yaml"), f"--data.path={path}",
+        "--trainer.max_epochs=1", "--trainer.logger=false", "--trainer.callbacks=[]", f"--trainer.default_root_dir={tmp_path}",
+        "--model.hidden_size=8", "--data.batch_size=8", *QUIET,
+    ]  # fmt: skip
+    cli = train_classifier.main(args)
+    assert cli.datamodule.label_names == ["neg", "pos"] and cli.model.label_names == ["neg", "pos"]
+    cli.trainer.save_checkpoint(tmp_path / "cls.ckpt")
+    loaded = SequenceClassifier.load_from_checkpoint(tmp_path / "cls.ckpt")
+    assert loaded.label_names == ["neg", "pos"]
+    predictions = cli.trainer.predict(loaded, cli.datamodule.test_dataloader())
+    assert {p for batch in predictions for p in batch} <= {"neg", "pos"}
+    assert sum(len(batch) for batch in predictions) == len(cli.datamodule.test_dataloader().dataset)
+
+
+@pytest.mark.parametrize(
+    ("labels", "match"),
+    [
+        pytest.param({"train": [0, 1.7], "val": [0], "test": [1]}, r"whole-number labels.*got 1.7 in the train split", id="fraction"),
+        pytest.param({"train": ["neg", "pos"], "val": ["neutral"], "test": ["pos"]}, r"one of the training split's labels \['neg', 'pos'\].*got 'neutral' in the val split", id="unseen-name"),
+        pytest.param({"train": [0, 1], "val": [5], "test": [1]}, r"labels in \[0, 1\].*got 5 in the val split", id="range"),
+        pytest.param({"train": ["neg", 1], "val": [0], "test": [1]}, r"whole-number labels \(or strings in every row\).*got 'neg'", id="mixed"),
+    ],
+)  # fmt: skip
+def test_bad_labels_are_named(labels, match):
+    from seqnorm.lightning.data import label_classes
+
+    with pytest.raises(ValueError, match=match):
+        label_classes(labels, None, None, "label", "reviews.tsv")
+
+
+def test_class_label_names_and_whole_numbers():
+    from seqnorm.lightning.data import label_classes
+
+    names, ids = label_classes(
+        {"train": [1, 0], "val": [2]}, ["bad", "ok", "good"], None, "label", "hub"
+    )
+    assert names == ["bad", "ok", "good"] and ids == {"train": [1, 0], "val": [2]}
+    names, ids = label_classes({"train": [1.0, 0.0, 2.0]}, None, None, "label", "f.csv")
+    assert names == ["0", "1", "2"] and ids == {"train": [1, 0, 2]}
+
+
+def test_csv_without_header_names_its_columns_by_position(tmp_path):
+    path = tmp_path / "reviews.csv"
+    path.write_text(
+        "".join(f"{i % 2},a {'good' if i % 2 else 'bad'} film {i}\n" for i in range(40))
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"no header row, name its columns in order with the data module's `column_names`",
+    ):
+        _ = TextClassificationDataModule(path=str(path)).vocab
+    dm = TextClassificationDataModule(path=str(path), column_names=["label", "text"])
+    assert dm.num_classes == 2 and "film" in dm.vocab
+
+
+def test_a_file_that_is_not_utf8_is_named_with_its_offset(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(("plain ascii text " * 10).encode() + "café".encode("latin-1") + b"\n" * 50)
+    with pytest.raises(
+        ValueError,
+        match=rf"{path.name}' is not valid utf-8 text: the bytes at offset 173 .*`encoding` argument",
+    ):
+        _ = CharLMDataModule(path=str(path)).vocab
+    assert "é" in CharLMDataModule(path=str(path), encoding="latin-1").vocab
+    with pytest.raises(ValueError, match=r"`encoding` to name a text encoding, got 'utf-99'"):
+        _ = CharLMDataModule(path=str(path), encoding="utf-99").vocab
+
+
+def test_a_split_too_small_for_one_batch_is_named(tmp_path):
+    path = tmp_path / "small.txt"
+    path.write_text("x" * 2000)
+    dm = CharLMDataModule(path=str(path), batch_size=64, bptt=10)
+    with pytest.raises(
+        ValueError,
+        match=r"The val split of .*small.txt holds \d+ characters, too few for one batch of batch_size=64",
+    ):
+        dm.setup("fit")
+
+
+@pytest.fixture
+def lm_checkpoint(text_file, tmp_path):
+    cli = train_lm.main(
+        lm_args(text_file, tmp_path, "--trainer.max_steps=2", "--trainer.limit_val_batches=0")
+    )
+    path = tmp_path / "model.ckpt"
+    cli.trainer.save_checkpoint(path)
+    return path
+
+
+def test_generate_checks_its_arguments_before_reading_the_checkpoint(tmp_path, capsys):
+    for args, match in [(["--temperature", "0"], "`temperature` to be a positive number, got 0.0"),
+                        (["--length", "-1"], "`length` to be a whole number >= 0, got -1")]:  # fmt: skip
+        with pytest.raises(SystemExit):
+            generate.main([str(tmp_path / "missing.ckpt"), *args])
+        assert match in capsys.readouterr().err
+
+
+def test_generate_refuses_a_prompt_outside_the_vocabulary_and_never_samples_unk(lm_checkpoint):
+    with pytest.raises(ValueError, match=r"got \['Q', 'Z'\], which the model never saw"):
+        generate.main([str(lm_checkpoint), "--prompt", "the QZ"])
+    model = LanguageModel.load_from_checkpoint(lm_checkpoint)
+    with torch.no_grad():
+        model.decoder.bias[1] += 25  # <unk> would be all but certain
+    assert "<unk>" not in model.generate("the ", 50, seed=0)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "foreign", "pickled-object"])
+def test_a_bad_checkpoint_gets_a_clear_error(kind, lm_checkpoint, tmp_path, text_file, capsys):
+    path = tmp_path / f"{kind}.ckpt"
+    if kind == "truncated":
+        path.write_bytes(lm_checkpoint.read_bytes()[:5000])
+        match = "not a checkpoint seqnorm can read safely.*truncated or corrupted"
+    elif kind == "foreign":
+        torch.save({"model": torch.zeros(3)}, path)
+        match = "not a checkpoint of a LanguageModel"
+    else:
+        torch.save(torch.nn.Linear(2, 2), path)  # loadable only by running pickled code
+        match = "not a checkpoint seqnorm can read safely"
+    with pytest.raises(SystemExit):
+        generate.main([str(path)])
+    assert re.search(match, capsys.readouterr().err)
+    with pytest.raises(ValueError, match=match):  # resuming from it fails before training
+        train_lm.main(lm_args(text_file, tmp_path, "--trainer.max_steps=1", f"--ckpt_path={path}"))

@@ -1,11 +1,25 @@
 """The Lightning training layer: LightningModules and DataModules (needs the ``train`` extra)."""
 
 from .callbacks import PrintSample
-from .data import CharLMDataModule, TextClassificationDataModule, Vocabulary, WordLMDataModule
-from .models import LanguageModel, SequenceClassifier, build_rnn, sync_batch_norm
+from .data import (
+    CharLMDataModule,
+    LMDataModule,
+    TextClassificationDataModule,
+    Vocabulary,
+    WordLMDataModule,
+)
+from .models import (
+    LanguageModel,
+    SequenceClassifier,
+    build_rnn,
+    check_checkpoint,
+    check_generation,
+    sync_batch_norm,
+)
 
 __all__ = [
     "CharLMDataModule",
+    "LMDataModule",
     "LanguageModel",
     "PrintSample",
     "SequenceClassifier",
@@ -13,5 +27,7 @@ __all__ = [
     "Vocabulary",
     "WordLMDataModule",
     "build_rnn",
+    "check_checkpoint",
+    "check_generation",
     "sync_batch_norm",
 ]

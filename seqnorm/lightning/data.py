@@ -8,6 +8,7 @@ can be evaluated or sampled.
 
 from __future__ import annotations
 
+import codecs
 import collections
 import os
 import re
@@ -21,8 +22,12 @@ LOCAL_FORMATS = {".txt": "text", ".csv": "csv", ".tsv": "csv", ".json": "json", 
                  ".parquet": "parquet"}  # fmt: skip
 
 
-def load_local(path: str, **kwargs):
-    """A local file as a ``datasets.Dataset`` (its single ``train`` split), checked first."""
+def load_local(path: str, encoding: str = "utf-8", column_names: list[str] | None = None, **kwargs):
+    """A local file as a ``datasets.Dataset`` (its single ``train`` split), checked first.
+
+    Text files are read in ``encoding``; ``column_names`` names the columns of a csv/tsv file that
+    has no header row, in order.
+    """
     import datasets
 
     if not os.path.isfile(path):
@@ -34,9 +39,47 @@ def load_local(path: str, **kwargs):
         raise ValueError(
             f"Expected argument `path` to end in one of {sorted(LOCAL_FORMATS)}, got {path!r}"
         )
+    if ext != ".parquet":
+        check_encoding(path, encoding)
+        kwargs["encoding"] = encoding
     if ext == ".tsv":
         kwargs.setdefault("delimiter", "\t")
+    if column_names is not None:
+        if ext not in (".csv", ".tsv"):
+            raise ValueError(
+                f"Expected argument `column_names` only for a csv or tsv file without a header "
+                f"row, got column_names={column_names!r} for {path!r}"
+            )
+        kwargs["column_names"] = list(column_names)
     return datasets.load_dataset(LOCAL_FORMATS[ext], data_files=path, split="train", **kwargs)
+
+
+def check_encoding(path: str, encoding: str, chunk: int = 1 << 20) -> None:
+    """Raise a ValueError naming the file, the byte offset and the fix if ``path`` is not valid
+    text in ``encoding`` (read in chunks: large files are never held whole)."""
+    try:
+        decoder = codecs.getincrementaldecoder(encoding)()
+    except LookupError:
+        raise ValueError(
+            f"Expected argument `encoding` to name a text encoding, got {encoding!r}"
+        ) from None
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as error:
+                at = offset + error.start
+                raise ValueError(
+                    f"{path!r} is not valid {encoding} text: the bytes at offset {at} "
+                    f"({error.object[error.start : error.start + 4]!r}) cannot be decoded. Set the "
+                    "data module's `encoding` argument to the file's encoding (for example "
+                    "'latin-1' or 'cp1252'), or save the file as UTF-8"
+                ) from None
+            if not block:
+                return
+            offset += len(block)
 
 
 def load_hub(name: str, config: str | None = None):
@@ -113,8 +156,9 @@ class StreamBatches(Dataset):
         return self.data[index]
 
 
-class _LMDataModule(L.LightningDataModule):
-    """Shared loading and batching of the language-model DataModules."""
+class LMDataModule(L.LightningDataModule):
+    """Loading and batching shared by the language-model DataModules (the recipe's base class:
+    ``--data`` takes any subclass)."""
 
     level: str
 
@@ -130,6 +174,7 @@ class _LMDataModule(L.LightningDataModule):
         test_fraction: float = 0.05,
         min_freq: int = 1,
         max_vocab: int | None = None,
+        encoding: str = "utf-8",
     ):
         super().__init__()
         if path is not None and hub is not None:
@@ -142,7 +187,7 @@ class _LMDataModule(L.LightningDataModule):
         self.path, self.hub, self.hub_config, self.text_field = path, hub, hub_config, text_field
         self.batch_size, self.bptt = batch_size, bptt
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
-        self.min_freq, self.max_vocab = min_freq, max_vocab
+        self.min_freq, self.max_vocab, self.encoding = min_freq, max_vocab, encoding
         self._splits: dict[str, list[str]] | None = None
         self._vocab: Vocabulary | None = None
 
@@ -159,9 +204,9 @@ class _LMDataModule(L.LightningDataModule):
             text = python_docs_text()
         else:
             data = (
-                load_local(self.path, sample_by="document")
+                load_local(self.path, self.encoding, sample_by="document")
                 if self.path.endswith(".txt")
-                else load_local(self.path)
+                else load_local(self.path, self.encoding)
             )
             if self.text_field not in data.column_names:
                 raise ValueError(
@@ -191,13 +236,21 @@ class _LMDataModule(L.LightningDataModule):
         rank, world = (
             (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         )
-        self.datasets = {
-            split: StreamBatches(
-                torch.tensor(self._vocab.encode(tokens)), self.batch_size, self.bptt,
-                *((rank, world) if split == "train" else (0, 1)),
-            )
-            for split, tokens in self._splits.items()
-        }  # fmt: skip
+        self.datasets = {}
+        for split, tokens in self._splits.items():
+            try:
+                self.datasets[split] = StreamBatches(
+                    torch.tensor(self._vocab.encode(tokens)), self.batch_size, self.bptt,
+                    *((rank, world) if split == "train" else (0, 1)),
+                )  # fmt: skip
+            except ValueError as error:
+                source = self.path or self.hub or "Python's documentation"
+                unit = "characters" if self.level == "char" else "words"
+                raise ValueError(
+                    f"The {split} split of {source} holds {len(tokens)} {unit}, too few for one "
+                    f"batch of batch_size={self.batch_size} streams ({error}). Use a smaller "
+                    "batch_size, a larger file, or (for val/test) a larger val_fraction/test_fraction"
+                ) from None
 
     def _loader(self, split: str) -> StatefulDataLoader:
         # batch_size=None: each item is already a batch; order is fixed to carry the hidden state.
@@ -213,7 +266,7 @@ class _LMDataModule(L.LightningDataModule):
         return self._loader("test")
 
 
-class CharLMDataModule(_LMDataModule):
+class CharLMDataModule(LMDataModule):
     """Character-level language modelling data.
 
     With neither ``path`` nor ``hub``, the text is Python's own documentation (``pydoc_data``),
@@ -233,7 +286,7 @@ class CharLMDataModule(_LMDataModule):
         return list(text)
 
 
-class WordLMDataModule(_LMDataModule):
+class WordLMDataModule(LMDataModule):
     """Word-level language modelling data: whitespace words, ``<eos>`` at each line end.
 
     Words rarer than ``min_freq`` (or beyond ``max_vocab``) become ``<unk>``.
@@ -245,6 +298,57 @@ class WordLMDataModule(_LMDataModule):
         return [w for line in text.split("\n") if line.strip() for w in [*line.split(), "<eos>"]]
 
 
+def _labelled(values) -> bool:
+    """Whether a split has labels (SST-2's test split marks them missing with -1)."""
+    return all(not (isinstance(v, int) and v < 0) for v in values)
+
+
+def label_classes(
+    labels: dict[str, list], names: list[str] | None, num_classes: int | None, column: str, source
+) -> tuple[list[str], dict[str, list[int]]]:
+    """The class names and each split's class ids, from labels that are whole numbers, the
+    names of a ``ClassLabel`` (``names``), or strings (classes in sorted order of the training
+    split's). Anything else, a fractional number or a label outside the classes, is an error
+    naming the label, its split and what was expected."""
+
+    def fail(value, split, expected):
+        raise ValueError(
+            f"Expected {expected} in column {column!r} of {source!r}, got {value!r} in the "
+            f"{split} split"
+        )
+
+    train = labels["train"]
+    if names is None and train and all(isinstance(v, str) for v in train):
+        names = sorted(set(train))
+        if num_classes is not None and num_classes != len(names):
+            fail(num_classes, "train", f"num_classes={len(names)} (the label names {names})")
+        index = {name: i for i, name in enumerate(names)}
+        ids = {}
+        for split, values in labels.items():
+            for v in values:
+                if v not in index:
+                    fail(v, split, f"one of the training split's labels {names}")
+            ids[split] = [index[v] for v in values]
+        return names, ids
+    for split, values in labels.items():
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v):
+                fail(v, split, "whole-number labels (or strings in every row)")
+    count = len(names) if names is not None else num_classes
+    if count is None:
+        count = max(2, int(max(train)) + 1 if train else 2)
+    for split, values in labels.items():
+        for v in values:
+            if not 0 <= v < count:
+                fail(
+                    int(v) if isinstance(v, float) else v,
+                    split,
+                    f"labels in [0, {count - 1}] (num_classes={count})",
+                )
+    names = names if names is not None else [str(i) for i in range(count)]
+    return names, {split: [int(v) for v in values] for split, values in labels.items()}
+
+
 WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
 
 
@@ -254,11 +358,17 @@ def words(text: str) -> list[str]:
 
 
 class TextClassificationDataModule(L.LightningDataModule):
-    """Sentences or documents with integer labels, padded per batch with their lengths.
+    """Sentences or documents with labels, padded per batch with their lengths.
 
     Local files (csv/tsv/json/parquet) are shuffled with ``seed`` and split into train/val/test by
     ``val_fraction``/``test_fraction``; hub data sets keep their splits (one without a test split,
     or with unlabelled test rows like SST-2, tests on its validation split).
+
+    Labels may be whole numbers (classes ``0 .. num_classes - 1``), the names of a data set's
+    ``ClassLabel``, or strings ("pos"/"neg"): strings become classes in sorted order. The names
+    (``label_names``) travel with the model into its checkpoint, and predictions are names.
+    ``num_classes`` is read from the data unless given. A csv/tsv file without a header row
+    names its columns with ``column_names`` (for example ``[label, text]``).
 
     Batches are ``(tokens (N, L), lengths (N,), labels (N,))``.
     """
@@ -270,7 +380,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         hub_config: str | None = None,
         text_column: str = "text",
         label_column: str = "label",
-        num_classes: int = 2,
+        num_classes: int | None = None,
         batch_size: int = 32,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
@@ -278,6 +388,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         max_vocab: int | None = 20000,
         max_length: int = 400,
         seed: int = 0,
+        encoding: str = "utf-8",
+        column_names: list[str] | None = None,
     ):
         super().__init__()
         if (path is None) == (hub is None):
@@ -286,46 +398,42 @@ class TextClassificationDataModule(L.LightningDataModule):
             )
         if batch_size < 1:
             raise ValueError(f"Expected argument `batch_size` to be at least 1, got {batch_size}")
-        if num_classes < 2:
+        if num_classes is not None and num_classes < 2:
             raise ValueError(f"Expected argument `num_classes` to be at least 2, got {num_classes}")
         self.path, self.hub, self.hub_config = path, hub, hub_config
-        self.text_column, self.label_column, self.num_classes = (
-            text_column,
-            label_column,
-            num_classes,
-        )
-        self.batch_size, self.val_fraction, self.test_fraction = (
-            batch_size,
-            val_fraction,
-            test_fraction,
-        )
-        self.min_freq, self.max_vocab, self.max_length, self.seed = (
-            min_freq,
-            max_vocab,
-            max_length,
-            seed,
-        )
+        self.text_column, self.label_column = text_column, label_column
+        self.batch_size, self.seed = batch_size, seed
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.min_freq, self.max_vocab, self.max_length = min_freq, max_vocab, max_length
+        self.encoding, self.column_names = encoding, column_names
+        self._num_classes = num_classes
         self._splits = None
         self._vocab: Vocabulary | None = None
+        self._label_names: list[str] | None = None
 
     def _raw(self):
         if self.hub is not None:
             data = load_hub(self.hub, self.hub_config)
-            test = (
-                data["test"]
-                if "test" in data and min(data["test"][self.label_column]) >= 0
-                else None
-            )
+            test = data.get("test")
+            if test is not None and not _labelled(test[self.label_column]):
+                test = None
             val = data.get("validation")
             if val is None:
                 parts = data["train"].train_test_split(self.val_fraction, seed=self.seed)
                 data, val = {"train": parts["train"]}, parts["test"]
             return {"train": data["train"], "val": val, "test": test if test is not None else val}
-        data = load_local(self.path)
+        data = load_local(self.path, self.encoding, self.column_names)
         for arg, column in (("text_column", self.text_column), ("label_column", self.label_column)):
             if column not in data.column_names:
+                hint = (
+                    ""
+                    if self.column_names
+                    else "; if the file has no header row, name its columns in order with the "
+                    "data module's `column_names` argument (for example [label, text])"
+                )
                 raise ValueError(
-                    f"Expected a column `{arg}`={column!r} in {self.path!r}, got columns {data.column_names}"
+                    f"Expected a column `{arg}`={column!r} in {self.path!r}, got columns "
+                    f"{data.column_names}{hint}"
                 )
         held = data.train_test_split(self.val_fraction + self.test_fraction, seed=self.seed)
         rest = held["test"].train_test_split(
@@ -336,28 +444,40 @@ class TextClassificationDataModule(L.LightningDataModule):
     def _load(self) -> None:
         if self._splits is not None:
             return
-        splits = {}
-        for name, data in self._raw().items():
-            labels = [int(v) for v in data[self.label_column]]
-            bad = [v for v in labels if not 0 <= v < self.num_classes]
-            if bad:
-                raise ValueError(
-                    f"Expected labels in [0, {self.num_classes - 1}] (num_classes={self.num_classes}) "
-                    f"in column {self.label_column!r}, got {bad[0]} in the {name} split"
-                )
-            splits[name] = (
-                [words(t)[: self.max_length] or ["<unk>"] for t in data[self.text_column]],
-                labels,
-            )
+        raw = self._raw()
+        feature = raw["train"].features.get(self.label_column)
+        names = list(feature.names) if hasattr(feature, "names") else None  # a ClassLabel
+        labels = {split: list(data[self.label_column]) for split, data in raw.items()}
+        self._label_names, ids = label_classes(
+            labels, names, self._num_classes, self.label_column, self.path or self.hub
+        )
+        docs = {
+            split: [words(t)[: self.max_length] or ["<unk>"] for t in data[self.text_column]]
+            for split, data in raw.items()
+        }
         self._vocab = Vocabulary.build(
-            collections.Counter(w for doc in splits["train"][0] for w in doc),
+            collections.Counter(w for doc in docs["train"] for w in doc),
             self.min_freq,
             self.max_vocab,
         )
         self._splits = {
-            name: [(torch.tensor(self._vocab.encode(doc)), y) for doc, y in zip(docs, labels)]
-            for name, (docs, labels) in splits.items()
+            split: [
+                (torch.tensor(self._vocab.encode(doc)), y)
+                for doc, y in zip(docs[split], ids[split])
+            ]
+            for split in raw
         }
+
+    @property
+    def label_names(self) -> list[str]:
+        """The name of each class, index = class (linked to the model in the recipe)."""
+        self._load()
+        return self._label_names
+
+    @property
+    def num_classes(self) -> int:
+        self._load()
+        return len(self._label_names)
 
     @property
     def vocab(self) -> list[str]:

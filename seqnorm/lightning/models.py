@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import lightning as L
 import torch
@@ -56,6 +57,56 @@ def make_optimizer(parameters, hparams) -> torch.optim.Optimizer:
     if hparams.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=hparams.lr, momentum=hparams.momentum)
     return torch.optim.Adam(parameters, lr=hparams.lr)
+
+
+def check_generation(length, temperature) -> None:
+    """Sampling's arguments, checked before anything is loaded."""
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        raise ValueError(f"Expected argument `length` to be a whole number >= 0, got {length!r}")
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not temperature > 0
+    ):
+        raise ValueError(
+            f"Expected argument `temperature` to be a positive number, got {temperature!r}"
+        )
+
+
+def check_checkpoint(path, model_class: type[L.LightningModule]) -> None:
+    """Raise a clear error if ``path`` is not a readable checkpoint of ``model_class``: a
+    truncated or corrupted file, or another program's (instead of torch's advice to load it
+    with ``weights_only=False``, which would run whatever code the file holds)."""
+    if (
+        path is None
+        or path in ("last", "best", "hpc", "registry")
+        or str(path).startswith("registry:")
+    ):
+        return  # resolved by Lightning
+    name, recipe = model_class.__name__, "recipes/train_lm.py or recipes/train_classifier.py"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"Expected a checkpoint file of a {name}, got {str(path)!r}, which does not exist"
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"{str(path)!r} is not a checkpoint seqnorm can read safely ({type(error).__name__}: "
+            f"{first}). It may be truncated or corrupted (a run killed while saving), or written "
+            f"by another program; checkpoints come from {recipe}"
+        ) from None
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or "state_dict" not in checkpoint or "vocab" not in hparams:
+        keys = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(
+            f"{str(path)!r} is not a checkpoint of a {name} (it holds {keys}); checkpoints come "
+            f"from {recipe}"
+        )
+    expected = "level" if model_class is LanguageModel else "num_classes"
+    if expected not in hparams:
+        raise ValueError(f"{str(path)!r} is a checkpoint of another kind of model, not of a {name}")
 
 
 def _detach(state):
@@ -195,20 +246,25 @@ class LanguageModel(L.LightningModule):
         self, prompt: str = "", length: int = 200, temperature: float = 1.0, seed: int | None = None
     ) -> str:
         """Sample ``length`` tokens after ``prompt`` (``temperature`` > 0; lower is more certain)."""
-        if not temperature > 0:
-            raise ValueError(f"Expected argument `temperature` to be positive, got {temperature!r}")
-        was_training = self.training
-        self.eval()
+        check_generation(length, temperature)
         index = {t: i for i, t in enumerate(self.vocab)}
         sep = "" if self.hparams.level == "char" else " "
         tokens = list(prompt) if sep == "" else prompt.split()
-        ids = [index.get(t, 1) for t in tokens] or [index.get("\n", index.get("<eos>", 1))]
+        unknown = sorted({t for t in tokens if t not in index})
+        if unknown:
+            raise ValueError(
+                f"Expected a prompt of tokens in the model's vocabulary, got {unknown!r}, which "
+                "the model never saw in training"
+            )
+        was_training = self.training
+        self.eval()
+        ids = [index[t] for t in tokens] or [index.get("\n", index.get("<eos>", 1))]
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         logits, state = self(torch.tensor([ids], device=self.device))
         out = []
         for _ in range(length):
             probs = torch.softmax(logits[0, -1].float().cpu() / temperature, dim=-1)
-            probs[0] = 0  # never <pad>
+            probs[:2] = 0  # never <pad> or <unk> (Vocabulary's indices 0 and 1)
             nxt = int(torch.multinomial(probs, 1, generator=generator))
             out.append(self.vocab[nxt])
             logits, state = self(torch.tensor([[nxt]], device=self.device), state)
@@ -223,12 +279,15 @@ class SequenceClassifier(L.LightningModule):
     Args:
         vocab: the tokens (linked from the DataModule).
         num_classes: linked from the DataModule.
+        label_names: each class's name (linked from the DataModule; saved with the checkpoint,
+            and what ``predict`` returns).
     """
 
     def __init__(
         self,
         vocab: list[str],
         num_classes: int = 2,
+        label_names: list[str] | None = None,
         cell: str = "lstm",
         norm: str = "layer",
         groups: int = 1,
@@ -247,8 +306,15 @@ class SequenceClassifier(L.LightningModule):
             raise ValueError(
                 f"Expected argument `optimizer` to be 'adam' or 'sgd', got {optimizer!r}"
             )
+        if label_names is not None and len(label_names) != num_classes:
+            raise ValueError(
+                f"Expected {num_classes} label names (num_classes={num_classes}), got {label_names!r}"
+            )
         self.save_hyperparameters()
         self.vocab = list(vocab)
+        self.label_names = (
+            list(label_names) if label_names else [str(i) for i in range(num_classes)]
+        )
         self.embedding = nn.Embedding(len(vocab), embedding_dim, padding_idx=0)
         self.rnn = build_rnn(
             cell,
@@ -313,9 +379,10 @@ class SequenceClassifier(L.LightningModule):
     def test_step(self, batch, batch_idx):
         self._step(batch, "test")
 
-    def predict_step(self, batch, batch_idx):
+    def predict_step(self, batch, batch_idx) -> list[str]:
+        """The predicted class of each sample, by name."""
         tokens, lengths, _ = batch
-        return self(tokens, lengths).argmax(-1)
+        return [self.label_names[i] for i in self(tokens, lengths).argmax(-1).tolist()]
 
     def on_fit_start(self) -> None:
         sync_batch_norm(self, self.trainer.world_size > 1)

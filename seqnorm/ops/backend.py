@@ -113,6 +113,7 @@ def _why_not(backend: str, x: Tensor, tensors: list[Tensor]) -> str | None:
     return _unavailable_reason(backend)
 
 
+@torch.compiler.assume_constant_result  # run eagerly when compiling, not traced
 def _unavailable_reason(backend: str) -> str | None:
     """Why ``backend`` cannot be built or imported in this process (cached), or None."""
     if backend not in _unavailable:
