@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as SF
-from .checks import ShapeError, check_cell_args
+from .checks import NORMS, ShapeError, check_cell_args
 from .norms import at_step, step_norm
 
 
@@ -73,25 +73,28 @@ class NormRecord:
     """Records in the state dict what changes the computation but not the parameters' shapes
     (``norm``, ``groups``, ``eps``), and refuses a state dict recorded otherwise.
 
-    A state dict without the record (``torch.nn``'s, or one saved before seqnorm kept it) loads
-    as before: its keys decide.
+    The record is a small float64 tensor ``[index of norm in NORMS, groups, eps]``, so that the
+    state dict holds tensors only (safetensors, ``torch.jit`` and ONNX tooling assume so). A state
+    dict without it (``torch.nn``'s, or one saved before seqnorm kept it) loads as before: its
+    keys decide.
     """
 
     norm: str
     groups: int
     eps: float
-    _RECORDED = ("norm", "groups", "eps")
 
-    def get_extra_state(self) -> dict:
-        return {key: getattr(self, key) for key in self._RECORDED}
+    def get_extra_state(self) -> Tensor:
+        return torch.tensor([NORMS.index(self.norm), self.groups, self.eps], dtype=torch.float64)
 
     def set_extra_state(self, state) -> None:
-        if not isinstance(state, dict) or not set(self._RECORDED) <= state.keys():
+        if not isinstance(state, Tensor) or state.shape != (3,):
             raise RuntimeError(
-                f"Expected the state dict's `_extra_state` of {type(self).__name__} to record "
-                f"{', '.join(self._RECORDED)}, got {state!r}"
+                f"Expected the state dict's `_extra_state` of {type(self).__name__} to be a "
+                f"record of (norm, groups, eps), got {state!r}"
             )
-        mine, theirs = self.get_extra_state(), {k: state[k] for k in self._RECORDED}
+        code, groups, eps = state.tolist()
+        theirs = {"norm": NORMS[int(code)], "groups": int(groups), "eps": eps}
+        mine = {"norm": self.norm, "groups": self.groups, "eps": self.eps}
         if self.norm == "none" and theirs["norm"] == "none":
             mine.pop("eps"), theirs.pop("eps")  # eps does nothing without a norm
         if mine != theirs:

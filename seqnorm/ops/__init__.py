@@ -54,13 +54,17 @@ def lstm(
         running: batch norm's running statistics at the input projection, the recurrent
             projection and the cell state, moved in training (None for the other norms).
         mask: ``(T, N)`` bool, True where a sample is valid, or None.
-        backend: ``"cpp"``, ``"triton"`` or ``"python"`` (see :func:`choose`).
+        backend: ``"cpp"``, ``"triton"``, ``"python"`` or ``"scan"`` (see :func:`choose`).
         all_reduce: sums over processes (synchronized batch norm; the Python loop only).
 
     Returns:
         ``(T, N, P)`` outputs (zero at padding) and ``(h_n, c_n)``.
     """
     h0, c0 = state
+    if backend == "scan":
+        rows = tuple(_rows(r, x.shape[0]) for r in running)
+        out, h, c = reference.lstm_scan(x, h0, c0, params, config, rows, mask)
+        return out, (h, c)
     if backend == "python":
         rows = tuple(_rows(r, x.shape[0]) for r in running)
         out, h, c, stats = reference.lstm(x, h0, c0, params, config, rows, mask, all_reduce)
@@ -87,6 +91,9 @@ def gru(
 ) -> tuple[Tensor, Tensor]:
     """One direction of a GRU layer, as :func:`lstm` (``h0`` ``(N, H)``): returns the outputs
     and ``h_n``."""
+    if backend == "scan":
+        rows = tuple(_rows(r, x.shape[0]) for r in running)
+        return reference.gru_scan(x, h0, params, config, rows, mask)
     if backend == "python":
         rows = tuple(_rows(r, x.shape[0]) for r in running)
         out, h, stats = reference.gru(x, h0, params, config, rows, mask, all_reduce)

@@ -49,6 +49,10 @@ def choose(requested: str | None, x: Tensor, tensors: Iterable[Tensor | None], s
     """
     requested = configured() if requested is None else requested
     check(requested)
+    if torch.onnx.is_in_onnx_export():
+        # ONNX has no seqnorm operator: the exporter records the reference's steps, as a Scan
+        # (torch.export-based exporter), or unrolled at the example's length (TorchScript's).
+        return "python" if torch.jit.is_tracing() else "scan"
     if requested == "python":
         return "python"
     tensors = [t for t in tensors if t is not None]

@@ -5,6 +5,10 @@ This is the ``python`` backend, the fallback where no kernel applies, and the di
 that higher-order gradients and ``torch.func`` transforms take (:mod:`seqnorm.ops.library`).
 Every kernel is tested against it. A direction's padding is a mask: a sample that is not valid
 at a step keeps its state, outputs zero and takes no part in batch statistics.
+
+:func:`lstm_scan` and :func:`gru_scan` run the same steps as one ``scan`` (a higher-order
+operator): ``torch.onnx.export`` records it as an ONNX ``Scan``, whose length follows the
+input's, where a Python loop would be unrolled at the example's length.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch._higher_order_ops.scan import scan
 
 from .. import functional as SF
 from .types import GRUParams, LSTMParams, NormConfig
@@ -161,3 +166,88 @@ def gru(
 
     out, (h,) = _recur(x.shape[0], mask, (h0,), step)
     return out, h, (norm_ih.stats, norm_hh.stats)
+
+
+def _step_norm(config: NormConfig, weight, bias, v: Tensor, mean_t, var_t, valid_t) -> Tensor:
+    """One step's normalization of ``v`` ``(N, F)`` (batch norm: with its running rows and the
+    valid samples of the step)."""
+    if config.norm == "none":
+        return v
+    if config.norm != "batch":
+        groups = config.groups if config.norm == "group" else 1
+        return SF.group_norm(v, groups, weight, bias, config.eps)
+    y, _ = SF.recurrent_batch_norm(
+        v.unsqueeze(0),
+        mean_t.unsqueeze(0),
+        var_t.unsqueeze(0),
+        weight,
+        bias,
+        mask=None if valid_t is None else valid_t.unsqueeze(0),
+        training=config.training,
+        eps=config.eps,
+    )
+    return y.squeeze(0)
+
+
+def _scan_inputs(gx: Tensor, mask: Tensor | None, rows: tuple) -> tuple[list[Tensor], Callable]:
+    """The per-step inputs of a scan (gates' input half, mask, running rows of each site) and a
+    function that splits one step's slice of them back into (gx_t, valid_t, rows_t)."""
+    batch_rows = [r for site in rows if site is not None for r in site]
+    xs = [gx, *([] if mask is None else [mask]), *batch_rows]
+
+    def split(sliced):
+        gx_t, rest = sliced[0], list(sliced[1:])
+        valid_t = rest.pop(0) if mask is not None else None
+        per_site = []
+        for site in rows:
+            per_site.append((rest.pop(0), rest.pop(0)) if site is not None else (None, None))
+        return gx_t, valid_t, per_site
+
+    return xs, split
+
+
+def _masked(valid_t, new: tuple, old: tuple) -> tuple[tuple, Tensor]:
+    if valid_t is None:
+        return new, new[0].clone()  # a scan's output may not alias its carry
+    keep = valid_t.unsqueeze(1)
+    new = tuple(torch.where(keep, a, b) for a, b in zip(new, old))
+    return new, torch.where(keep, new[0], 0)
+
+
+def lstm_scan(x, h0, c0, params: LSTMParams, config: NormConfig, rows, mask) -> tuple:
+    """:func:`lstm` as a scan (for export): returns the outputs, ``h_n`` and ``c_n``; batch norm's
+    running statistics are read, not moved."""
+    p = params
+    norm_ih = SiteNorm(config, p.gamma_ih, None, rows[0], mask)
+    gx = SF.lstm_input(x, p.w_ih, p.b_ih, p.b_hh, norm_ih.all_steps if norm_ih.active else None)
+    xs, split = _scan_inputs(gx, mask, rows[1:])
+
+    def step(carry, sliced):
+        h, c = carry
+        gx_t, valid_t, ((mean_hh, var_hh), (mean_c, var_c)) = split(sliced)
+        norm_hh = lambda v: _step_norm(config, p.gamma_hh, None, v, mean_hh, var_hh, valid_t)
+        norm_c = lambda v: _step_norm(config, p.gamma_c, p.beta_c, v, mean_c, var_c, valid_t)
+        new = SF.lstm_step(gx_t, h, c, p.w_hh, norm_hh, norm_c, p.w_hr)
+        new, out = _masked(valid_t, new, (h, c))
+        return new, out
+
+    (h, c), out = scan(step, (h0, c0), xs)
+    return out, h, c
+
+
+def gru_scan(x, h0, params: GRUParams, config: NormConfig, rows, mask) -> tuple:
+    """:func:`gru` as a scan (for export): returns the outputs and ``h_n``."""
+    p = params
+    norm_ih = SiteNorm(config, p.gamma_ih, None, rows[0], mask)
+    gx = SF.gru_input(x, p.w_ih, p.b_ih, norm_ih.all_steps if norm_ih.active else None)
+    xs, split = _scan_inputs(gx, mask, rows[1:])
+
+    def step(carry, sliced):
+        (h,) = carry
+        gx_t, valid_t, ((mean_hh, var_hh),) = split(sliced)
+        norm_hh = lambda v: _step_norm(config, p.gamma_hh, None, v, mean_hh, var_hh, valid_t)
+        new, out = _masked(valid_t, (SF.gru_step(gx_t, h, p.w_hh, p.b_hh, norm_hh),), (h,))
+        return new, out
+
+    (h,), out = scan(step, (h0,), xs)
+    return out, h
