@@ -302,7 +302,9 @@ class _RNNBase(NormRecord, nn.Module):
 
     def _backend(self, x: Tensor, tensors, norms) -> str:
         synced = any(isinstance(m, RecurrentBatchNorm) and m.synchronized for m in norms)
-        return ops.choose(self.backend, x, tensors, synced)
+        return ops.choose(
+            self.backend, x, tensors, synced, self.hidden_size, self.norm, self.groups
+        )
 
     @staticmethod
     def _all_reduce(norms):

@@ -8,10 +8,10 @@ import seqnorm
 
 NORM_CASES = ["none", "layer", "group", "batch"]
 
-BACKENDS = ["python", "cpp"]
-"""The implementations every reference test runs on: the readable loop and the C++ kernel
-(required: a kernel that does not build fails these tests, it does not skip them). The Triton
-kernels have their own tests in Triton's interpreter (tests/test_triton.py)."""
+BACKENDS = ["python", "cpp", "triton"]
+"""The implementations every reference test runs on: the readable loop, the C++ kernel and the
+Triton kernels (in Triton's interpreter on CPU tensors where there is no GPU: tests/conftest.py).
+Each is required: a kernel that does not build, or a missing Triton, fails these tests."""
 
 
 def make(

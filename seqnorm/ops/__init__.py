@@ -9,6 +9,7 @@ tested against. :mod:`.backend` chooses among them (``SEQNORM_BACKEND``).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -71,9 +72,11 @@ def lstm(
         _update(running, stats)
         return out, (h, c)
     keep = _keep(x, h0, c0, *params)
-    result = torch.ops.seqnorm.lstm_forward(
-        x, h0, c0, *params, *_stacked_rows(running, x.shape[0]), mask, *config, keep, backend
-    )
+    x, params, autocast = _autocast(x, params, backend)
+    with autocast:
+        result = torch.ops.seqnorm.lstm_forward(
+            x, h0, c0, *params, *_stacked_rows(running, x.shape[0]), mask, *config, keep, backend
+        )
     if config.norm == "batch" and config.training:
         _update_op(running, result[3:6], result[-1])
     return result[0], (result[1], result[2])
@@ -100,12 +103,27 @@ def gru(
         _update(running, stats)
         return out, h
     keep = _keep(x, h0, *params)
-    result = torch.ops.seqnorm.gru_forward(
-        x, h0, *params, *_stacked_rows(running, x.shape[0]), mask, *config, keep, backend
-    )
+    x, params, autocast = _autocast(x, params, backend)
+    with autocast:
+        result = torch.ops.seqnorm.gru_forward(
+            x, h0, *params, *_stacked_rows(running, x.shape[0]), mask, *config, keep, backend
+        )
     if config.norm == "batch" and config.training:
         _update_op(running, result[2:4], result[-1])
     return result[0], result[1]
+
+
+def _autocast(x, params, backend):
+    """Under autocast the Triton kernels take the input and the weights in the autocast dtype
+    (the products run in half precision) and keep the norms' parameters and the state in theirs
+    (float32): the operator then runs with autocast off. Returns the inputs and the context."""
+    device = x.device.type
+    if backend != "triton" or not torch.is_autocast_enabled(device):
+        return x, params, contextlib.nullcontext()
+    dtype = torch.get_autocast_dtype(device)
+    cast = {name: getattr(params, name).to(dtype) for name in ("w_ih", "w_hh", "w_hr")
+            if getattr(params, name, None) is not None}  # fmt: skip
+    return x.to(dtype), params._replace(**cast), torch.autocast(device, enabled=False)
 
 
 def _keep(*tensors: Tensor | None) -> bool:

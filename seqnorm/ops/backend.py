@@ -39,13 +39,23 @@ def check(value, name: str = "argument `backend`") -> None:
         )
 
 
-def choose(requested: str | None, x: Tensor, tensors: Iterable[Tensor | None], synced: bool) -> str:
-    """The backend that runs a direction: ``"cpp"``, ``"triton"`` or ``"python"``.
+def choose(
+    requested: str | None,
+    x: Tensor,
+    tensors: Iterable[Tensor | None],
+    synced: bool,
+    hidden: int = 0,
+    norm: str = "none",
+    groups: int = 1,
+) -> str:
+    """The backend that runs a direction: ``"cpp"``, ``"triton"``, ``"python"`` (or ``"scan"``
+    while exporting to ONNX).
 
     Args:
         requested: the layer's own choice, or None for :func:`configured`.
         x: the direction's input; tensors: its state and parameters.
         synced: batch norm takes its statistics over every process (only the Python loop can).
+        hidden, norm, groups: the layer's, for the limits of the Triton kernels.
     """
     requested = configured() if requested is None else requested
     check(requested)
@@ -60,7 +70,7 @@ def choose(requested: str | None, x: Tensor, tensors: Iterable[Tensor | None], s
     reason = _python_only(x, tensors, synced)
     if reason is None:
         backend = _native(x) if requested == "auto" else requested
-        reason = _why_not(backend, x, tensors)
+        reason = _why_not(backend, x, tensors, hidden, norm, groups)
         if reason is None:
             return backend
         if requested != "auto":
@@ -92,7 +102,7 @@ def _python_only(x: Tensor, tensors: list[Tensor], synced: bool) -> str | None:
     return None
 
 
-def _why_not(backend: str, x: Tensor, tensors: list[Tensor]) -> str | None:
+def _why_not(backend: str, x: Tensor, tensors: list[Tensor], hidden, norm, groups) -> str | None:
     """Why ``backend`` cannot run this call, or None if it can."""
     device = x.device.type
     if backend == "cpp":
@@ -109,11 +119,12 @@ def _why_not(backend: str, x: Tensor, tensors: list[Tensor]) -> str | None:
             return "the Triton kernels run on CUDA, or on CPU with TRITON_INTERPRET=1"
         if device not in ("cpu", "cuda"):
             return f"the Triton kernels run on CUDA tensors, got {device}"
+        unavailable = _unavailable_reason(backend)
+        if unavailable is not None:
+            return unavailable
         from . import triton_kernels
 
-        why = triton_kernels.unsupported(x, tensors)
-        if why is not None:
-            return why
+        return triton_kernels.unsupported(x, tensors, hidden, norm, groups)
     return _unavailable_reason(backend)
 
 

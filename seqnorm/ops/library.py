@@ -89,27 +89,28 @@ def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, gamma_ih, gamma_hh, gamma_c, beta
     hidden, out_size = c0.shape[-1], h0.shape[-1]
     features = 4 * hidden
     batch = norm == "batch" and training
+    state = h0.new_empty  # outputs and saved tensors are in the state's dtype
     heads = (
-        x.new_empty(steps, n, out_size),
-        x.new_empty(n, out_size),
-        x.new_empty(n, hidden),
-        *(x.new_empty(2, steps, f) if batch else _empty(x) for f in (features, features, hidden)),
+        state(steps, n, out_size),
+        state(n, out_size),
+        state(n, hidden),
+        *(state(2, steps, f) if batch else state(0) for f in (features, features, hidden)),
     )
     counts = x.new_empty(steps, dtype=torch.long)
     if not keep:
-        return (*heads, *(_empty(x) for _ in LSTMSaved._fields[:-1]), counts)
+        return (*heads, *(state(0) for _ in LSTMSaved._fields[:-1]), counts)
     normed = norm != "none"
     saved = LSTMSaved(
-        hs=x.new_empty(steps + 1, n, out_size),
-        cs=x.new_empty(steps + 1, n, hidden),
-        acts=x.new_empty(steps, n, features),
-        xhat_hh=x.new_empty(steps, n, features) if normed else _empty(x),
-        stats_hh=x.new_empty(_stats_numel(norm, groups, steps, n, features)),
-        xhat_c=x.new_empty(steps, n, hidden) if normed else _empty(x),
-        stats_c=x.new_empty(_stats_numel(norm, groups, steps, n, hidden)),
-        hpre=x.new_empty(steps, n, hidden) if w_hr is not None else _empty(x),
-        xhat_ih=x.new_empty(steps, n, features) if normed else _empty(x),
-        stats_ih=x.new_empty(_stats_numel(norm, groups, steps, n, features)),
+        hs=state(steps + 1, n, out_size),
+        cs=state(steps + 1, n, hidden),
+        acts=state(steps, n, features),
+        xhat_hh=state(steps, n, features) if normed else state(0),
+        stats_hh=state(_stats_numel(norm, groups, steps, n, features)),
+        xhat_c=state(steps, n, hidden) if normed else state(0),
+        stats_c=state(_stats_numel(norm, groups, steps, n, hidden)),
+        hpre=state(steps, n, hidden) if w_hr is not None else state(0),
+        xhat_ih=state(steps, n, features) if normed else state(0),
+        stats_ih=state(_stats_numel(norm, groups, steps, n, features)),
         counts=counts,
     )
     return (*heads, *saved)
@@ -199,9 +200,10 @@ LSTM_GRADS = ("x", "h0", "c0", "w_ih", "w_hh", "bias", "w_hr", "gamma_ih", "gamm
 def _(grad_out, grad_h, grad_c, x, w_ih, w_hh, w_hr, gamma_ih, gamma_hh, gamma_c, beta_c, mask,
       hs, cs, acts, xhat_hh, stats_hh, xhat_c, stats_c, hpre, xhat_ih, stats_ih, counts,
       norm, groups, eps, training, needs, backend):  # fmt: skip
-    likes = (x, grad_h, grad_c, w_ih, w_hh, w_hh[:, 0], w_hr, gamma_ih, gamma_hh, gamma_c, beta_c)
+    bias = grad_c.new_empty(w_hh.shape[0])  # the biases are in the state's dtype
+    likes = (x, grad_h, grad_c, w_ih, w_hh, bias, w_hr, gamma_ih, gamma_hh, gamma_c, beta_c)
     return tuple(
-        torch.empty_like(like) if need and like is not None else _empty(x)
+        torch.empty_like(like) if need and like is not None else x.new_empty(0)
         for like, need in zip(likes, needs)
     )
 
@@ -320,23 +322,24 @@ def _(x, h0, w_ih, w_hh, b_ih, b_hh, gamma_ih, gamma_hh, running_ih, running_hh,
     hidden = h0.shape[-1]
     features = 3 * hidden
     batch = norm == "batch" and training
+    state = h0.new_empty
     heads = (
-        x.new_empty(steps, n, hidden),
-        x.new_empty(n, hidden),
-        *(x.new_empty(2, steps, features) if batch else _empty(x) for _ in range(2)),
+        state(steps, n, hidden),
+        state(n, hidden),
+        *(state(2, steps, features) if batch else state(0) for _ in range(2)),
     )
     counts = x.new_empty(steps, dtype=torch.long)
     if not keep:
-        return (*heads, *(_empty(x) for _ in GRUSaved._fields[:-1]), counts)
+        return (*heads, *(state(0) for _ in GRUSaved._fields[:-1]), counts)
     normed = norm != "none"
     saved = GRUSaved(
-        hs=x.new_empty(steps + 1, n, hidden),
-        acts=x.new_empty(steps, n, features),
-        ghn=x.new_empty(steps, n, hidden),
-        xhat_hh=x.new_empty(steps, n, features) if normed else _empty(x),
-        stats_hh=x.new_empty(_stats_numel(norm, groups, steps, n, features)),
-        xhat_ih=x.new_empty(steps, n, features) if normed else _empty(x),
-        stats_ih=x.new_empty(_stats_numel(norm, groups, steps, n, features)),
+        hs=state(steps + 1, n, hidden),
+        acts=state(steps, n, features),
+        ghn=state(steps, n, hidden),
+        xhat_hh=state(steps, n, features) if normed else state(0),
+        stats_hh=state(_stats_numel(norm, groups, steps, n, features)),
+        xhat_ih=state(steps, n, features) if normed else state(0),
+        stats_ih=state(_stats_numel(norm, groups, steps, n, features)),
         counts=counts,
     )
     return (*heads, *saved)
@@ -406,9 +409,10 @@ GRU_GRADS = ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh", "gamma_ih", "gamma_hh")
 @gru_backward.register_fake
 def _(grad_out, grad_h, x, w_ih, w_hh, b_hh, gamma_ih, gamma_hh, mask, hs, acts, ghn, xhat_hh,
       stats_hh, xhat_ih, stats_ih, counts, norm, groups, eps, training, needs, backend):  # fmt: skip
-    likes = (x, grad_h, w_ih, w_hh, w_hh[:, 0], b_hh, gamma_ih, gamma_hh)
+    b_ih = grad_h.new_empty(w_hh.shape[0])  # in the state's dtype
+    likes = (x, grad_h, w_ih, w_hh, b_ih, b_hh, gamma_ih, gamma_hh)
     return tuple(
-        torch.empty_like(like) if need and like is not None else _empty(x)
+        torch.empty_like(like) if need and like is not None else x.new_empty(0)
         for like, need in zip(likes, needs)
     )
 
@@ -514,6 +518,12 @@ def _triton():
     from . import triton_kernels
 
     return triton_kernels
+
+
+# On CUDA the Triton kernels, whatever the backend argument says (it is "triton" there).
+for _op, _name in ((lstm_forward, "lstm_forward"), (lstm_backward, "lstm_backward"),
+                   (gru_forward, "gru_forward"), (gru_backward, "gru_backward")):  # fmt: skip
+    _op.register_kernel("cuda")(lambda *args, _name=_name: getattr(_triton(), _name)(*args))
 
 
 @torch.library.custom_op(

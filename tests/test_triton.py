@@ -1,0 +1,170 @@
+"""The Triton kernels: in Triton's interpreter on CPU tensors (no GPU needed; tests/conftest.py
+sets TRITON_INTERPRET), compiled ahead of time for Ampere and Hopper, and on a real GPU where
+there is one (marked cuda). tests/test_reference.py runs them against the literal float64 loop
+with the other backends."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import NORM_CASES, make
+from torch.testing import assert_close
+
+import seqnorm
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+CELLS = ["LSTM", "GRU", "LSTM-proj"]
+
+
+def _make(cls, norm, backend, **kw):
+    extra = {"proj_size": 3} if cls == "LSTM-proj" else {}
+    return make(cls.removesuffix("-proj"), norm, backend=backend, **extra, **kw)
+
+
+def _pair(cls, norm, **kw):
+    model = _make(cls, norm, "triton", **kw)
+    reference = copy.deepcopy(model)
+    reference.backend = "python"
+    return model, reference
+
+
+@pytest.mark.parametrize("cls", CELLS)
+@pytest.mark.parametrize("norm", NORM_CASES)
+def test_without_a_backward_and_in_eval_mode(cls, norm):
+    """No backward: the kernels keep one slot of activations and a ring of two states; the
+    outputs, states and running statistics are the loop's. Eval mode: running statistics."""
+    model, reference = _pair(cls, norm, hidden_size=8, bidirectional=True)
+    x, lengths = torch.randn(5, 3, 5, dtype=torch.float64), torch.tensor([5, 2, 4])
+    for train in (True, False):
+        model.train(train), reference.train(train)
+        with torch.no_grad():
+            got, want = model(x, lengths=lengths), reference(x, lengths=lengths)
+        assert_close(got, want)
+        assert_close(list(model.buffers()), list(reference.buffers()))
+
+
+GRADCHECK_MASK = torch.tensor([[1, 1], [1, 0], [0, 1]], dtype=torch.bool)
+
+
+@pytest.mark.parametrize("cls", CELLS)
+@pytest.mark.parametrize("norm", NORM_CASES)
+def test_gradcheck_of_the_operator_on_triton(cls, norm):
+    """The registered backward, run by the Triton kernels, against finite differences of a
+    whole direction (input half included), with padding and (batch norm) a step that falls back
+    to running statistics."""
+    model = _make(cls, norm, None, hidden_size=4, input_size=2)
+    lstm = cls.startswith("LSTM")
+    sites = ("norm_ih_l0", "norm_hh_l0", "norm_c_l0") if lstm else ("norm_ih_l0", "norm_hh_l0")
+    norms = [getattr(model, s) for s in sites]
+    leaves = lambda *ts: tuple(
+        None if t is None else t.detach().clone().requires_grad_() for t in ts
+    )
+    weights = [model.weight_ih_l0, model.weight_hh_l0, model.bias_ih_l0, model.bias_hh_l0]
+    if lstm:
+        weights.append(getattr(model, "weight_hr_l0", None))
+    params = leaves(*weights, *(None if m is None else m.weight for m in norms))
+    if lstm:
+        params += leaves(None if norms[2] is None else norms[2].bias)
+    features = {"norm_c_l0": 4}
+    running = [None] * len(sites)
+    if norm == "batch":
+        running = [torch.stack((torch.randn(3, features.get(s, 16 if lstm else 12)),
+                                torch.rand(3, features.get(s, 16 if lstm else 12)) + 0.5)).double()
+                   for s in sites]  # fmt: skip
+    out_size = 3 if cls == "LSTM-proj" else 4
+    state = leaves(torch.randn(2, out_size, dtype=torch.float64))
+    if lstm:
+        state += leaves(torch.randn(2, 4, dtype=torch.float64))
+    x = leaves(torch.randn(3, 2, 2, dtype=torch.float64))
+    config = (norm, 4 if norm == "group" else 1, 1e-5, True)
+    op = torch.ops.seqnorm.lstm_forward if lstm else torch.ops.seqnorm.gru_forward
+    heads = 3 if lstm else 2
+
+    def f(*args):
+        return op(*args, *running, GRADCHECK_MASK, *config, True, "triton")[:heads]
+
+    assert torch.autograd.gradcheck(f, (*x, *state, *params), fast_mode=True)
+
+
+def test_hidden_sizes_above_the_kernels_limit_are_refused_clearly():
+    model = seqnorm.GRU(3, 4096, norm="layer")
+    model.backend = "triton"
+    with pytest.raises(
+        RuntimeError,
+        match=r"backend='triton' cannot run here: the Triton kernels take hidden sizes up to 2048, got hidden_size=4096",
+    ):
+        model(torch.randn(2, 1, 3))
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_ampere_and_hopper(tmp_path):
+    """Ahead-of-time compilation on this CPU (the Triton wheel carries ptxas) at the benchmark's
+    hidden sizes and the largest supported: no register spills, within 255 registers and the
+    shared memory of a block."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    report = tmp_path / "resources.json"
+    for arch, hidden in ((90, ["256", "512", "768", "2048"]), (80, ["512"])):
+        subprocess.run([sys.executable, "-m", "seqnorm.ops.triton_kernels.resources", "--arch",
+                        str(arch), "--hidden", *hidden, "--json", str(report)],
+                       env=env, check=True, capture_output=True, timeout=900)  # fmt: skip
+        rows = json.loads(report.read_text())
+        assert len(rows) == 16 * len(hidden)  # 8 kernels of the input half, 8 of the steps
+        for row in rows:
+            assert row["spill_bytes"] == 0 and row["registers"] <= 255, row
+            assert row["shared_bytes"] <= 48 * 1024, row
+
+
+# --- on a GPU -------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("cls", CELLS)
+@pytest.mark.parametrize("norm", NORM_CASES)
+def test_cuda_matches_the_cpu_loop(cls, norm):
+    """float32 on the GPU (TF32 off) against the float64 loop on CPU: outputs, states, every
+    gradient and the running statistics; run three times (the third replays a CUDA graph)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = _make(cls, norm, "python", hidden_size=32, bidirectional=True, num_layers=2)
+    x, lengths = torch.randn(12, 6, 5, dtype=torch.float64), torch.tensor([12, 3, 7, 1, 12, 9])
+    reference = copy.deepcopy(model)
+    gpu = copy.deepcopy(model).float().cuda()
+    gpu.backend = "triton"
+    for _ in range(3):
+        for m, device, dtype in ((reference, "cpu", torch.float64), (gpu, "cuda", torch.float32)):
+            m.zero_grad()
+            xi = x.to(device, dtype).requires_grad_()
+            out, state = m(xi, lengths=lengths)
+            states = state if isinstance(state, tuple) else (state,)
+            (out.sum() + sum(s.square().sum() for s in states)).backward()
+            m.result = [out, *states, xi.grad, *(p.grad for p in m.parameters()), *m.buffers()]
+        for got, want in zip(gpu.result, reference.result):
+            assert_close(got.double().cpu(), want, atol=2e-4, rtol=2e-3)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cls", CELLS)
+@pytest.mark.parametrize("norm", NORM_CASES)
+def test_cuda_half_precision(cls, norm, dtype):
+    """Autocast (products in half, state in float32) and half parameters, near float32."""
+    model = _make(cls, norm, "triton", hidden_size=64, dtype=torch.float32).cuda()
+    x = torch.randn(20, 8, 5, device="cuda")
+    want = model(x)[0]
+    with torch.autocast("cuda", dtype=dtype):
+        got = model(x)[0]
+    assert got.dtype == torch.float32
+    got.sum().backward()
+    assert (got - want).abs().mean() < 0.02
+    half = copy.deepcopy(model).to(dtype)
+    out = half(x.to(dtype))[0]
+    assert out.dtype == dtype and (out.float() - want).abs().mean() < 0.03
+    out.float().sum().backward()
