@@ -1,10 +1,13 @@
 """Speed and memory of seqnorm's LSTM and GRU against torch.nn and a naive per-step loop.
 
     python benchmarks/bench_rnn.py --json runs/bench_rnn.json
-    python benchmarks/bench_rnn.py --device cuda --shapes A C   # against cuDNN
+    python benchmarks/bench_rnn.py --device cuda --json runs/bench_rnn_cuda.json   # cuDNN
+    python benchmarks/bench_rnn.py --device cuda --autocast bf16                   # bf16
 
 For each shape (A: batch 32, 100 steps, input 128, hidden 256; B: the same at batch 1, pure SGD;
-C: batch 64, 200 steps, input 256, hidden 512) and each implementation it measures the forward
+C: batch 64, 200 steps, input 256, hidden 512; D: batch 16, 1024 steps, 768 -> 768) and each
+implementation (CPU: A, B, C; CUDA: A, C, D, with seqnorm's Python loop beside its kernels, and
+TF32 off for every product unless ``--tf32``) it measures the forward
 pass in eval mode without gradients, and forward plus backward in training mode (median of
 ``--repeats`` runs after ``--warmup`` runs, interleaved: each round runs every implementation of
 the shape once), and the peak memory allocated during one training step (from the profiler's
@@ -34,7 +37,10 @@ SHAPES = {  # batch, steps, input, hidden
     "A": (32, 100, 128, 256),
     "B": (1, 100, 128, 256),
     "C": (64, 200, 256, 512),
+    "D": (16, 1024, 768, 768),
 }
+DEFAULT_SHAPES = {"cpu": ["A", "B", "C"], "cuda": ["A", "C", "D"]}
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NaiveLNLSTM(nn.Module):
@@ -123,6 +129,17 @@ class NaiveLNGRU(nn.Module):
         return torch.stack(outputs), h
 
 
+def python_loop(cls, **kw):
+    """seqnorm's layer on its readable per-step Python loop (backend "python")."""
+
+    def make(input_size, hidden_size):
+        model = getattr(seqnorm, cls)(input_size, hidden_size, **kw)
+        model.backend = "python"
+        return model
+
+    return make
+
+
 # name -> (family, factory(input, hidden)); the first of each family is its baseline.
 IMPLEMENTATIONS = {
     "torch.nn.LSTM": ("LSTM", lambda i, h: nn.LSTM(i, h)),
@@ -136,7 +153,12 @@ IMPLEMENTATIONS = {
     "naive LN-GRU loop": ("GRU", NaiveLNGRU),
     "seqnorm LN-GRU": ("GRU", lambda i, h: seqnorm.GRU(i, h, norm="layer")),
     "seqnorm GN-GRU (4 groups)": ("GRU", lambda i, h: seqnorm.GRU(i, h, norm="group", groups=4)),
+    "seqnorm LN-LSTM, Python loop": ("LSTM", python_loop("LSTM", norm="layer")),
+    "seqnorm BN-LSTM, Python loop": ("LSTM", python_loop("LSTM", norm="batch")),
+    "seqnorm LN-GRU, Python loop": ("GRU", python_loop("GRU", norm="layer")),
 }
+GPU_ONLY = [name for name in IMPLEMENTATIONS if name.endswith("Python loop")]
+"""On CPU the naive loops stand for the Python loop; on the GPU it is the one to beat 20x."""
 
 
 def interleaved_medians(fns: dict, warmup: int, repeats: int, before=None) -> dict:
@@ -203,17 +225,22 @@ def measure_shape(shape: str, names: list[str], args) -> dict:
         torch.manual_seed(0)
         models[name] = IMPLEMENTATIONS[name][1](input_size, hidden).to(device)
 
+    autocast = lambda: torch.autocast(
+        device.type, dtype=AUTOCAST[args.autocast], enabled=args.autocast != "none"
+    )
+
     def forward(model):
         def run():
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 model(x)
 
         return synchronized(run, device)
 
     def train_step(model):
         def run():
-            output, _ = model(x)
-            output.sum().backward()
+            with autocast():
+                output, _ = model(x)
+            output.float().sum().backward()
 
         return synchronized(run, device)
 
@@ -248,20 +275,29 @@ def measure_shape(shape: str, names: list[str], args) -> dict:
     return results
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--shapes", nargs="+", default=None, choices=list(SHAPES),
+                   help="default: A B C on CPU, A C D on CUDA")  # fmt: skip
+    p.add_argument("--only", nargs="+", default=None, choices=list(IMPLEMENTATIONS),
+                   help="default: all (on CPU without the Python-loop rows)")  # fmt: skip
+    p.add_argument("--autocast", default="none", choices=list(AUTOCAST), help="CUDA autocast dtype")
     p.add_argument(
-        "--only", nargs="+", default=list(IMPLEMENTATIONS), choices=list(IMPLEMENTATIONS)
+        "--tf32", action="store_true", help="let CUDA products use TF32 (off by default)"
     )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda[:index]")
     p.add_argument("--json", default=None, help="also write the results here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"argument --device: {args.device} was asked for, but CUDA is not available here")
+    args.shapes = args.shapes or DEFAULT_SHAPES[args.device.type]
+    args.only = args.only or [
+        n for n in IMPLEMENTATIONS if args.device.type == "cuda" or n not in GPU_ONLY
+    ]
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     torch.set_num_threads(args.threads)
     backend = seqnorm.ops.choose(None, torch.zeros(1, 1, 1, device=args.device), [], False)
     print(f"seqnorm backend: {backend}")  # on CPU this builds the kernel before anything is timed
@@ -285,6 +321,8 @@ def main():
         "threads": args.threads,
         "torch": torch.__version__,
         "seqnorm_backend": backend,
+        "autocast": args.autocast,
+        "tf32": args.tf32,
     }
     print(f"\n{machine}\n")
     print(table(rows))

@@ -45,7 +45,9 @@ def test_gradient_penalty_matches_the_python_loop(cls, norm, backend):
     assert runs[0][1].abs().sum() > 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "backend", ["python", "cpp"]
+)  # Triton's second derivatives: the same reference
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
 def test_gradgradcheck(cls, backend):
     model = make(cls, "layer", backend=backend, hidden_size=4, input_size=3)

@@ -107,7 +107,9 @@ def test_main_writes_a_table_and_json(bench, tmp_path, monkeypatch, capsys):
     result = json.loads(out.read_text())
     assert result["args"]["device"] == result["machine"]["device"] == "cpu"  # the default
     rows = result["rows"]
-    assert len(rows) == 2 * len(bench.IMPLEMENTATIONS)
+    assert len(rows) == 2 * (
+        len(bench.IMPLEMENTATIONS) - len(bench.GPU_ONLY)
+    )  # CPU: no Python-loop rows
     for row in rows:
         assert row["fwd_ms"] > 0
         skipped = "BN" in row["implementation"] and row["shape"] == "U"  # no batch statistics
@@ -166,4 +168,8 @@ def test_main_on_cuda(bench, tmp_path, monkeypatch):
     result = json.loads(out.read_text())
     assert result["args"]["device"] == "cuda"
     assert result["machine"]["device"] == torch.cuda.get_device_name(device)
+    assert result["machine"]["seqnorm_backend"] == "triton"
+    assert len(result["rows"]) == len(bench.IMPLEMENTATIONS)  # the Python-loop rows too
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["peak_mb"] > 0 for r in result["rows"])
+    monkeypatch.setattr(sys, "argv", [*argv, "--autocast", "bf16"])
+    bench.main()

@@ -4,6 +4,9 @@ buffer cache, inference without saved activations), gradcheck of the operators t
 the choice of backend."""
 
 import copy
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -110,7 +113,8 @@ def test_cpp_float32_is_accurate(cls, norm):
 @pytest.mark.parametrize("norm", NORM_CASES)
 def test_cpp_float32_large_weights_are_accurate(cls, norm):
     """Hidden 512 in float32: the per-step products run on oneDNN's packed weights (where torch
-    has oneDNN), still within float32 rounding of the float64 loop."""
+    has oneDNN; tests/conftest.py has SEQNORM_CPU_PRODUCT choose them over the timing),
+    still within float32 rounding of the float64 loop."""
     model = _make(cls, norm, hidden_size=512, input_size=8)
     x, lengths = torch.randn(4, 3, 8, dtype=torch.float64), torch.tensor([4, 2, 3])
     reference = copy.deepcopy(model)
@@ -427,3 +431,22 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 
 def test_library_module_names_each_gradient():
     assert len(library.LSTM_GRADS) == 11 and len(library.GRU_GRADS) == 8
+
+
+def test_the_product_is_chosen_by_timing_both_unless_asked_for(monkeypatch):
+    """Without SEQNORM_CPU_PRODUCT the kernel times oneDNN's packed product against at::mm once
+    per weight shape and batch (in a fresh process: the choice is remembered), and both choices
+    give the float64 loop's results."""
+    script = (
+        "import torch, seqnorm; torch.manual_seed(0); m = seqnorm.LSTM(8, 256, norm='layer'); "
+        "m.backend = 'cpp'; x = torch.randn(5, 16, 8); out = m(x)[0]; out.sum().backward(); "
+        "ref = seqnorm.LSTM(8, 256, norm='layer', dtype=torch.float64); ref.load_state_dict(m.state_dict()); "
+        "ref.backend = 'python'; want = ref(x.double())[0]; want.sum().backward(); "
+        "torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-4); "
+        "[torch.testing.assert_close(p.grad.double(), q.grad, rtol=0, atol=1e-3 * q.grad.abs().max().item()) for p, q in zip(m.parameters(), ref.parameters())]"
+    )  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "SEQNORM_CPU_PRODUCT"}
+    for choice in (None, "mm", "packed"):
+        if choice:
+            env["SEQNORM_CPU_PRODUCT"] = choice
+        subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)

@@ -147,6 +147,7 @@ def _update(running, stats) -> None:
             SF.update_running(r.mean, r.var, s, 0, r.momentum)
 
 
+@torch.no_grad()
 def _update_op(running, batches, counts) -> None:
     for r, batch in zip(running, batches):
         torch.ops.seqnorm.update_running_stats(r.mean, r.var, batch, counts, r.momentum)

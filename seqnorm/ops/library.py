@@ -230,6 +230,10 @@ def _wanted(grads, needs, like: Tensor) -> tuple[Tensor, ...]:
 
 
 def _lstm_setup(ctx, inputs, output):
+    # Only out, h_n and c_n carry gradients: without this, autograd would hand the backward a
+    # zero tensor for every other output (the saved activations: tens of MB at once).
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(*output[3:])
     (x, h0, c0, *rest) = inputs
     params = LSTMParams(*rest[:9])
     running = rest[9:12]
@@ -431,6 +435,8 @@ def _(grad_out, grad_h, x, w_ih, w_hh, b_hh, gamma_ih, gamma_hh, mask, hs, acts,
 
 
 def _gru_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # as for the LSTM
+    ctx.mark_non_differentiable(*output[2:])
     x, h0, *rest = inputs
     params = GRUParams(*rest[:6])
     running = rest[6:8]

@@ -66,11 +66,11 @@ std::vector<Tensor> lstm_forward(Tensor& gx, const Tensor& h0, const Tensor& c0,
   const std::vector<int64_t> count = valid_counts(m, steps, N);
   hs[0].copy_(h0);
   cs[0].copy_(c0);
-  const Product recurrent(w_hh, N, true);  // h W_hh^T
+  const Product recurrent(w_hh, N);  // h W_hh^T
   std::optional<Product> projection;       // h' W_hr^T
   Tensor projected;                        // its result (at::mm writes here)
   if (proj) {
-    projection.emplace(*w_hr, N, true);
+    projection.emplace(*w_hr, N);
     projected = at::empty({N, P}, o);
   }
 
@@ -194,7 +194,7 @@ std::vector<Tensor> lstm_backward(const Tensor& grad_out, const Tensor& grad_h,
   const bool proj = present(w_hr), normed = s.normed(), batch = s.batch();
   const auto o = acts.options();
   const Tensor gout = grad_out.contiguous();
-  const Product recurrent(w_hh.t(), N, false);  // dgh W_hh
+  const Product recurrent(w_hh.t(), N);  // dgh W_hh
   Tensor dh = grad_h.contiguous().clone(), dc = grad_c.contiguous().clone();
   const int64_t* count = saved.counts.data_ptr<int64_t>();
   const bool* m = mask_ptr(mask);
@@ -208,7 +208,7 @@ std::vector<Tensor> lstm_backward(const Tensor& grad_out, const Tensor& grad_h,
   Tensor dhpre_buf;
   if (proj) {
     wg_hr.emplace(saved.hpre, steps, N, P, Tensor());
-    unproject.emplace(w_hr->t(), N, false);
+    unproject.emplace(w_hr->t(), N);
     dhpre_buf = at::empty({N, H}, o);
   }
   Tensor dc_out = at::empty({N, H}, o);   // dL/dc' through the output path of each row

@@ -7,18 +7,26 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <array>
+#include <chrono>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+
 namespace seqnorm {
 
-// The per-step product y = x W^T with a fixed W (out, in). For a large float32 W (2 MiB and
-// more, an LSTM of hidden 512 and up) oneDNN's blocked weights, packed once per sequence, beat
-// sgemm at every batch size on the benchmark machine (they are the kernels torch.nn.LSTM runs on
-// CPU); at 1 MiB they win from batch 16 on in the forward product and lose at batch 1.
-// Otherwise (and in float64) at::mm runs with W^T made contiguous once.
+// The per-step product y = x W^T with a fixed W (out, in), as oneDNN's product on blocked
+// weights packed once per sequence (the kernels torch.nn.LSTM runs on CPU) or as at::mm with W^T
+// made contiguous once. Which one is faster depends on the CPU (on an AVX2 machine the packed
+// weights lost 2x at batch 1 and won from batch 8 on at 1 MiB; on an AVX-512 one they won at
+// batch 32 and 256 KiB), so for every float32 weight shape and batch the two are timed once on
+// this machine and the faster one is remembered for the process (SEQNORM_CPU_PRODUCT=packed or
+// =mm decides instead). float64 uses at::mm.
 struct Product {
   Tensor wt, packed;
-  Product(const Tensor& w, int64_t batch, bool forward) {
-    const bool large = w.numel() >= (1 << 19) || (forward && w.numel() >= (1 << 18) && batch >= 16);
-    if (w.scalar_type() == at::kFloat && large && onednn()) {
+  Product(const Tensor& w, int64_t batch) {
+    if (w.scalar_type() == at::kFloat && w.numel() >= (1 << 16) && onednn() &&
+        packed_is_faster(w, batch)) {
       packed = reorder().call(w.contiguous(), batch);
     } else {
       wt = w.t().contiguous();
@@ -38,6 +46,40 @@ struct Product {
                         std::optional<c10::string_view>);
   static c10::OperatorHandle handle(const char* name) {
     return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+  }
+  // Times both products at this shape (the median of five runs each, after one) once per
+  // process and shape, and remembers which was faster.
+  static bool packed_is_faster(const Tensor& w, int64_t batch) {
+    static std::mutex mutex;
+    static std::map<std::array<int64_t, 3>, bool> decided;
+    const std::array<int64_t, 3> key{w.size(0), w.size(1), batch};
+    std::lock_guard<std::mutex> lock(mutex);
+    const auto found = decided.find(key);
+    if (found != decided.end()) return found->second;
+    const char* forced = std::getenv("SEQNORM_CPU_PRODUCT");  // "packed" or "mm": for tests
+    if (forced && std::string(forced) == "packed") return true;
+    if (forced && std::string(forced) == "mm") return false;
+    const Tensor x = at::full({batch, w.size(1)}, 0.5, w.options());  // no RNG draw
+    Tensor out = at::empty({batch, w.size(0)}, w.options());
+    const Tensor wt = w.t().contiguous(), blocked = reorder().call(w.contiguous(), batch);
+    const auto median_ms = [](const auto& run) {
+      std::vector<double> times;
+      for (int k = 0; k < 6; ++k) {
+        const auto start = std::chrono::steady_clock::now();
+        run();
+        const std::chrono::duration<double, std::milli> took =
+            std::chrono::steady_clock::now() - start;
+        if (k) times.push_back(took.count());
+      }
+      std::nth_element(times.begin(), times.begin() + 2, times.end());
+      return times[2];
+    };
+    const double packed_ms = median_ms([&] {
+      (void)linear().call(x, blocked, std::nullopt, "none",
+                          c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+    });
+    const double mm_ms = median_ms([&] { at::mm_out(out, x, wt); });
+    return decided[key] = packed_ms < mm_ms;
   }
   static bool onednn() {  // builds without oneDNN (or with a different schema) use at::mm
     static const bool ok = [] {
