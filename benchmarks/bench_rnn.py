@@ -317,6 +317,7 @@ def main(argv=None):
             print(_line(row), flush=True)
     machine = {
         "processor": platform.processor() or platform.machine(),
+        "cpu": _cpu_model(),
         "device": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu",
         "threads": args.threads,
         "torch": torch.__version__,
@@ -330,6 +331,30 @@ def main(argv=None):
         with open(args.json, "w") as f:
             settings = {**vars(args), "device": str(args.device)}
             json.dump({"machine": machine, "args": settings, "rows": rows}, f, indent=2)
+
+
+def _cpu_model() -> str:
+    """The CPU's model name and widest vector extension (Linux), for the record."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.machine()
+    name = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in info.splitlines()
+            if line.startswith("model name")
+        ),
+        "?",
+    )
+    flags = next(
+        (line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")),
+        [],
+    )
+    return (
+        f"{name} ({'avx512f' if 'avx512f' in flags else 'avx2' if 'avx2' in flags else 'no avx2'})"
+    )
 
 
 def _device(value: str) -> torch.device:

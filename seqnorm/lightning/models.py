@@ -144,7 +144,6 @@ class LanguageModel(L.LightningModule):
         lr: float = 2e-3,
         momentum: float = 0.0,
         optimizer: str = "adam",
-        grad_clip_norm: float | None = None,
     ):
         super().__init__()
         if level not in ("char", "word"):
@@ -226,13 +225,6 @@ class LanguageModel(L.LightningModule):
 
     def configure_optimizers(self):
         return make_optimizer(self.parameters(), self.hparams)
-
-    def configure_gradient_clipping(
-        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
-    ):
-        clip = self.hparams.grad_clip_norm or gradient_clip_val
-        if clip:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rnn_state"] = self._state.get("train")
