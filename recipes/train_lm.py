@@ -9,34 +9,11 @@ from the DataModule. After ``fit`` the ``PrintSample`` callback prints the valid
 character (or perplexity) and a text sample. Sample from a checkpoint with ``recipes/generate.py``.
 """
 
-from lightning.pytorch.cli import LightningCLI
-
-from seqnorm.lightning import LanguageModel, LMDataModule, check_checkpoint
-
-
-class LMCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser):
-        parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
-        parser.link_arguments("data.level", "model.level", apply_on="instantiate")
-
-    def parse_arguments(self, parser, args):  # a bad --ckpt_path fails before anything else
-        super().parse_arguments(parser, args)
-        subcommand = self.config.get("subcommand")
-        if subcommand:
-            check_checkpoint(self.config[subcommand].get("ckpt_path"), LanguageModel)
+from seqnorm.lightning.cli import LMCLI
 
 
 def main(args=None, run=True):
-    return LMCLI(
-        LanguageModel,
-        LMDataModule,
-        subclass_mode_data=True,
-        # Batches are consecutive windows of fixed streams; the DataModule shards them by rank.
-        trainer_defaults={"use_distributed_sampler": False},
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    return LMCLI(args=args, run=run)
 
 
 if __name__ == "__main__":

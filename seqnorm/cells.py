@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from . import functional as SF
 from .checks import NORMS, ShapeError, check_cell_args
-from .norms import at_step, step_norm
+from .norms import at_step, step_norm, uses_batch_statistics
 
 
 def add_cell_parameters(
@@ -183,7 +183,7 @@ class _CellBase(NormRecord, nn.Module):
             )
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
-        if self.norm == "batch" and self.training and x.shape[0] < 2:
+        if self.norm == "batch" and x.shape[0] < 2 and uses_batch_statistics(self):
             raise ValueError(
                 f"Expected a batch of more than one sample for norm='batch' in training, got "
                 f"input of shape {tuple(input.shape)}. Use norm='layer' or 'group', or .eval()"

@@ -329,6 +329,13 @@ def step_norm(
     return RecurrentGroupNorm(groups if norm == "group" else 1, features, **kw)
 
 
+def uses_batch_statistics(module: nn.Module) -> bool:
+    """Whether ``module`` holds a recurrent batch norm in training mode: batch norm takes the
+    statistics of each batch by its own mode, as ``torch.nn.BatchNorm1d`` does inside a model
+    (normally the layer's, which ``train()``/``eval()`` hand down)."""
+    return any(m.training for m in module.modules() if isinstance(m, RecurrentBatchNorm))
+
+
 def at_step(
     norm: nn.Module | None, step: int, mask: Tensor | None
 ) -> Callable[[Tensor], Tensor] | None:

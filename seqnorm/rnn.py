@@ -28,7 +28,7 @@ from .checks import (
     check_lengths,
     check_proj_size,
 )
-from .norms import RecurrentBatchNorm, all_reduce_sum
+from .norms import RecurrentBatchNorm, all_reduce_sum, uses_batch_statistics
 
 State = tuple[Tensor, ...]
 
@@ -156,13 +156,14 @@ class _RNNBase(NormRecord, nn.Module):
         return norm, None
 
     def _config(self) -> ops.NormConfig:
-        return ops.NormConfig(self.norm, self.groups, self.eps, self.training)
+        training = uses_batch_statistics(self) if self.norm == "batch" else self.training
+        return ops.NormConfig(self.norm, self.groups, self.eps, training)
 
     def _forward(self, input, hx, lengths) -> tuple[Tensor | PackedSequence, State]:
         x, lengths, batched, packed = self._check_input(input, lengths)
         steps, n = x.shape[:2]
         state = self._check_hx(hx, n, batched, x)
-        if self.norm == "batch" and self.training and n < 2:
+        if self.norm == "batch" and n < 2 and uses_batch_statistics(self):
             raise ValueError(
                 f"Expected a batch of more than one sample for norm='batch' in training, got batch "
                 f"size {n}: there are no batch statistics. Use norm='layer' or 'group', or .eval()"

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import make
+from helpers import BACKENDS, make
 from torch.testing import assert_close
 
 import seqnorm
@@ -302,3 +302,38 @@ def test_a_nan_sample_stays_in_its_row_except_with_batch_norm(cls, norm):
     assert out[2:, 1].isnan().all() and not out[:2].isnan().any()
     assert out[2:, [0, 2]].isnan().all() == (norm == "batch")
     assert out[2:, [0, 2]].isnan().any() == (norm == "batch")
+
+
+@pytest.mark.parametrize(
+    "cls, backend",
+    [(seqnorm.LSTM, b) for b in BACKENDS] + [(seqnorm.GRU, b) for b in BACKENDS]
+    + [(seqnorm.LSTMCell, None), (seqnorm.GRUCell, None)],
+)  # fmt: skip
+def test_batch_norm_follows_the_mode_of_its_norm_modules(cls, backend):
+    """As torch.nn.BatchNorm1d inside a model: a model in eval mode whose batch norms are in
+    training mode takes batch statistics (how the batch-size study measures the train/eval gap),
+    on every backend."""
+    torch.manual_seed(0)
+    module = cls(4, 6, norm="batch")
+    if backend is not None:
+        module.backend = backend
+    x = torch.randn(5, 3, 4) if cls in (seqnorm.LSTM, seqnorm.GRU) else torch.randn(3, 4)
+    saved = copy.deepcopy(module.state_dict())
+
+    def run():
+        out = module(x)
+        return (out[0] if isinstance(out, tuple) else out).detach()
+
+    module.train()
+    in_training = run()
+    moved = copy.deepcopy(module.state_dict())
+    module.load_state_dict(saved)
+    module.eval()
+    in_eval = run()
+    for m in module.modules():
+        if isinstance(m, seqnorm.norms.RecurrentBatchNorm):
+            m.train()
+    assert_close(run(), in_training)
+    for key, value in module.state_dict().items():
+        assert_close(value, moved[key], msg=key)  # the running statistics moved as in training
+    assert not torch.allclose(in_eval, in_training)

@@ -1,7 +1,8 @@
-"""The batch-size study driver: every config parses, --quick produces every output."""
+"""The batch-size study: its configs, the grid's choices, resuming, the report and --quick."""
 
 import csv
 import glob
+import json
 import math
 import os
 import sys
@@ -10,71 +11,189 @@ import pytest
 
 pytest.importorskip("lightning")
 
+import torch
+
+from seqnorm.lightning import report
+from seqnorm.lightning.callbacks import BatchStatistics, TrainingCurve
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "recipes"))
 import batch_size_study as study  # noqa: E402
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "study_*.yaml")))
-OUTPUTS = ["runs.csv", "summary.md", "val_vs_batch.png", "learning_curves.png", "curves.json"]
+OUTPUTS = ["study.json", "runs.csv", "summary.md", "error_vs_batch.png", "learning_curves.png"]
+
+
+def first_line_command(config):
+    with open(config) as f:
+        return f.readline().removeprefix("# ").split()
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[os.path.basename(c)[:-5] for c in CONFIGS])
-def test_every_study_config_parses(config):
-    args = study.parser().parse_args(["--config", config])
-    assert args.task in study.TASKS and args.lr_rule in study.LR_RULES
-    assert (args.path is None) != (args.hub is None)
-    assert args.out.startswith("results/batch_size_study/")
-    with open(config) as f:
-        assert f.readline().startswith(
-            f"# python recipes/batch_size_study.py --config configs/{os.path.basename(config)}"
-        )
+def test_every_study_config_starts_with_its_command_and_resolves(config, capsys):
+    command = first_line_command(config)
+    assert command[:3] == ["python", "recipes/batch_size_study.py", command[2]]
+    assert command[2] in study.RECIPES and command[3:] == [
+        "--config",
+        f"configs/{os.path.basename(config)}",
+    ]
+    with pytest.raises(SystemExit) as exit_:
+        study.main([command[2], "--config", config, "--print_config"])
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    assert "sweep:" in printed and "model:" in printed and "trainer:" in printed
+    cli = study.RECIPES[command[2]](args=["--config", config], run=False)
+    sweep = study.Sweep(**cli.config.sweep.as_dict())
+    study.check_sweep(sweep)
+    assert sweep.out.startswith("results/batch_size_study/")
+    assert len(sweep.lr_multipliers) >= 3 and min(sweep.lr_multipliers) < 1 < max(
+        sweep.lr_multipliers
+    )
+
+
+def test_the_recipe_is_named_first():
+    with pytest.raises(SystemExit, match=r"Expected the recipe .*got '--config'"):
+        study.main(["--config", CONFIGS[0]])
 
 
 def test_learning_rate_rule():
-    args = study.parser().parse_args(["--base_lr", "0.004", "--base_batch", "16"])
-    assert study.learning_rate(args, 16) == pytest.approx(0.004)
-    assert study.learning_rate(args, 4) == pytest.approx(0.002)  # sqrt(1/4)
-    args.lr_rule = "linear"
-    assert study.learning_rate(args, 4) == pytest.approx(0.001)
+    sweep = study.Sweep(base_batch=16)
+    assert study.learning_rate(0.004, sweep, 16) == pytest.approx(0.004)
+    assert study.learning_rate(0.004, sweep, 4) == pytest.approx(0.002)  # sqrt(1/4)
+    assert study.learning_rate(0.004, sweep, 4, 2.0) == pytest.approx(0.004)
+    sweep.lr_rule = "linear"
+    assert study.learning_rate(0.004, sweep, 4) == pytest.approx(0.001)
+    sweep.lr_rule = "constant"
+    assert study.learning_rate(0.004, sweep, 4) == pytest.approx(0.004)
 
 
-def _check_outputs(out, rows, norms):
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"norms": ["layer", "instance"]}, "sweep.norms"),
+        ({"lr_rule": "cubic"}, "sweep.lr_rule"),
+        ({"tune_seed": 7}, "sweep.tune_seed.*one of the seeds"),
+        ({"lr_multipliers": [1.0, 0.0]}, "sweep.lr_multipliers"),
+        ({"samples": 8}, "sweep.samples.*64"),
+        ({"batch_sizes": []}, "sweep.batch_sizes"),
+    ],
+)
+def test_a_grid_that_cannot_run_is_refused_first(change, match):
+    with pytest.raises(ValueError, match=match):
+        study.check_sweep(study.Sweep(**change))
+
+
+def _tuning(errors, status="ok"):
+    return [{"status": status, "val_error": e, "settings": {"lr_multiplier": m}}
+            for m, e in errors.items()]  # fmt: skip
+
+
+def test_the_choice_is_the_lowest_finite_tuning_error():
+    assert report.choose(_tuning({0.5: 3.1, 1.0: 2.9, 2.0: 3.0})) == 1.0
+    assert report.choose(_tuning({0.5: 3.1, 1.0: math.nan, 2.0: 3.0})) == 2.0
+    assert report.choose(_tuning({0.5: math.nan, 1.0: math.inf})) is None
+    assert report.choose(_tuning({0.5: 0.0}, status="n/a: no batch statistics")) is None
+
+
+def test_training_curve_averages_over_samples():
+    class Logger:
+        def __init__(self):
+            self.logged = []
+
+        def log_metrics(self, metrics, step):
+            self.logged.append((step, metrics))
+
+    class Trainer:
+        def __init__(self):
+            self.loggers, self.global_step = [Logger()], 0
+
+    trainer, curve = Trainer(), TrainingCurve(every=4)
+    for step, loss in enumerate([1.0, 3.0, 5.0, 7.0], start=1):
+        trainer.global_step = step
+        curve.on_train_batch_end(trainer, None, {"loss": torch.tensor(loss)}, torch.zeros(2, 5), 0)
+    assert trainer.loggers[0].logged == [
+        (2, {"curve_loss": 2.0, "curve_samples": 4}),
+        (4, {"curve_loss": 6.0, "curve_samples": 8}),
+    ]
+    with pytest.raises(ValueError, match=r"every.*0"):
+        TrainingCurve(every=0)
+
+
+def test_batch_statistics_uses_the_batch_and_keeps_the_running_statistics():
+    import lightning as L
+
+    from seqnorm.lightning import LanguageModel
+
+    torch.manual_seed(0)
+    model = LanguageModel(list("abcdefgh"), norm="batch", hidden_size=8, embedding_dim=4)
+    with torch.no_grad():  # running statistics far from any batch's
+        for name, buffer in model.named_buffers():
+            if "running_mean" in name:
+                buffer.fill_(3.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [torch.randint(0, 8, (4, 11)) for _ in range(2)]
+
+    def validate(*callbacks):
+        trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=list(callbacks))  # fmt: skip
+        loader = torch.utils.data.DataLoader(batches, batch_size=None)
+        return trainer.validate(model, dataloaders=loader, verbose=False)[0]["val_loss"]
+
+    running, batch_stats = validate(), validate(BatchStatistics())
+    assert abs(running - batch_stats) > 1e-3  # the batch statistics were used
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+    assert validate() == pytest.approx(running)  # and eval mode is back
+
+
+def _check_quick(out, norms, rows):
     for name in OUTPUTS:
         assert (out / name).stat().st_size > 0, name
+    sweep = json.loads((out / "study.json").read_text())["sweep"]
+    assert sweep["batch_sizes"] == [1, 2, 8] and sweep["seeds"] == [0, 1]
     with open(out / "runs.csv") as f:
         table = list(csv.DictReader(f))
-    assert len(table) == len(rows) == 3 * len(norms) * 2  # batch sizes 1, 2, 8 x norms x 2 seeds
+    # per norm and batch size: two tuning runs (seed 0) and seed 1 at the chosen rate; batch
+    # norm at batch size 1 has its two tuning runs only, not applicable
+    assert len(table) == len(rows) == 3 * len(norms) * 3 - (1 if "batch" in norms else 0)
     for row in table:
         if row["norm"] == "batch" and row["batch_size"] == "1":
             assert row["status"].startswith("n/a")  # reported, not a crash
             continue
-        assert row["status"] == "ok" and math.isfinite(float(row["val_error"]))
+        assert row["status"] == "ok" and math.isfinite(float(row["test_error"]))
         assert int(row["steps"]) * int(row["batch_size"]) == 64  # equal samples at every size
         assert (row["train_eval_gap"] != "") == (row["norm"] == "batch")
+        run = out / "runs" / study.run_name(row["norm"], int(row["batch_size"]),
+                                            float(row["lr_multiplier"]), int(row["seed"]))  # fmt: skip
+        hparams = (run / "hparams.yaml").read_text()  # what each run's model was built with
+        assert f"norm: {row['norm']}\n" in hparams
+        assert f"lr: {float(row['lr'])!r}\n" in hparams, hparams
+        assert report.read_curve(run / "metrics.csv")[-1][0] == 64
     summary = (out / "summary.md").read_text()
-    assert "| batch | n/a |" in summary and "gap" in summary
-
-
-def test_quick_check_does_not_write_over_the_shipped_results():
-    config = os.path.join(ROOT, "configs", "study_char_lm_shakespeare.yaml")
-    full = study.parser().parse_args(["--config", config])
-    quick = study.parser().parse_args(["--config", config, "--quick", "true"])
-    assert study.output_dir(full) == study.Path("results/batch_size_study/char_lm_shakespeare")
-    assert study.output_dir(quick) == study.Path("runs/batch_size_study/char_lm_shakespeare")
-    elsewhere = study.parser().parse_args(["--config", config, "--quick", "true", "--out", "x/y"])
-    assert study.output_dir(elsewhere) == study.Path("x/y")
+    assert "| batch | n/a |" in summary and "train/eval gap" in summary and "Tuning" in summary
 
 
 @pytest.mark.slow
-def test_quick_char_lm_writes_every_output(tmp_path):
-    rows = study.main(["--quick", "true", "--out", str(tmp_path)])  # Python's docs: offline
-    _check_outputs(tmp_path, rows, ["none", "batch", "layer", "group"])
-    (tmp_path / "val_vs_batch.png").unlink()
-    again = study.main(["--quick", "true", "--out", str(tmp_path), "--replot", "true"])
-    assert (tmp_path / "val_vs_batch.png").stat().st_size > 0
-    assert [(r["norm"], r["batch_size"], r.get("val_error")) for r in again] == [
-        (r["norm"], r["batch_size"], r.get("val_error")) for r in rows
-    ]
+def test_quick_char_lm_writes_every_output_and_resumes(tmp_path, monkeypatch):
+    config = os.path.join(ROOT, "configs", "study_char_lm_shakespeare.yaml")
+    args = ["lm", "--config", config, "--data.init_args.path=null",  # Python's docs: offline
+            "--sweep.quick=true", f"--sweep.out={tmp_path}"]  # fmt: skip
+    rows = study.main(args)
+    _check_quick(tmp_path, ["none", "batch", "layer", "group"], rows)
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(study.Study, "_train", no_training)
+    (tmp_path / "error_vs_batch.png").unlink()
+    again = study.main(args)  # every run is read back
+    assert again == rows
+    assert (tmp_path / "error_vs_batch.png").stat().st_size > 0
+    with pytest.raises(ValueError, match=r"other settings.*embedding_dim.*delete that folder"):
+        study.main([*args, "--model.embedding_dim=16"])
+    (tmp_path / "summary.md").unlink()
+    report.main([str(tmp_path)])  # the report alone, from the runs' files
+    assert (tmp_path / "summary.md").read_text().count("±") >= 11
 
 
 @pytest.mark.slow
@@ -85,7 +204,20 @@ def test_quick_classification_writes_every_output(tmp_path):
     ]
     tsv.write_text("label\ttext\n" + "\n".join(lines) + "\n")
     out = tmp_path / "out"
-    rows = study.main(
-        ["--quick", "true", "--task", "classify", "--path", str(tsv), "--out", str(out)]
-    )
-    _check_outputs(out, rows, ["none", "batch", "layer", "group"])
+    config = os.path.join(ROOT, "configs", "study_cls_mr_polarity.yaml")
+    rows = study.main(["classifier", "--config", config, f"--data.path={tsv}",
+                       "--sweep.quick=true", f"--sweep.out={out}"])  # fmt: skip
+    _check_quick(out, ["none", "batch", "layer", "group"], rows)
+
+
+def test_quick_check_does_not_write_over_the_shipped_results():
+    full = study.Sweep(out="results/batch_size_study/char_lm_shakespeare")
+    quick = study.Sweep(out="results/batch_size_study/char_lm_shakespeare", quick=True)
+    assert study.output_dir(full) == study.Path("results/batch_size_study/char_lm_shakespeare")
+    assert study.output_dir(quick) == study.Path("runs/batch_size_study/char_lm_shakespeare")
+    assert study.output_dir(study.Sweep(out="x/y", quick=True)) == study.Path("x/y")
+
+
+def test_report_needs_a_study_folder(tmp_path):
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path)])

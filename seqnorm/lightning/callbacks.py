@@ -1,6 +1,12 @@
-"""Callbacks for the recipes."""
+"""Callbacks for the recipes: a sample after training, a smoothed learning curve, and
+evaluation of batch norm with batch statistics."""
+
+from __future__ import annotations
 
 import lightning as L
+import torch
+
+from seqnorm.norms import RecurrentBatchNorm
 
 from .models import LanguageModel
 
@@ -25,3 +31,72 @@ class PrintSample(L.Callback):
             print(f"\nvalidation after {trainer.global_step} steps: {metrics}")
         text = pl_module.generate(self.prompt, self.length, self.temperature, seed=self.seed)
         print(f"sample (temperature {self.temperature}):\n{text}\n")
+
+
+class TrainingCurve(L.Callback):
+    """The training loss averaged over every ``every`` samples seen, written to the trainer's
+    loggers as ``curve_loss`` with ``curve_samples`` (the samples seen so far): a learning curve
+    that is comparable across batch sizes, and smooth even at batch size 1, where the loss of a
+    single step is noise.
+
+    Args:
+        every: samples per point (> 0).
+    """
+
+    def __init__(self, every: int):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"Expected argument `every` to be a whole number >= 1, got {every!r}")
+        self.every = every
+        self._total, self._samples, self._seen = 0.0, 0, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        n = len(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        self._total += float(loss) * n
+        self._samples += n
+        self._seen += n
+        if self._samples >= self.every:
+            metrics = {"curve_loss": self._total / self._samples, "curve_samples": self._seen}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+            self._total, self._samples = 0.0, 0
+
+    def state_dict(self) -> dict:
+        return {"total": self._total, "samples": self._samples, "seen": self._seen}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._total, self._samples = state_dict["total"], state_dict["samples"]
+        self._seen = state_dict["seen"]
+
+
+class BatchStatistics(L.Callback):
+    """Validate and test with every recurrent batch norm in training mode (statistics of each
+    batch, as the training loss saw them) while its running statistics stay as they are: with
+    and without this callback, the difference is batch norm's train/eval gap."""
+
+    def _start(self, pl_module) -> None:
+        self._saved = []
+        for m in pl_module.modules():
+            if isinstance(m, RecurrentBatchNorm):
+                self._saved.append((m, [b.detach().clone() for b in m.buffers()]))
+                m.train()
+
+    def _end(self, pl_module) -> None:
+        with torch.no_grad():
+            for m, buffers in self._saved:
+                for b, saved in zip(m.buffers(), buffers):
+                    b.copy_(saved)
+                m.eval()
+        self._saved = []
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._start(pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._end(pl_module)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._start(pl_module)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._end(pl_module)

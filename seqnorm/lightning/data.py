@@ -224,6 +224,7 @@ class LMDataModule(L.LightningDataModule):
             self._splits = {k: self.tokenize(v) for k, v in self._texts().items()}
             counts = collections.Counter(self._splits["train"])
             self._vocab = Vocabulary.build(counts, self.min_freq, self.max_vocab)
+            self._ids = {k: torch.tensor(self._vocab.encode(v)) for k, v in self._splits.items()}
 
     @property
     def vocab(self) -> list[str]:
@@ -240,7 +241,7 @@ class LMDataModule(L.LightningDataModule):
         for split, tokens in self._splits.items():
             try:
                 self.datasets[split] = StreamBatches(
-                    torch.tensor(self._vocab.encode(tokens)), self.batch_size, self.bptt,
+                    self._ids[split], self.batch_size, self.bptt,
                     *((rank, world) if split == "train" else (0, 1)),
                 )  # fmt: skip
             except ValueError as error:
