@@ -29,8 +29,13 @@ def gradient_norms(norm: str, steps: int, seed: int, args) -> tuple[float, float
     if norm == "torch":
         model = torch.nn.LSTM(args.input_size, args.hidden_size, dtype=torch.float64)
     else:
-        model = seqnorm.LSTM(args.input_size, args.hidden_size, norm=norm, groups=4 if norm == "group" else 1,
-                             dtype=torch.float64)  # fmt: skip
+        model = seqnorm.LSTM(
+            args.input_size,
+            args.hidden_size,
+            norm=norm,
+            groups=4 if norm == "group" else 1,
+            dtype=torch.float64,
+        )
         model.backend = "python"
     x = torch.randn(steps, args.batch, args.input_size, dtype=torch.float64, requires_grad=True)
     out, _ = model(x)
@@ -55,16 +60,26 @@ def main(argv=None) -> list[dict]:
             medians[norm] = [statistics.median(r[k] for r in runs) for k in (0, 1)]
         for norm in NORMS:
             first, last = medians[norm]
-            rows.append({"steps": steps, "norm": norm, "grad_first": first, "grad_last": last,
-                         "first_vs_last": first / last, "first_vs_torch": first / medians["torch"][0],
-                         "last_vs_torch": last / medians["torch"][1]})  # fmt: skip
+            rows.append(
+                {
+                    "steps": steps,
+                    "norm": norm,
+                    "grad_first": first,
+                    "grad_last": last,
+                    "first_vs_last": first / last,
+                    "first_vs_torch": first / medians["torch"][0],
+                    "last_vs_torch": last / medians["torch"][1],
+                }
+            )
     print(
         "| T | norm | ‖dL/dx_1‖ | ‖dL/dx_T‖ | first / last | first / torch.nn | last / torch.nn |"
     )
     print("|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['steps']} | {r['norm']} | {r['grad_first']:.2e} | {r['grad_last']:.2e} | "
-              f"{r['first_vs_last']:.3g} | {r['first_vs_torch']:.3g} | {r['last_vs_torch']:.3g} |")  # fmt: skip
+        print(
+            f"| {r['steps']} | {r['norm']} | {r['grad_first']:.2e} | {r['grad_last']:.2e} | "
+            f"{r['first_vs_last']:.3g} | {r['first_vs_torch']:.3g} | {r['last_vs_torch']:.3g} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=2)

@@ -39,8 +39,14 @@ def make(args):
 def recipe(args) -> float:
     dm, model = make(args)
     timer = Timer(args.warmup)
-    trainer = L.Trainer(max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
-                        limit_val_batches=0, enable_model_summary=False, callbacks=[timer])  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=args.warmup + args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
     trainer.fit(model, dm)
     return time.perf_counter() - timer.start
 
@@ -87,8 +93,13 @@ def main():
         times["plain"].append(plain(args))
         times["recipe"].append(recipe(args))
     t_plain, t_recipe = statistics.median(times["plain"]), statistics.median(times["recipe"])
-    result = {"plain_chars_per_s": chars / t_plain, "recipe_chars_per_s": chars / t_recipe,
-              "ratio": t_plain / t_recipe, "seconds": times, **vars(args)}  # fmt: skip
+    result = {
+        "plain_chars_per_s": chars / t_plain,
+        "recipe_chars_per_s": chars / t_recipe,
+        "ratio": t_plain / t_recipe,
+        "seconds": times,
+        **vars(args),
+    }
     print(
         f"plain loop {result['plain_chars_per_s']:.0f} chars/s, recipe {result['recipe_chars_per_s']:.0f} "
         f"chars/s, recipe/plain = {result['ratio']:.3f}"

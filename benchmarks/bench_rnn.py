@@ -277,10 +277,20 @@ def measure_shape(shape: str, names: list[str], args) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", nargs="+", default=None, choices=list(SHAPES),
-                   help="default: A B C on CPU, A C D on CUDA")  # fmt: skip
-    p.add_argument("--only", nargs="+", default=None, choices=list(IMPLEMENTATIONS),
-                   help="default: all (on CPU without the Python-loop rows)")  # fmt: skip
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        default=None,
+        choices=list(SHAPES),
+        help="default: A B C on CPU, A C D on CUDA",
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        choices=list(IMPLEMENTATIONS),
+        help="default: all (on CPU without the Python-loop rows)",
+    )
     p.add_argument("--autocast", default="none", choices=list(AUTOCAST), help="CUDA autocast dtype")
     p.add_argument(
         "--tf32", action="store_true", help="let CUDA products use TF32 (off by default)"
@@ -389,10 +399,13 @@ def table(rows: list[dict]) -> str:
     ]
     for r in rows:
         cells = [
-            _fmt(r["fwd_ms"], ".1f"), _fmt(r["fwd_ratio"], ".2f"),
-            _fmt(r["fwd_bwd_ms"], ".1f"), _fmt(r["fwd_bwd_ratio"], ".2f"),
-            _fmt(r["peak_mb"], ".1f"), _fmt(r["peak_ratio"], ".2f"),
-        ]  # fmt: skip
+            _fmt(r["fwd_ms"], ".1f"),
+            _fmt(r["fwd_ratio"], ".2f"),
+            _fmt(r["fwd_bwd_ms"], ".1f"),
+            _fmt(r["fwd_bwd_ratio"], ".2f"),
+            _fmt(r["peak_mb"], ".1f"),
+            _fmt(r["peak_ratio"], ".2f"),
+        ]
         lines.append(f"| {r['shape']} | {r['implementation']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

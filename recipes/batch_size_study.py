@@ -183,13 +183,19 @@ class Study:
 
     def settings(self, norm: str, batch: int, multiplier: float, seed: int) -> dict:
         """What a finished run must have been trained with to be read back."""
-        return {"norm": norm, "batch_size": batch, "lr_multiplier": multiplier, "seed": seed,
-                "lr": learning_rate(self.base_lr, self.sweep, batch, multiplier),
-                "samples": self.sweep.samples, "steps": self.sweep.samples // batch,
-                "model": self._run_config(norm, batch, multiplier, seed).model.as_dict(),
-                "data": self._data_args(self.config).as_dict() | {"batch_size": batch},
-                "eval_samples": self.sweep.eval_samples,
-                "eval_batch_size": self.sweep.eval_batch_size}  # fmt: skip
+        return {
+            "norm": norm,
+            "batch_size": batch,
+            "lr_multiplier": multiplier,
+            "seed": seed,
+            "lr": learning_rate(self.base_lr, self.sweep, batch, multiplier),
+            "samples": self.sweep.samples,
+            "steps": self.sweep.samples // batch,
+            "model": self._run_config(norm, batch, multiplier, seed).model.as_dict(),
+            "data": self._data_args(self.config).as_dict() | {"batch_size": batch},
+            "eval_samples": self.sweep.eval_samples,
+            "eval_batch_size": self.sweep.eval_batch_size,
+        }
 
     def run(self, norm: str, batch: int, multiplier: float, seed: int) -> dict:
         """One run's result: read back if it has finished, trained and evaluated otherwise."""
@@ -228,10 +234,13 @@ class Study:
         logger = CSVLogger(directory, name="", version="")
         callbacks = list(cli.config_init.trainer.get("callbacks") or [])
         trainer = cli.instantiate_trainer(
-            max_steps=self.sweep.samples // batch, logger=logger,
-            callbacks=[*callbacks, TrainingCurve(every)], limit_val_batches=0,
-            enable_checkpointing=False, default_root_dir=str(directory),
-        )  # fmt: skip
+            max_steps=self.sweep.samples // batch,
+            logger=logger,
+            callbacks=[*callbacks, TrainingCurve(every)],
+            limit_val_batches=0,
+            enable_checkpointing=False,
+            default_root_dir=str(directory),
+        )
         start = time.perf_counter()
         trainer.fit(model, datamodule=data)
         result = {"train_seconds": time.perf_counter() - start, "steps_done": trainer.global_step}
@@ -256,11 +265,16 @@ class Study:
         items = len(loader.dataset) * (batch if self.lm else 1)
         limit = max(1, min(self.sweep.eval_samples, items) // batch)
         trainer = Trainer(
-            accelerator=self.config.trainer.accelerator, devices=1, logger=False,
-            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-            limit_val_batches=limit, limit_test_batches=limit,
+            accelerator=self.config.trainer.accelerator,
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            limit_val_batches=limit,
+            limit_test_batches=limit,
             callbacks=[BatchStatistics()] if batch_stats_batch else [],
-        )  # fmt: skip
+        )
         run = trainer.validate if split == "val" else trainer.test
         metrics = run(model, dataloaders=loader, verbose=False)[0]
         if self.lm:
@@ -276,8 +290,9 @@ class Study:
         (self.out / "study.json").write_text(json.dumps(self.description(), indent=1))
         results = []
         for norm, batch in self.cells():
-            tuning = [self.run(norm, batch, m, self.sweep.tune_seed)
-                      for m in self.sweep.lr_multipliers]  # fmt: skip
+            tuning = [
+                self.run(norm, batch, m, self.sweep.tune_seed) for m in self.sweep.lr_multipliers
+            ]
             for r in tuning:
                 print(_describe(r), flush=True)
             results += tuning
@@ -317,10 +332,16 @@ def git_commit() -> str:
     a git checkout."""
     root = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                text=True, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("+changes" if dirty else "")
@@ -338,8 +359,10 @@ def _describe(result: dict) -> str:
     if result["status"] != "ok":
         return f"{head}: {result['status']}"
     gap = f", gap {result['train_eval_gap']:+.3f}" if "train_eval_gap" in result else ""
-    return (f"{head}: val {result['val_error']:.3f}, test {result['test_error']:.3f}{gap} "
-            f"({result['train_seconds']:.1f} s)")  # fmt: skip
+    return (
+        f"{head}: val {result['val_error']:.3f}, test {result['test_error']:.3f}{gap} "
+        f"({result['train_seconds']:.1f} s)"
+    )
 
 
 def main(argv: list[str] | None = None) -> list[dict] | None:

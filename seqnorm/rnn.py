@@ -372,9 +372,15 @@ class LSTM(_RNNBase):
         norms = (norm_ih, norm_hh, norm_c)
         backend = self._backend(x, (*state, *params), norms)
         out, (h, c) = ops.lstm(
-            x, state, params, self._config(), (run_ih, run_hh, run_c), mask, backend,
+            x,
+            state,
+            params,
+            self._config(),
+            (run_ih, run_hh, run_c),
+            mask,
+            backend,
             self._all_reduce(norms),
-        )  # fmt: skip
+        )
         return out, (h, c)
 
 
@@ -419,9 +425,21 @@ class GRU(_RNNBase):
         if kwargs:
             raise TypeError(f"GRU got unexpected keyword arguments {sorted(kwargs)}")
         super().__init__(
-            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0,
-            norm, groups, eps, max_steps, device, dtype,
-        )  # fmt: skip
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            0,
+            norm,
+            groups,
+            eps,
+            max_steps,
+            device,
+            dtype,
+        )
 
     def forward(
         self,
@@ -446,7 +464,13 @@ class GRU(_RNNBase):
         norms = (norm_ih, norm_hh)
         backend = self._backend(x, (*state, *params), norms)
         out, h = ops.gru(
-            x, state[0], params, self._config(), (run_ih, run_hh), mask, backend,
+            x,
+            state[0],
+            params,
+            self._config(),
+            (run_ih, run_hh),
+            mask,
+            backend,
             self._all_reduce(norms),
-        )  # fmt: skip
+        )
         return out, (h,)

@@ -306,9 +306,10 @@ def test_a_nan_sample_stays_in_its_row_except_with_batch_norm(cls, norm):
 
 @pytest.mark.parametrize(
     "cls, backend",
-    [(seqnorm.LSTM, b) for b in BACKENDS] + [(seqnorm.GRU, b) for b in BACKENDS]
+    [(seqnorm.LSTM, b) for b in BACKENDS]
+    + [(seqnorm.GRU, b) for b in BACKENDS]
     + [(seqnorm.LSTMCell, None), (seqnorm.GRUCell, None)],
-)  # fmt: skip
+)
 def test_batch_norm_follows_the_mode_of_its_norm_modules(cls, backend):
     """As torch.nn.BatchNorm1d inside a model: a model in eval mode whose batch norms are in
     training mode takes batch statistics (how the batch-size study measures the train/eval gap),

@@ -60,9 +60,10 @@ def fake_hub(name, config=None):
 
 
 CONFIGS = sorted(
-    c for c in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))
+    c
+    for c in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))
     if not os.path.basename(c).startswith("study_")  # the batch-size study's: tests/test_study.py
-)  # fmt: skip
+)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[os.path.basename(c)[:-5] for c in CONFIGS])
@@ -86,11 +87,20 @@ def test_every_config_parses_and_instantiates(config, monkeypatch, text_file, ts
 
 def lm_args(text_file, tmp_path, *extra):
     return [
-        "fit", "--config", os.path.join(ROOT, "configs", "char_lm_pydoc_ln_lstm.yaml"),
-        f"--data.init_args.path={text_file}", "--data.init_args.batch_size=4", "--data.init_args.bptt=20",
-        "--model.hidden_size=32", "--model.embedding_dim=8", f"--trainer.default_root_dir={tmp_path}",
-        "--trainer.logger=false", "--trainer.callbacks=[]", *QUIET, *extra,
-    ]  # fmt: skip
+        "fit",
+        "--config",
+        os.path.join(ROOT, "configs", "char_lm_pydoc_ln_lstm.yaml"),
+        f"--data.init_args.path={text_file}",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.bptt=20",
+        "--model.hidden_size=32",
+        "--model.embedding_dim=8",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.logger=false",
+        "--trainer.callbacks=[]",
+        *QUIET,
+        *extra,
+    ]
 
 
 def test_lm_recipe_fast_dev_run(text_file, tmp_path):
@@ -104,10 +114,15 @@ def test_local_lm_config_trains_on_a_small_file(text_file, tmp_path, monkeypatch
     checkpoints within its epoch (a step-count interval longer than the epoch used to fail)."""
     monkeypatch.chdir(tmp_path)  # the config writes to runs/ under the working directory
     args = [
-        "fit", "--config", os.path.join(ROOT, "configs", "char_lm_local_ln_lstm.yaml"),
-        f"--data.init_args.path={text_file}", "--data.init_args.batch_size=8", "--data.init_args.bptt=40",
-        "--model.hidden_size=16", *QUIET,
-    ]  # fmt: skip
+        "fit",
+        "--config",
+        os.path.join(ROOT, "configs", "char_lm_local_ln_lstm.yaml"),
+        f"--data.init_args.path={text_file}",
+        "--data.init_args.batch_size=8",
+        "--data.init_args.bptt=40",
+        "--model.hidden_size=16",
+        *QUIET,
+    ]
     cli = train_lm.main(args)
     assert cli.trainer.num_training_batches < 500
     assert "val_bpc" in cli.trainer.callback_metrics
@@ -117,10 +132,17 @@ def test_local_lm_config_trains_on_a_small_file(text_file, tmp_path, monkeypatch
 
 def test_classifier_recipe_fast_dev_run(tsv_file, tmp_path):
     args = [
-        "fit", "--config", os.path.join(ROOT, "configs", "cls_mr_polarity_ln_lstm.yaml"), f"--data.path={tsv_file}",
-        "--trainer.fast_dev_run=true", "--trainer.logger=false", "--trainer.callbacks=[]",
-        f"--trainer.default_root_dir={tmp_path}", "--model.hidden_size=16", *QUIET,
-    ]  # fmt: skip
+        "fit",
+        "--config",
+        os.path.join(ROOT, "configs", "cls_mr_polarity_ln_lstm.yaml"),
+        f"--data.path={tsv_file}",
+        "--trainer.fast_dev_run=true",
+        "--trainer.logger=false",
+        "--trainer.callbacks=[]",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--model.hidden_size=16",
+        *QUIET,
+    ]
     cli = train_classifier.main(args)
     assert cli.trainer.global_step == 1
     assert 0 <= float(cli.trainer.callback_metrics["val_acc"]) <= 1
@@ -128,8 +150,15 @@ def test_classifier_recipe_fast_dev_run(tsv_file, tmp_path):
 
 
 def test_char_lm_overfits_a_tiny_corpus(text_file, tmp_path):
-    cli = train_lm.main(lm_args(text_file, tmp_path, "--trainer.max_steps=150", "--trainer.limit_val_batches=0",
-                                "--model.lr=0.01"))  # fmt: skip
+    cli = train_lm.main(
+        lm_args(
+            text_file,
+            tmp_path,
+            "--trainer.max_steps=150",
+            "--trainer.limit_val_batches=0",
+            "--model.lr=0.01",
+        )
+    )
     loss = float(cli.trainer.callback_metrics["train_loss_step"])
     # A uniform guess over the 29 characters costs ln(29) = 3.37 nats; the repeated sentence is learnable.
     assert loss < 0.5, loss
@@ -140,10 +169,18 @@ def test_resume_mid_epoch_continues_the_same_run(text_file, tmp_path, norm):
     """Killed at step 7 of 12 and resumed from its checkpoint = never interrupted."""
 
     def fit(root, max_steps, ckpt_path=None):
-        ckpt = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                "init_args": {"dirpath": str(root), "every_n_train_steps": 7, "save_top_k": -1}}  # fmt: skip
-        args = lm_args(text_file, root, f"--trainer.max_steps={max_steps}", "--trainer.limit_val_batches=0",
-                       f"--model.norm={norm}", f"--trainer.callbacks=[{ckpt}]")  # fmt: skip
+        ckpt = {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(root), "every_n_train_steps": 7, "save_top_k": -1},
+        }
+        args = lm_args(
+            text_file,
+            root,
+            f"--trainer.max_steps={max_steps}",
+            "--trainer.limit_val_batches=0",
+            f"--model.norm={norm}",
+            f"--trainer.callbacks=[{ckpt}]",
+        )
         args[args.index("--trainer.callbacks=[]")] = "--trainer.max_epochs=1"
         if ckpt_path:
             args.append(f"--ckpt_path={ckpt_path}")
@@ -201,11 +238,24 @@ def test_batch_norm_statistics_sync_across_two_processes():
 
 @pytest.mark.slow
 def test_ddp_two_processes(text_file, tmp_path):
-    args = lm_args(text_file, tmp_path, "--trainer.max_steps=3", "--trainer.limit_val_batches=2",
-                   "--model.norm=batch", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.val_check_interval=2",
-                   "--trainer.accelerator=cpu")  # fmt: skip
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "recipes", "train_lm.py"), *args],
-                            capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    args = lm_args(
+        text_file,
+        tmp_path,
+        "--trainer.max_steps=3",
+        "--trainer.limit_val_batches=2",
+        "--model.norm=batch",
+        "--trainer.strategy=ddp",
+        "--trainer.devices=2",
+        "--trainer.val_check_interval=2",
+        "--trainer.accelerator=cpu",
+    )
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "recipes", "train_lm.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (path,) = glob.glob(str(tmp_path / "**" / "*.ckpt"), recursive=True)
     saved = torch.load(path, weights_only=True)
@@ -270,8 +320,14 @@ def test_bad_config_fails_before_training(arg, match, text_file, tmp_path, capsy
 def test_the_checkpoint_file_holds_the_vocabulary(text_file, tmp_path):
     dm = CharLMDataModule(path=text_file, batch_size=2, bptt=10)
     model = LanguageModel(dm.vocab, hidden_size=8, embedding_dim=4)
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        limit_val_batches=0, enable_model_summary=False)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        enable_model_summary=False,
+    )
     trainer.fit(model, dm)
     trainer.save_checkpoint(tmp_path / "model.ckpt")
     saved = torch.load(tmp_path / "model.ckpt", weights_only=True)  # safely loadable, too
@@ -294,10 +350,18 @@ def test_string_labels_become_named_classes_saved_and_predicted(tmp_path):
     ]
     path = tsv(tmp_path, rows)
     args = [
-        "fit", "--config", os.path.join(ROOT, "configs", "cls_mr_polarity_ln_lstm.yaml"), f"--data.path={path}",
-        "--trainer.max_epochs=1", "--trainer.logger=false", "--trainer.callbacks=[]", f"--trainer.default_root_dir={tmp_path}",
-        "--model.hidden_size=8", "--data.batch_size=8", *QUIET,
-    ]  # fmt: skip
+        "fit",
+        "--config",
+        os.path.join(ROOT, "configs", "cls_mr_polarity_ln_lstm.yaml"),
+        f"--data.path={path}",
+        "--trainer.max_epochs=1",
+        "--trainer.logger=false",
+        "--trainer.callbacks=[]",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--model.hidden_size=8",
+        "--data.batch_size=8",
+        *QUIET,
+    ]
     cli = train_classifier.main(args)
     assert cli.datamodule.label_names == ["neg", "pos"] and cli.model.label_names == ["neg", "pos"]
     cli.trainer.save_checkpoint(tmp_path / "cls.ckpt")
@@ -311,12 +375,28 @@ def test_string_labels_become_named_classes_saved_and_predicted(tmp_path):
 @pytest.mark.parametrize(
     ("labels", "match"),
     [
-        pytest.param({"train": [0, 1.7], "val": [0], "test": [1]}, r"whole-number labels.*got 1.7 in the train split", id="fraction"),
-        pytest.param({"train": ["neg", "pos"], "val": ["neutral"], "test": ["pos"]}, r"one of the training split's labels \['neg', 'pos'\].*got 'neutral' in the val split", id="unseen-name"),
-        pytest.param({"train": [0, 1], "val": [5], "test": [1]}, r"labels in \[0, 1\].*got 5 in the val split", id="range"),
-        pytest.param({"train": ["neg", 1], "val": [0], "test": [1]}, r"whole-number labels \(or strings in every row\).*got 'neg'", id="mixed"),
+        pytest.param(
+            {"train": [0, 1.7], "val": [0], "test": [1]},
+            r"whole-number labels.*got 1.7 in the train split",
+            id="fraction",
+        ),
+        pytest.param(
+            {"train": ["neg", "pos"], "val": ["neutral"], "test": ["pos"]},
+            r"one of the training split's labels \['neg', 'pos'\].*got 'neutral' in the val split",
+            id="unseen-name",
+        ),
+        pytest.param(
+            {"train": [0, 1], "val": [5], "test": [1]},
+            r"labels in \[0, 1\].*got 5 in the val split",
+            id="range",
+        ),
+        pytest.param(
+            {"train": ["neg", 1], "val": [0], "test": [1]},
+            r"whole-number labels \(or strings in every row\).*got 'neg'",
+            id="mixed",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_labels_are_named(labels, match):
     from seqnorm.lightning.data import label_classes
 
@@ -384,8 +464,10 @@ def lm_checkpoint(text_file, tmp_path):
 
 
 def test_generate_checks_its_arguments_before_reading_the_checkpoint(tmp_path, capsys):
-    for args, match in [(["--temperature", "0"], "`temperature` to be a positive number, got 0.0"),
-                        (["--length", "-1"], "`length` to be a whole number >= 0, got -1")]:  # fmt: skip
+    for args, match in [
+        (["--temperature", "0"], "`temperature` to be a positive number, got 0.0"),
+        (["--length", "-1"], "`length` to be a whole number >= 0, got -1"),
+    ]:
         with pytest.raises(SystemExit):
             generate.main([str(tmp_path / "missing.ckpt"), *args])
         assert match in capsys.readouterr().err

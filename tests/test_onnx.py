@@ -25,8 +25,15 @@ CASES = [
 
 def _model(cls, norm):
     kw = {"proj_size": 5} if cls == "LSTM-proj" else {}
-    model = make(cls.removesuffix("-proj"), norm, hidden_size=16, dtype=torch.float32,
-                 bidirectional=True, num_layers=2, **kw).eval()  # fmt: skip
+    model = make(
+        cls.removesuffix("-proj"),
+        norm,
+        hidden_size=16,
+        dtype=torch.float32,
+        bidirectional=True,
+        num_layers=2,
+        **kw,
+    ).eval()
     if norm == "batch":  # non-trivial running statistics of every step
         with torch.no_grad():
             for name, buffer in model.named_buffers():
@@ -74,9 +81,12 @@ def test_export_with_lengths(cls, norm, tmp_path):
     model = _model(cls, norm)
     steps = torch.export.Dim("steps", min=2, max=4096)
     program = torch.onnx.export(
-        model, (torch.randn(6, 3, 5),), kwargs={"lengths": torch.tensor([6, 2, 4])}, dynamo=True,
+        model,
+        (torch.randn(6, 3, 5),),
+        kwargs={"lengths": torch.tensor([6, 2, 4])},
+        dynamo=True,
         dynamic_shapes={"input": {0: steps}, "lengths": None},
-    )  # fmt: skip
+    )
     program.save(tmp_path / "model.onnx")
     for length in (3, 9):
         x, lengths = torch.randn(length, 3, 5), torch.tensor([length, 1, 2])

@@ -294,11 +294,14 @@ def _lstm_op_inputs(norm, masked, training, proj):
     t, n = 4, 3
     norms = (model.norm_ih_l0, model.norm_hh_l0, model.norm_c_l0)
     params = _leaves(
-        model.weight_ih_l0, model.weight_hh_l0, model.bias_ih_l0, model.bias_hh_l0,
+        model.weight_ih_l0,
+        model.weight_hh_l0,
+        model.bias_ih_l0,
+        model.bias_hh_l0,
         getattr(model, "weight_hr_l0", None),
         *(None if m is None else m.weight for m in norms),
         None if norms[2] is None else norms[2].bias,
-    )  # fmt: skip
+    )
     running = [None] * 3
     if norm == "batch":  # non-trivial running statistics, for the fallback and eval mode
         running = [
@@ -336,9 +339,12 @@ def test_gru_operator_gradcheck(norm, masked, training):
     model = make("GRU", norm, hidden_size=8, input_size=3)
     t, n = 4, 3
     params = _leaves(
-        model.weight_ih_l0, model.weight_hh_l0, model.bias_ih_l0, model.bias_hh_l0,
+        model.weight_ih_l0,
+        model.weight_hh_l0,
+        model.bias_ih_l0,
+        model.bias_hh_l0,
         *(None if m is None else m.weight for m in (model.norm_ih_l0, model.norm_hh_l0)),
-    )  # fmt: skip
+    )
     running = [None] * 2
     if norm == "batch":
         running = [
@@ -444,7 +450,7 @@ def test_the_product_is_chosen_by_timing_both_unless_asked_for(monkeypatch):
         "ref.backend = 'python'; want = ref(x.double())[0]; want.sum().backward(); "
         "torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-4); "
         "[torch.testing.assert_close(p.grad.double(), q.grad, rtol=0, atol=1e-3 * q.grad.abs().max().item()) for p, q in zip(m.parameters(), ref.parameters())]"
-    )  # fmt: skip
+    )
     env = {k: v for k, v in os.environ.items() if k != "SEQNORM_CPU_PRODUCT"}
     for choice in (None, "mm", "packed"):
         if choice:

@@ -84,8 +84,10 @@ def test_a_grid_that_cannot_run_is_refused_first(change, match):
 
 
 def _tuning(errors, status="ok"):
-    return [{"status": status, "val_error": e, "settings": {"lr_multiplier": m}}
-            for m, e in errors.items()]  # fmt: skip
+    return [
+        {"status": status, "val_error": e, "settings": {"lr_multiplier": m}}
+        for m, e in errors.items()
+    ]
 
 
 def test_the_choice_is_the_lowest_finite_tuning_error():
@@ -134,8 +136,12 @@ def test_batch_statistics_uses_the_batch_and_keeps_the_running_statistics():
     batches = [torch.randint(0, 8, (4, 11)) for _ in range(2)]
 
     def validate(*callbacks):
-        trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
-                            callbacks=list(callbacks))  # fmt: skip
+        trainer = L.Trainer(
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=list(callbacks),
+        )
         loader = torch.utils.data.DataLoader(batches, batch_size=None)
         return trainer.validate(model, dataloaders=loader, verbose=False)[0]["val_loss"]
 
@@ -163,8 +169,13 @@ def _check_quick(out, norms, rows):
         assert row["status"] == "ok" and math.isfinite(float(row["test_error"]))
         assert int(row["steps"]) * int(row["batch_size"]) == 64  # equal samples at every size
         assert (row["train_eval_gap"] != "") == (row["norm"] == "batch")
-        run = out / "runs" / study.run_name(row["norm"], int(row["batch_size"]),
-                                            float(row["lr_multiplier"]), int(row["seed"]))  # fmt: skip
+        run = (
+            out
+            / "runs"
+            / study.run_name(
+                row["norm"], int(row["batch_size"]), float(row["lr_multiplier"]), int(row["seed"])
+            )
+        )
         hparams = (run / "hparams.yaml").read_text()  # what each run's model was built with
         assert f"norm: {row['norm']}\n" in hparams
         assert f"lr: {float(row['lr'])!r}\n" in hparams, hparams
@@ -176,8 +187,14 @@ def _check_quick(out, norms, rows):
 @pytest.mark.slow
 def test_quick_char_lm_writes_every_output_and_resumes(tmp_path, monkeypatch):
     config = os.path.join(ROOT, "configs", "study_char_lm_shakespeare.yaml")
-    args = ["lm", "--config", config, "--data.init_args.path=null",  # Python's docs: offline
-            "--sweep.quick=true", f"--sweep.out={tmp_path}"]  # fmt: skip
+    args = [
+        "lm",
+        "--config",
+        config,
+        "--data.init_args.path=null",  # Python's docs: offline
+        "--sweep.quick=true",
+        f"--sweep.out={tmp_path}",
+    ]
     rows = study.main(args)
     _check_quick(tmp_path, ["none", "batch", "layer", "group"], rows)
 
@@ -205,8 +222,16 @@ def test_quick_classification_writes_every_output(tmp_path):
     tsv.write_text("label\ttext\n" + "\n".join(lines) + "\n")
     out = tmp_path / "out"
     config = os.path.join(ROOT, "configs", "study_cls_mr_polarity.yaml")
-    rows = study.main(["classifier", "--config", config, f"--data.path={tsv}",
-                       "--sweep.quick=true", f"--sweep.out={out}"])  # fmt: skip
+    rows = study.main(
+        [
+            "classifier",
+            "--config",
+            config,
+            f"--data.path={tsv}",
+            "--sweep.quick=true",
+            f"--sweep.out={out}",
+        ]
+    )
     _check_quick(out, ["none", "batch", "layer", "group"], rows)
 
 

@@ -68,8 +68,10 @@ def samples(cls: str):
     make = lambda *shape: torch.randn(*shape, dtype=torch.float64)
     if cls in ("GRUCell", "LSTMCell"):
         hx = (make(10), make(10)) if cls == "LSTMCell" else make(10)
-        return [({"input_size": 5, "hidden_size": 10}, (make(5), hx)),
-                ({"input_size": 5, "hidden_size": 10, "bias": True}, (make(5), hx))]  # fmt: skip
+        return [
+            ({"input_size": 5, "hidden_size": 10}, (make(5), hx)),
+            ({"input_size": 5, "hidden_size": 10, "bias": True}, (make(5), hx)),
+        ]
     out = []
     projections = (0, 2) if cls == "LSTM" else (0,)
     for bias, batch_first, bidir, proj in itertools.product(
@@ -91,7 +93,7 @@ def samples(cls: str):
         h_size = proj or 3
         hx = (make(layers, h_size), make(layers, 3)) if cls == "LSTM" else make(layers, 3)
         out.append(({**kw, "hidden_size": 3}, (make(3, 2), hx)))
-    return out  # fmt: skip
+    return out
 
 
 def batched_reference(module, cls: str, kw: dict, args):
@@ -329,17 +331,27 @@ def test_forward_dtype_mismatch_error(impl, cls):
 CELL_ERRORS = {
     "GRUCell": [
         ((3, 11), (3, 20), RuntimeError, "input has inconsistent input_size: got 11 expected 10"),
-        ((3, 10), (3, 21), RuntimeError, "hidden0 has inconsistent hidden_size: got 21, expected 20"),
+        (
+            (3, 10),
+            (3, 21),
+            RuntimeError,
+            "hidden0 has inconsistent hidden_size: got 21, expected 20",
+        ),
         ((3, 10), (5, 20), RuntimeError, "Input batch size 3 doesn't match hidden0 batch size 5"),
         ((3, 10), (3, 1, 1, 20), ValueError, "Expected hidden to be 1D or 2D, got 4D instead"),
     ],
     "LSTMCell": [
         ((3, 11), (3, 20), RuntimeError, "input has inconsistent input_size: got 11 expected 10"),
-        ((3, 10), (3, 21), RuntimeError, "hidden0 has inconsistent hidden_size: got 21, expected 20"),
+        (
+            (3, 10),
+            (3, 21),
+            RuntimeError,
+            "hidden0 has inconsistent hidden_size: got 21, expected 20",
+        ),
         ((3, 10), (5, 20), RuntimeError, "Input batch size 3 doesn't match hidden0 batch size 5"),
         ((3, 10), (3, 1, 1, 20), ValueError, r"Expected hx\[0\] to be 1D or 2D, got 4D instead"),
     ],
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("impl", EVERY)
@@ -401,8 +413,13 @@ def test_rnn_args_check(impl, cls):
     model = build(impl, cls, input_size, hidden_size, layers)
 
     def cases():
-        for dim, shape_x, shape_h in [(1, True, False), (1, False, True), (2, True, False),
-                                      (2, False, True), (0, False, True)]:  # fmt: skip
+        for dim, shape_x, shape_h in [
+            (1, True, False),
+            (1, False, True),
+            (2, True, False),
+            (2, False, True),
+            (0, False, True),
+        ]:
             x_shape = list(good_x)
             h_shape = list(good_h)
             if shape_x:
@@ -588,9 +605,14 @@ def test_all_weights(impl, cls):
 @pytest.mark.parametrize("impl", ["torch", "none", "layer", "group"])
 @pytest.mark.parametrize(
     ("enforce_sorted", "lengths"),
-    [(True, [5]), (False, [5]), (True, [10, 10, 6, 2, 2, 1, 1]), (False, [10, 10, 6, 2, 2, 1, 1]),
-     (False, [2, 1, 3, 2, 10, 5, 3])],
-)  # fmt: skip
+    [
+        (True, [5]),
+        (False, [5]),
+        (True, [10, 10, 6, 2, 2, 1, 1]),
+        (False, [10, 10, 6, 2, 2, 1, 1]),
+        (False, [2, 1, 3, 2, 10, 5, 3]),
+    ],
+)
 @pytest.mark.parametrize("default_hidden", [True, False])
 @pytest.mark.parametrize("proj", [0, 2])
 def test_variable_sequence(impl, enforce_sorted, lengths, default_hidden, proj):
@@ -602,8 +624,10 @@ def test_variable_sequence(impl, enforce_sorted, lengths, default_hidden, proj):
     lstm2 = copy.deepcopy(lstm)
     hidden0 = None
     if not default_hidden:
-        hidden0 = (torch.randn(4, len(lengths), proj or 4, dtype=torch.float64),
-                   torch.randn(4, len(lengths), 4, dtype=torch.float64))  # fmt: skip
+        hidden0 = (
+            torch.randn(4, len(lengths), proj or 4, dtype=torch.float64),
+            torch.randn(4, len(lengths), 4, dtype=torch.float64),
+        )
     outs, hiddens = [], []
     for i, n in enumerate(lengths):
         h_i = None if hidden0 is None else tuple(h[:, i : i + 1].contiguous() for h in hidden0)

@@ -73,9 +73,15 @@ def test_gradcheck_of_the_operator_on_triton(cls, norm):
     features = {"norm_c_l0": 4}
     running = [None] * len(sites)
     if norm == "batch":
-        running = [torch.stack((torch.randn(3, features.get(s, 16 if lstm else 12)),
-                                torch.rand(3, features.get(s, 16 if lstm else 12)) + 0.5)).double()
-                   for s in sites]  # fmt: skip
+        running = [
+            torch.stack(
+                (
+                    torch.randn(3, features.get(s, 16 if lstm else 12)),
+                    torch.rand(3, features.get(s, 16 if lstm else 12)) + 0.5,
+                )
+            ).double()
+            for s in sites
+        ]
     out_size = 3 if cls == "LSTM-proj" else 4
     state = leaves(torch.randn(2, out_size, dtype=torch.float64))
     if lstm:
@@ -109,9 +115,23 @@ def test_every_kernel_compiles_for_ampere_and_hopper(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     report = tmp_path / "resources.json"
     for arch, hidden in ((90, ["256", "512", "768", "2048"]), (80, ["512"])):
-        subprocess.run([sys.executable, "-m", "seqnorm.ops.triton_kernels.resources", "--arch",
-                        str(arch), "--hidden", *hidden, "--json", str(report)],
-                       env=env, check=True, capture_output=True, timeout=900)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "seqnorm.ops.triton_kernels.resources",
+                "--arch",
+                str(arch),
+                "--hidden",
+                *hidden,
+                "--json",
+                str(report),
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=900,
+        )
         rows = json.loads(report.read_text())
         assert len(rows) == 16 * len(hidden)  # 8 kernels of the input half, 8 of the steps
         for row in rows:

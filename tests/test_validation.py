@@ -8,31 +8,114 @@ import seqnorm
 from seqnorm import ShapeError
 
 CONSTRUCTOR_ERRORS = [
-    pytest.param({"norm": "weight"}, ValueError, r"`norm`.*'none', 'layer', 'group', 'batch', got 'weight'", id="norm"),
-    pytest.param({"norm": "instance"}, ValueError, r"got 'instance'.*always output 0.*norm='layer'", id="instance"),
-    pytest.param({"norm": "group", "groups": 3}, ValueError, r"`groups` to divide hidden_size=8, got groups=3", id="groups"),
-    pytest.param({"norm": "group", "groups": 0}, ValueError, r"groups must be greater than zero, got 0", id="groups-0"),
-    pytest.param({"norm": "group", "groups": 2.0}, TypeError, r"groups should be of type int, got: float 2.0", id="groups-float"),
-    pytest.param({"norm": "layer", "groups": 2}, ValueError, r"`groups` to be 1 unless norm='group'", id="groups-layer"),
+    pytest.param(
+        {"norm": "weight"},
+        ValueError,
+        r"`norm`.*'none', 'layer', 'group', 'batch', got 'weight'",
+        id="norm",
+    ),
+    pytest.param(
+        {"norm": "instance"},
+        ValueError,
+        r"got 'instance'.*always output 0.*norm='layer'",
+        id="instance",
+    ),
+    pytest.param(
+        {"norm": "group", "groups": 3},
+        ValueError,
+        r"`groups` to divide hidden_size=8, got groups=3",
+        id="groups",
+    ),
+    pytest.param(
+        {"norm": "group", "groups": 0},
+        ValueError,
+        r"groups must be greater than zero, got 0",
+        id="groups-0",
+    ),
+    pytest.param(
+        {"norm": "group", "groups": 2.0},
+        TypeError,
+        r"groups should be of type int, got: float 2.0",
+        id="groups-float",
+    ),
+    pytest.param(
+        {"norm": "layer", "groups": 2},
+        ValueError,
+        r"`groups` to be 1 unless norm='group'",
+        id="groups-layer",
+    ),
     pytest.param({"eps": 0}, ValueError, r"`eps` to be a positive number, got 0", id="eps"),
-    pytest.param({"max_steps": 0}, ValueError, r"max_steps must be greater than zero, got 0", id="max-steps"),
+    pytest.param(
+        {"max_steps": 0}, ValueError, r"max_steps must be greater than zero, got 0", id="max-steps"
+    ),
     pytest.param({"bias": 1}, TypeError, r"bias should be of type bool, got: int 1", id="bias-int"),
-    pytest.param({"bias": "True"}, TypeError, r"bias should be of type bool, got: str 'True'", id="bias-str"),
-    pytest.param({"input_size": 3.0}, TypeError, r"input_size should be of type int, got: float", id="input-float"),
-    pytest.param({"input_size": "10"}, TypeError, r"input_size should be of type int, got: str", id="input-str"),
-]  # fmt: skip
+    pytest.param(
+        {"bias": "True"}, TypeError, r"bias should be of type bool, got: str 'True'", id="bias-str"
+    ),
+    pytest.param(
+        {"input_size": 3.0},
+        TypeError,
+        r"input_size should be of type int, got: float",
+        id="input-float",
+    ),
+    pytest.param(
+        {"input_size": "10"},
+        TypeError,
+        r"input_size should be of type int, got: str",
+        id="input-str",
+    ),
+]
 
 LAYER_ERRORS = [
-    pytest.param({"num_layers": 0}, ValueError, r"num_layers must be greater than zero, got 0", id="layers"),
-    pytest.param({"dropout": 1.5}, ValueError, r"dropout should be a number in range \[0, 1\].*got 1.5", id="dropout"),
-    pytest.param({"batch_first": 0}, TypeError, r"batch_first should be of type bool, got: int", id="batch-first-0"),
-    pytest.param({"batch_first": 1}, TypeError, r"batch_first should be of type bool, got: int", id="batch-first-1"),
-    pytest.param({"batch_first": "False"}, TypeError, r"batch_first should be of type bool, got: str", id="batch-first-str"),
-    pytest.param({"bidirectional": "False"}, TypeError, r"bidirectional should be of type bool, got: str", id="bidir-str"),
-    pytest.param({"hidden_size": 0}, ValueError, r"hidden_size must be greater than zero, got 0", id="hidden-0"),
-    pytest.param({"input_size": 0}, ValueError, r"input_size must be greater than zero, got 0", id="input-0"),
-    pytest.param({"input_size": -1}, ValueError, r"input_size must be greater than zero, got -1", id="input-negative"),
-]  # fmt: skip
+    pytest.param(
+        {"num_layers": 0}, ValueError, r"num_layers must be greater than zero, got 0", id="layers"
+    ),
+    pytest.param(
+        {"dropout": 1.5},
+        ValueError,
+        r"dropout should be a number in range \[0, 1\].*got 1.5",
+        id="dropout",
+    ),
+    pytest.param(
+        {"batch_first": 0},
+        TypeError,
+        r"batch_first should be of type bool, got: int",
+        id="batch-first-0",
+    ),
+    pytest.param(
+        {"batch_first": 1},
+        TypeError,
+        r"batch_first should be of type bool, got: int",
+        id="batch-first-1",
+    ),
+    pytest.param(
+        {"batch_first": "False"},
+        TypeError,
+        r"batch_first should be of type bool, got: str",
+        id="batch-first-str",
+    ),
+    pytest.param(
+        {"bidirectional": "False"},
+        TypeError,
+        r"bidirectional should be of type bool, got: str",
+        id="bidir-str",
+    ),
+    pytest.param(
+        {"hidden_size": 0},
+        ValueError,
+        r"hidden_size must be greater than zero, got 0",
+        id="hidden-0",
+    ),
+    pytest.param(
+        {"input_size": 0}, ValueError, r"input_size must be greater than zero, got 0", id="input-0"
+    ),
+    pytest.param(
+        {"input_size": -1},
+        ValueError,
+        r"input_size must be greater than zero, got -1",
+        id="input-negative",
+    ),
+]
 
 
 @pytest.mark.parametrize("cls", ["LSTM", "GRU", "LSTMCell", "GRUCell"])
@@ -89,23 +172,100 @@ X = torch.randn(5, 3, 4)
 H = torch.zeros(2, 3, 8)
 
 FORWARD_ERRORS = [
-    pytest.param(dict(input=torch.randn(2, 5, 3, 4)), ValueError, r"LSTM: Expected input to be 2D or 3D, got 4D instead.*\(L, N, H_in\)", id="rank"),
-    pytest.param(dict(input=torch.randn(5, 3, 6)), ShapeError, r"input.size\(-1\) must be equal to input_size. Expected 4, got 6", id="features"),
-    pytest.param(dict(input=torch.randn(0, 3, 4)), ShapeError, r"Expected sequence length to be larger than 0 in RNN, got input of shape \(0, 3, 4\)", id="length-0"),
-    pytest.param(dict(input=torch.randn(0, 4)), ShapeError, r"Expected sequence length to be larger than 0", id="length-0-unbatched"),
-    pytest.param(dict(input=X.double()), ValueError, r"RNN input dtype \(torch.float64\) does not match weight dtype \(torch.float32\). Convert input: input.to\(torch.float32\), or convert model: model.to\(torch.float64\)", id="dtype"),
-    pytest.param(dict(input=[1, 2]), TypeError, r"`input` to be a Tensor or PackedSequence, got list", id="type"),
-    pytest.param(dict(hx=(torch.zeros(1, 3, 8), H)), ShapeError, r"Expected hidden\[0\] size \(2, 3, 8\), got \[1, 3, 8\]", id="h0"),
-    pytest.param(dict(hx=(H, torch.zeros(2, 3, 7))), ShapeError, r"Expected hidden\[1\] size \(2, 3, 8\), got \[2, 3, 7\]", id="c0"),
-    pytest.param(dict(hx=(H[0], H)), ShapeError, r"For batched 3-D input, hx and cx should also be 3-D but got \(2-D, 3-D\) tensors", id="h0-dims"),
-    pytest.param(dict(hx=H), TypeError, r"`hx` to be a tuple \(h_0, c_0\), got Tensor", id="hx-tuple"),
-    pytest.param(dict(lengths=torch.tensor([[5, 5, 5]])), ShapeError, r"`lengths` to be 1-D, got shape \(1, 3\)", id="lengths-2d"),
-    pytest.param(dict(lengths=torch.tensor([5, 5])), ShapeError, r"one length per sample \(3\), got 2", id="lengths-count"),
-    pytest.param(dict(lengths=torch.tensor([5, 0, 5])), ValueError, r"`lengths` to be in \[1, 5\].*got 0", id="lengths-zero"),
-    pytest.param(dict(lengths=torch.tensor([5, -2, 5])), ValueError, r"`lengths` to be in \[1, 5\].*got -2", id="lengths-negative"),
-    pytest.param(dict(lengths=torch.tensor([5, 6, 5])), ValueError, r"`lengths` to be in \[1, 5\].*got 6", id="lengths-long"),
-    pytest.param(dict(lengths=torch.tensor([5.0, 4.0, 5.0])), TypeError, r"`lengths` to hold integers, got dtype torch.float32", id="lengths-float"),
-]  # fmt: skip
+    pytest.param(
+        dict(input=torch.randn(2, 5, 3, 4)),
+        ValueError,
+        r"LSTM: Expected input to be 2D or 3D, got 4D instead.*\(L, N, H_in\)",
+        id="rank",
+    ),
+    pytest.param(
+        dict(input=torch.randn(5, 3, 6)),
+        ShapeError,
+        r"input.size\(-1\) must be equal to input_size. Expected 4, got 6",
+        id="features",
+    ),
+    pytest.param(
+        dict(input=torch.randn(0, 3, 4)),
+        ShapeError,
+        r"Expected sequence length to be larger than 0 in RNN, got input of shape \(0, 3, 4\)",
+        id="length-0",
+    ),
+    pytest.param(
+        dict(input=torch.randn(0, 4)),
+        ShapeError,
+        r"Expected sequence length to be larger than 0",
+        id="length-0-unbatched",
+    ),
+    pytest.param(
+        dict(input=X.double()),
+        ValueError,
+        r"RNN input dtype \(torch.float64\) does not match weight dtype \(torch.float32\). Convert input: input.to\(torch.float32\), or convert model: model.to\(torch.float64\)",
+        id="dtype",
+    ),
+    pytest.param(
+        dict(input=[1, 2]),
+        TypeError,
+        r"`input` to be a Tensor or PackedSequence, got list",
+        id="type",
+    ),
+    pytest.param(
+        dict(hx=(torch.zeros(1, 3, 8), H)),
+        ShapeError,
+        r"Expected hidden\[0\] size \(2, 3, 8\), got \[1, 3, 8\]",
+        id="h0",
+    ),
+    pytest.param(
+        dict(hx=(H, torch.zeros(2, 3, 7))),
+        ShapeError,
+        r"Expected hidden\[1\] size \(2, 3, 8\), got \[2, 3, 7\]",
+        id="c0",
+    ),
+    pytest.param(
+        dict(hx=(H[0], H)),
+        ShapeError,
+        r"For batched 3-D input, hx and cx should also be 3-D but got \(2-D, 3-D\) tensors",
+        id="h0-dims",
+    ),
+    pytest.param(
+        dict(hx=H), TypeError, r"`hx` to be a tuple \(h_0, c_0\), got Tensor", id="hx-tuple"
+    ),
+    pytest.param(
+        dict(lengths=torch.tensor([[5, 5, 5]])),
+        ShapeError,
+        r"`lengths` to be 1-D, got shape \(1, 3\)",
+        id="lengths-2d",
+    ),
+    pytest.param(
+        dict(lengths=torch.tensor([5, 5])),
+        ShapeError,
+        r"one length per sample \(3\), got 2",
+        id="lengths-count",
+    ),
+    pytest.param(
+        dict(lengths=torch.tensor([5, 0, 5])),
+        ValueError,
+        r"`lengths` to be in \[1, 5\].*got 0",
+        id="lengths-zero",
+    ),
+    pytest.param(
+        dict(lengths=torch.tensor([5, -2, 5])),
+        ValueError,
+        r"`lengths` to be in \[1, 5\].*got -2",
+        id="lengths-negative",
+    ),
+    pytest.param(
+        dict(lengths=torch.tensor([5, 6, 5])),
+        ValueError,
+        r"`lengths` to be in \[1, 5\].*got 6",
+        id="lengths-long",
+    ),
+    pytest.param(
+        dict(lengths=torch.tensor([5.0, 4.0, 5.0])),
+        TypeError,
+        r"`lengths` to hold integers, got dtype torch.float32",
+        id="lengths-float",
+    ),
+]
 
 
 @pytest.mark.parametrize(("kwargs", "error", "match"), FORWARD_ERRORS)

@@ -18,8 +18,14 @@ import torch
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-LOCAL_FORMATS = {".txt": "text", ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json",
-                 ".parquet": "parquet"}  # fmt: skip
+LOCAL_FORMATS = {
+    ".txt": "text",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+}
 
 
 def load_local(path: str, encoding: str = "utf-8", column_names: list[str] | None = None, **kwargs):
@@ -241,9 +247,11 @@ class LMDataModule(L.LightningDataModule):
         for split, tokens in self._splits.items():
             try:
                 self.datasets[split] = StreamBatches(
-                    self._ids[split], self.batch_size, self.bptt,
+                    self._ids[split],
+                    self.batch_size,
+                    self.bptt,
                     *((rank, world) if split == "train" else (0, 1)),
-                )  # fmt: skip
+                )
             except ValueError as error:
                 source = self.path or self.hub or "Python's documentation"
                 unit = "characters" if self.level == "char" else "words"
@@ -498,9 +506,12 @@ class TextClassificationDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> StatefulDataLoader:
         # Training drops a last partial batch: a batch of one has no batch-norm statistics.
         return StatefulDataLoader(
-            self._splits[split], batch_size=self.batch_size, shuffle=shuffle,
-            drop_last=shuffle and len(self._splits[split]) > self.batch_size, collate_fn=self.collate,
-        )  # fmt: skip
+            self._splits[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(self._splits[split]) > self.batch_size,
+            collate_fn=self.collate,
+        )
 
     def train_dataloader(self):
         return self._loader("train", shuffle=True)

@@ -36,8 +36,12 @@ def build_rnn(
         raise ValueError(
             f"Expected argument `implementation` to be one of {IMPLEMENTATIONS}, got {implementation!r}"
         )
-    kw = {"num_layers": num_layers, "dropout": dropout if num_layers > 1 else 0.0,
-          "bidirectional": bidirectional, "batch_first": True}  # fmt: skip
+    kw = {
+        "num_layers": num_layers,
+        "dropout": dropout if num_layers > 1 else 0.0,
+        "bidirectional": bidirectional,
+        "batch_first": True,
+    }
     if implementation == "torch":
         if norm != "none":
             raise ValueError(f"Expected norm='none' with implementation='torch', got norm={norm!r}")
@@ -352,8 +356,14 @@ class SequenceClassifier(L.LightningModule):
         tokens, lengths, labels = batch
         logits = self(tokens, lengths)
         loss = F.cross_entropy(logits, labels)
-        self.log(f"{split}_loss", loss, prog_bar=True, on_step=split == "train", on_epoch=True,
-                 batch_size=len(labels))  # fmt: skip
+        self.log(
+            f"{split}_loss",
+            loss,
+            prog_bar=True,
+            on_step=split == "train",
+            on_epoch=True,
+            batch_size=len(labels),
+        )
         for name in ("acc", "f1"):
             metric = self.metrics[f"{split}_{name}"]
             metric(logits, labels)

@@ -48,8 +48,11 @@ def read_curve(path: Path) -> list[tuple[int, float]]:
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        return [(int(float(row["curve_samples"])), float(row["curve_loss"]))
-                for row in csv.DictReader(f) if row.get("curve_loss")]  # fmt: skip
+        return [
+            (int(float(row["curve_samples"])), float(row["curve_loss"]))
+            for row in csv.DictReader(f)
+            if row.get("curve_loss")
+        ]
 
 
 def summarize(study: dict, results: list[dict]) -> dict:
@@ -63,8 +66,11 @@ def summarize(study: dict, results: list[dict]) -> dict:
     cells = {}
     for norm in sweep["norms"]:
         for batch in sweep["batch_sizes"]:
-            tuning = [index[k] for m in sweep["lr_multipliers"]
-                      if (k := (norm, batch, m, sweep["tune_seed"])) in index]  # fmt: skip
+            tuning = [
+                index[k]
+                for m in sweep["lr_multipliers"]
+                if (k := (norm, batch, m, sweep["tune_seed"])) in index
+            ]
             cell = {"tuning": tuning, "status": "not run"}
             cells[norm, batch] = cell
             if any(r["status"].startswith("n/a") for r in tuning):
@@ -76,18 +82,21 @@ def summarize(study: dict, results: list[dict]) -> dict:
             if chosen is None:
                 cell["status"] = "diverged at every learning rate"
                 continue
-            runs = [index[k] for seed in sweep["seeds"]
-                    if (k := (norm, batch, chosen, seed)) in index]  # fmt: skip
+            runs = [
+                index[k] for seed in sweep["seeds"] if (k := (norm, batch, chosen, seed)) in index
+            ]
             tests = [r["test_error"] for r in runs]
             gaps = [r["train_eval_gap"] for r in runs if "train_eval_gap" in r]
             cell.update(
                 status="ok" if len(runs) == len(sweep["seeds"]) else "partial",
-                multiplier=chosen, lr=runs[0]["settings"]["lr"], runs=runs,
+                multiplier=chosen,
+                lr=runs[0]["settings"]["lr"],
+                runs=runs,
                 mean=statistics.fmean(tests),
                 std=statistics.stdev(tests) if len(tests) > 1 else 0.0,
                 gap=statistics.fmean(gaps) if gaps else None,
                 seconds=statistics.fmean(r["train_seconds"] for r in runs),
-            )  # fmt: skip
+            )
     return cells
 
 
@@ -114,35 +123,50 @@ def tables(study: dict, cells: dict) -> str:
 
     error = _table(header, rows(lambda c: f"{c['mean']:.3f} ± {c['std']:.3f}"))
     edges = (min(sweep["lr_multipliers"]), max(sweep["lr_multipliers"]))
-    rates = _table(header, rows(
-        lambda c: f"{c['lr']:.2e} (x{c['multiplier']:g}{', edge' if c['multiplier'] in edges else ''})"
-    ))  # fmt: skip
+    rates = _table(
+        header,
+        rows(
+            lambda c: (
+                f"{c['lr']:.2e} (x{c['multiplier']:g}{', edge' if c['multiplier'] in edges else ''})"
+            )
+        ),
+    )
     seconds = _table(header, rows(lambda c: f"{c['seconds']:.0f}"))
-    gap_rows = [["batch"] + [_cell_text(cells["batch", b], lambda c: f"{c['gap']:+.3f}")
-                             for b in batches]] if "batch" in norms else []  # fmt: skip
+    gap_rows = (
+        [["batch"] + [_cell_text(cells["batch", b], lambda c: f"{c['gap']:+.3f}") for b in batches]]
+        if "batch" in norms
+        else []
+    )
     tuning_rows = []
     for n in norms:
         for b in batches:
             errors = {r["settings"]["lr_multiplier"]: r for r in cells[n, b]["tuning"]}
-            tuning_rows.append([f"{n}, batch {b}"] + [
-                f"{errors[m]['val_error']:.3f}" if m in errors and errors[m]["status"] == "ok"
-                else ("n/a" if m in errors else "not run")
-                for m in sweep["lr_multipliers"]
-            ])  # fmt: skip
+            tuning_rows.append(
+                [f"{n}, batch {b}"]
+                + [
+                    f"{errors[m]['val_error']:.3f}"
+                    if m in errors and errors[m]["status"] == "ok"
+                    else ("n/a" if m in errors else "not run")
+                    for m in sweep["lr_multipliers"]
+                ]
+            )
     tuning_header = ["norm, batch"] + [f"x{m:g}" for m in sweep["lr_multipliers"]]
-    return "\n\n".join([
-        f"Test {study['metric']} at each cell's chosen learning rate, mean ± standard deviation "
-        f"over seeds {sweep['seeds']}:\n\n{error}",
-        "Batch norm's train/eval gap: the test error with running statistics minus with "
-        f"batch statistics over batches of the training size:\n\n{_table(header, gap_rows)}"
-        if gap_rows else "",
-        "Chosen learning rate (the rule's rate times the multiplier; 'edge': the lowest or "
-        f"highest multiplier of the grid, so the best rate may lie beyond it):\n\n{rates}",
-        f"Training seconds per run (mean over seeds):\n\n{seconds}",
-        f"Tuning: validation {study['metric']} of seed {sweep['tune_seed']} at each "
-        f"multiplier of the rule's rate (the lowest is chosen):\n\n"
-        f"{_table(tuning_header, tuning_rows)}",
-    ])  # fmt: skip
+    return "\n\n".join(
+        [
+            f"Test {study['metric']} at each cell's chosen learning rate, mean ± standard deviation "
+            f"over seeds {sweep['seeds']}:\n\n{error}",
+            "Batch norm's train/eval gap: the test error with running statistics minus with "
+            f"batch statistics over batches of the training size:\n\n{_table(header, gap_rows)}"
+            if gap_rows
+            else "",
+            "Chosen learning rate (the rule's rate times the multiplier; 'edge': the lowest or "
+            f"highest multiplier of the grid, so the best rate may lie beyond it):\n\n{rates}",
+            f"Training seconds per run (mean over seeds):\n\n{seconds}",
+            f"Tuning: validation {study['metric']} of seed {sweep['tune_seed']} at each "
+            f"multiplier of the rule's rate (the lowest is chosen):\n\n"
+            f"{_table(tuning_header, tuning_rows)}",
+        ]
+    )
 
 
 def write(out) -> dict:
@@ -164,8 +188,9 @@ def write(out) -> dict:
         f"validation split (seed {sweep['tune_seed']}); reported on the test split "
         f"({sweep['eval_samples']} samples at most). {len(trained)} runs, "
         f"{total / 3600:.2f} hours of training in all. The full config is in study.json.\n\n"
-        + tables(study, cells) + "\n"
-    )  # fmt: skip
+        + tables(study, cells)
+        + "\n"
+    )
     write_runs_csv(results, out / "runs.csv")
     plot_errors(study, cells, out / "error_vs_batch.png")
     plot_curves(study, cells, out / "learning_curves.png")
@@ -173,9 +198,22 @@ def write(out) -> dict:
 
 
 def write_runs_csv(results: list[dict], path: Path) -> None:
-    fields = ["norm", "batch_size", "lr_multiplier", "seed", "lr", "samples", "steps", "status",
-              "val_error", "test_error", "test_error_batch_stats", "train_eval_gap",
-              "train_seconds", "commit"]  # fmt: skip
+    fields = [
+        "norm",
+        "batch_size",
+        "lr_multiplier",
+        "seed",
+        "lr",
+        "samples",
+        "steps",
+        "status",
+        "val_error",
+        "test_error",
+        "test_error_batch_stats",
+        "train_eval_gap",
+        "train_seconds",
+        "commit",
+    ]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fields, extrasaction="ignore")
         writer.writeheader()
@@ -197,12 +235,21 @@ def plot_errors(study: dict, cells: dict, path: Path) -> None:
     sweep = study["sweep"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for norm in sweep["norms"]:
-        points = [(b, cells[norm, b]) for b in sweep["batch_sizes"]
-                  if cells[norm, b]["status"] in ("ok", "partial")]  # fmt: skip
+        points = [
+            (b, cells[norm, b])
+            for b in sweep["batch_sizes"]
+            if cells[norm, b]["status"] in ("ok", "partial")
+        ]
         if points:
             xs, cs = zip(*points)
-            ax.errorbar(xs, [c["mean"] for c in cs], yerr=[c["std"] for c in cs], marker="o",
-                        capsize=3, label=norm)  # fmt: skip
+            ax.errorbar(
+                xs,
+                [c["mean"] for c in cs],
+                yerr=[c["std"] for c in cs],
+                marker="o",
+                capsize=3,
+                label=norm,
+            )
     ax.set_xscale("log", base=2)
     ax.set_xticks(sweep["batch_sizes"], [str(b) for b in sweep["batch_sizes"]])
     ax.set_xlabel("batch size (same number of training samples)")
@@ -221,8 +268,9 @@ def plot_curves(study: dict, cells: dict, path: Path) -> None:
     batches = sweep["batch_sizes"]
     cols = min(4, len(batches))
     nrows = -(-len(batches) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.6 * nrows), squeeze=False,
-                             sharey=True)  # fmt: skip
+    fig, axes = plt.subplots(
+        nrows, cols, figsize=(3.2 * cols, 2.6 * nrows), squeeze=False, sharey=True
+    )
     colors = {norm: f"C{i}" for i, norm in enumerate(sweep["norms"])}  # the same in every panel
     for ax, batch in zip(axes.flat, batches):
         for norm in sweep["norms"]:

@@ -121,8 +121,11 @@ def _autocast(x, params, backend):
     if backend != "triton" or not torch.is_autocast_enabled(device):
         return x, params, contextlib.nullcontext()
     dtype = torch.get_autocast_dtype(device)
-    cast = {name: getattr(params, name).to(dtype) for name in ("w_ih", "w_hh", "w_hr")
-            if getattr(params, name, None) is not None}  # fmt: skip
+    cast = {
+        name: getattr(params, name).to(dtype)
+        for name in ("w_ih", "w_hh", "w_hr")
+        if getattr(params, name, None) is not None
+    }
     return x.to(dtype), params._replace(**cast), torch.autocast(device, enabled=False)
 
 
