@@ -18,3 +18,12 @@ os.environ.setdefault("SEQNORM_CPU_PRODUCT", "packed")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+def pytest_collection_modifyitems(items):
+    """Every case on the Triton backend is slow without a GPU (Triton's interpreter runs each
+    program in Python): ``-m "not slow"`` leaves them to the full run."""
+    for item in items:
+        params = getattr(item, "callspec", None)
+        if params is not None and "triton" in params.params.values():
+            item.add_marker(pytest.mark.slow)

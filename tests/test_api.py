@@ -128,6 +128,7 @@ def _graph_ops(counter) -> set:
     return {str(n.target) for g in counter.graphs for n in g.graph.nodes if n.op == "call_function"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("cls", "norm"), [("LSTM", "layer"), ("GRU", "batch"), ("LSTM", "group")])
 @pytest.mark.parametrize("with_lengths", [False, True])
 def test_torch_compile_runs_the_operator_without_graph_breaks(cls, norm, with_lengths):
@@ -169,6 +170,7 @@ def test_torch_compile_with_inductor_matches_eager():
         assert_close(torch.autograd.grad(got.sum(), x), torch.autograd.grad(want.sum(), x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
 @pytest.mark.parametrize("norm", ["none", "layer", "batch"])
 def test_torch_export_with_a_dynamic_sequence_length(cls, norm):

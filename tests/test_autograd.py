@@ -21,6 +21,7 @@ def _make(cls, norm, backend, **kw):
     return make(cls, norm, backend=backend, **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls", CELLS)
 @pytest.mark.parametrize("norm", NORM_CASES)
@@ -45,6 +46,7 @@ def test_gradient_penalty_matches_the_python_loop(cls, norm, backend):
     assert runs[0][1].abs().sum() > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "backend", ["python", "cpp"]
 )  # Triton's second derivatives: the same reference

@@ -98,6 +98,7 @@ def test_naive_bn_loop_is_the_batch_normalized_lstm(bench):
         torch.testing.assert_close(c[0], naive_c)
 
 
+@pytest.mark.slow
 def test_main_writes_a_table_and_json(bench, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "SHAPES", {"T": (3, 4, 5, 8), "U": (1, 4, 5, 8)})
     out = tmp_path / "bench.json"
@@ -175,6 +176,7 @@ def test_main_on_cuda(bench, tmp_path, monkeypatch):
     bench.main()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["none", "layer", "batch"])
 def test_a_training_step_peaks_below_torch_nn(bench, norm):
     """Memory, not time (allocation sizes are deterministic): a training step of seqnorm's LSTM

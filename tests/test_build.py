@@ -56,6 +56,7 @@ def test_target_options_come_from_the_compiler():
     assert any(o.startswith("-march=") for o in options) and len(options) > 1
 
 
+@pytest.mark.slow
 def test_a_held_build_lock_times_out_with_an_error_naming_it(tmp_path):
     lock = tmp_path / "build.lock"
     holder = subprocess.Popen(
@@ -77,6 +78,7 @@ def test_a_held_build_lock_times_out_with_an_error_naming_it(tmp_path):
         holder.wait()
 
 
+@pytest.mark.slow
 def test_a_killed_build_leaves_no_stale_lock(tmp_path):
     """The lock is an flock: the OS releases it when its holder dies, even by SIGKILL (a build
     interrupted by Ctrl-C or the OOM killer), so the next process does not wait."""

@@ -109,6 +109,7 @@ def test_lm_recipe_fast_dev_run(text_file, tmp_path):
     assert torch.isfinite(cli.trainer.callback_metrics["train_loss_step"])
 
 
+@pytest.mark.slow
 def test_local_lm_config_trains_on_a_small_file(text_file, tmp_path, monkeypatch):
     """The README's own-text command, config as shipped: a file of a few dozen batches validates and
     checkpoints within its epoch (a step-count interval longer than the epoch used to fail)."""
@@ -149,6 +150,7 @@ def test_classifier_recipe_fast_dev_run(tsv_file, tmp_path):
     assert cli.model.label_names == ["0", "1"]
 
 
+@pytest.mark.slow
 def test_char_lm_overfits_a_tiny_corpus(text_file, tmp_path):
     cli = train_lm.main(
         lm_args(
@@ -164,6 +166,7 @@ def test_char_lm_overfits_a_tiny_corpus(text_file, tmp_path):
     assert loss < 0.5, loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["layer", "batch"])
 def test_resume_mid_epoch_continues_the_same_run(text_file, tmp_path, norm):
     """Killed at step 7 of 12 and resumed from its checkpoint = never interrupted."""
@@ -193,6 +196,7 @@ def test_resume_mid_epoch_continues_the_same_run(text_file, tmp_path, norm):
     assert_close(resumed.state_dict(), straight.state_dict(), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_generate_from_a_saved_checkpoint(text_file, tmp_path):
     cli = train_lm.main(
         lm_args(text_file, tmp_path, "--trainer.max_steps=3", "--trainer.limit_val_batches=0")
@@ -222,6 +226,7 @@ def _synced_batch_norm(rank, world, port, x, results):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_batch_norm_statistics_sync_across_two_processes():
     """Two gloo processes with half the batch each normalize as one process with all of it."""
     import torch.multiprocessing as mp
@@ -341,6 +346,7 @@ def tsv(tmp_path, rows, header="label\ttext\n", name="reviews.tsv"):
     return str(path)
 
 
+@pytest.mark.slow
 def test_string_labels_become_named_classes_saved_and_predicted(tmp_path):
     """Labels "neg"/"pos" are classes 0/1 (sorted); the names travel with the checkpoint and
     predictions are names."""
@@ -453,12 +459,16 @@ def test_a_split_too_small_for_one_batch_is_named(tmp_path):
         dm.setup("fit")
 
 
-@pytest.fixture
-def lm_checkpoint(text_file, tmp_path):
+@pytest.fixture(scope="module")
+def lm_checkpoint(tmp_path_factory):
+    """A checkpoint of two training steps, made once for the tests that read it (read-only)."""
+    root = tmp_path_factory.mktemp("lm_checkpoint")
+    text = root / "corpus.txt"
+    text.write_text(TEXT)
     cli = train_lm.main(
-        lm_args(text_file, tmp_path, "--trainer.max_steps=2", "--trainer.limit_val_batches=0")
+        lm_args(str(text), root, "--trainer.max_steps=2", "--trainer.limit_val_batches=0")
     )
-    path = tmp_path / "model.ckpt"
+    path = root / "model.ckpt"
     cli.trainer.save_checkpoint(path)
     return path
 

@@ -320,6 +320,7 @@ GRADCHECK_CASES = pytest.mark.parametrize(
 )
 
 
+@pytest.mark.slow
 @GRADCHECK_CASES
 @pytest.mark.parametrize("proj", [False, True])
 def test_lstm_operator_gradcheck(norm, masked, training, proj):
@@ -334,6 +335,7 @@ def test_lstm_operator_gradcheck(norm, masked, training, proj):
     assert torch.autograd.gradcheck(f, inputs)
 
 
+@pytest.mark.slow
 @GRADCHECK_CASES
 def test_gru_operator_gradcheck(norm, masked, training):
     model = make("GRU", norm, hidden_size=8, input_size=3)
@@ -362,6 +364,7 @@ def test_gru_operator_gradcheck(norm, masked, training):
     assert torch.autograd.gradcheck(f, (x, h0, *params))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", NORM_CASES)
 def test_operators_pass_opcheck(norm):
     """torch.library.opcheck: schemas, fake implementations (shapes and dtypes of every output,
@@ -439,6 +442,7 @@ def test_library_module_names_each_gradient():
     assert len(library.LSTM_GRADS) == 11 and len(library.GRU_GRADS) == 8
 
 
+@pytest.mark.slow
 def test_the_product_is_chosen_by_timing_both_unless_asked_for(monkeypatch):
     """Without SEQNORM_CPU_PRODUCT the kernel times oneDNN's packed product against at::mm once
     per weight shape and batch (in a fresh process: the choice is remembered), and both choices

@@ -116,6 +116,7 @@ GRADCHECK = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["python", "cpp"])  # Triton's: tests/test_triton.py (smaller)
 @pytest.mark.parametrize(("cls", "norm", "use_lengths"), GRADCHECK)
 def test_gradcheck(cls, norm, use_lengths, backend):

@@ -244,6 +244,7 @@ def test_grad(impl, cls, index):
     assert torch.autograd.gradcheck(f, inputs, check_batched_grad=True, fast_mode=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", [*CONTROL_AND_NONE, "layer"])
 @pytest.mark.parametrize(("cls", "index"), GRADIENT_CASES)
 def test_gradgrad(impl, cls, index):

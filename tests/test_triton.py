@@ -16,6 +16,9 @@ from torch.testing import assert_close
 
 import seqnorm
 
+# Triton's interpreter on CPU, and ahead-of-time compiles: all of it is slow without a GPU.
+pytestmark = pytest.mark.slow
+
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 CELLS = ["LSTM", "GRU", "LSTM-proj"]
