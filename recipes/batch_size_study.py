@@ -51,6 +51,14 @@ from seqnorm.lightning.callbacks import BatchStatistics, TrainingCurve
 from seqnorm.lightning.cli import LMCLI, ClassifierCLI
 
 LR_RULES = ("sqrt", "linear", "constant")
+# Trainer settings that do not change what a run learns (display, files, validation during fit,
+# which the study turns off, and the length, which the sweep sets); the others are part of a run.
+TRAINER_DISPLAY_AND_FILES = (
+    "logger", "callbacks", "enable_progress_bar", "enable_model_summary", "enable_checkpointing",
+    "default_root_dir", "log_every_n_steps", "enable_autolog_hparams", "model_registry",
+    "profiler", "max_steps", "limit_val_batches", "num_sanity_val_steps", "val_check_interval",
+    "check_val_every_n_epoch",
+)  # fmt: skip
 NORMS = ("none", "batch", "layer", "group")
 
 
@@ -193,6 +201,11 @@ class Study:
             "steps": self.sweep.samples // batch,
             "model": self._run_config(norm, batch, multiplier, seed).model.as_dict(),
             "data": self._data_args(self.config).as_dict() | {"batch_size": batch},
+            "trainer": {
+                k: v
+                for k, v in self.config.trainer.as_dict().items()
+                if k not in TRAINER_DISPLAY_AND_FILES
+            },
             "eval_samples": self.sweep.eval_samples,
             "eval_batch_size": self.sweep.eval_batch_size,
         }
@@ -207,7 +220,7 @@ class Study:
             if result["settings"] != json.loads(json.dumps(settings)):
                 raise ValueError(
                     f"{str(done)!r} was trained with other settings than the config now asks for "
-                    f"({_difference(result['settings'], settings)}); delete that folder to run "
+                    f"({'; '.join(_difference(result['settings'], settings)[:3])}); delete that folder to run "
                     "it again, or give the study another `sweep.out`"
                 )
             return result
@@ -347,10 +360,16 @@ def git_commit() -> str:
     return commit + ("+changes" if dirty else "")
 
 
-def _difference(old: dict, new: dict) -> str:
-    new = json.loads(json.dumps(new))
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return "; ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys[:3])
+def _difference(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The settings that differ, as ``name: old then, new now``, nested names dotted."""
+    new, changes = json.loads(json.dumps(new)), []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += _difference(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} then, {b!r} now")
+    return changes
 
 
 def _describe(result: dict) -> str:

@@ -208,6 +208,9 @@ def test_quick_char_lm_writes_every_output_and_resumes(tmp_path, monkeypatch):
     assert (tmp_path / "error_vs_batch.png").stat().st_size > 0
     with pytest.raises(ValueError, match=r"other settings.*embedding_dim.*delete that folder"):
         study.main([*args, "--model.embedding_dim=16"])
+    with pytest.raises(ValueError, match=r"other settings.*trainer.*gradient_clip_val"):
+        study.main([*args, "--trainer.gradient_clip_val=0.5"])
+    assert study.main([*args, "--trainer.enable_progress_bar=true"]) == rows  # display only
     (tmp_path / "summary.md").unlink()
     report.main([str(tmp_path)])  # the report alone, from the runs' files
     assert (tmp_path / "summary.md").read_text().count("±") >= 11
