@@ -85,6 +85,20 @@ def test_every_config_parses_and_instantiates(config, monkeypatch, text_file, ts
     assert os.path.basename(expected) == os.path.basename(config)
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=[os.path.basename(c)[:-5] for c in CONFIGS])
+def test_every_config_resolves_with_its_command_and_print_config(config, capsys):
+    """The first line's command, plus --print_config, prints the whole resolved config."""
+    with open(config) as f:
+        command = f.readline().removeprefix("# ").split()
+    recipe = train_lm if command[1] == "recipes/train_lm.py" else train_classifier
+    args = [os.path.join(ROOT, a) if a.startswith("configs/") else a for a in command[2:]]
+    with pytest.raises(SystemExit) as exit_:
+        recipe.main([*args, "--print_config"])
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    assert "model:" in printed and "data:" in printed and "trainer:" in printed
+
+
 def lm_args(text_file, tmp_path, *extra):
     return [
         "fit",
