@@ -241,7 +241,9 @@ class Study:
         cli = self.cli
         cli.config = self._run_config(norm, batch, multiplier, seed)
         seed_everything(seed, workers=True, verbose=False)  # before the weights are drawn
-        cli.config_init = cli.parser.instantiate_classes(cli.config)
+        # jsonargparse >= 4.49 names it `instantiate`; `instantiate_classes` is deprecated there
+        instantiate = getattr(cli.parser, "instantiate", None) or cli.parser.instantiate_classes
+        cli.config_init = instantiate(cli.config)
         model, data = cli.config_init.model, cli.config_init.data
         every = max(1, self.sweep.samples // self.sweep.curve_points)
         logger = CSVLogger(directory, name="", version="")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .lstm import _gate, _valid_row
+from .lstm import gate_row, valid_row
 from .norms import (
     batch_norm_columns,
     batch_norm_columns_backward,
@@ -34,7 +34,7 @@ def gru_step_rows(
     m = (k < 3) & (j < H)
     jj = tl.arange(0, BH)
     mj = jj < H
-    valid = _valid_row(MASK, n, HAS_MASK)
+    valid = valid_row(MASK, n, HAS_MASK)
     z = tl.load(Z + n * F + f, mask=m, other=0.0).to(ACC)
     if NORMED:
         xz = group_norm_row(z, m, f // (F // G), G, F // G, eps, STATS_HH + n * G, 1.0)
@@ -45,10 +45,10 @@ def gru_step_rows(
     if HAS_BIAS:
         gh += tl.load(B_HH + f, mask=m, other=0.0).to(ACC)
     gx = tl.load(GX + n * F + f, mask=m, other=0.0).to(ACC)
-    r = sigmoid(_gate(gx, k, 0) + _gate(gh, k, 0))
-    zg = sigmoid(_gate(gx, k, 1) + _gate(gh, k, 1))
-    gh_n = _gate(gh, k, 2)
-    nn = tanh(_gate(gx, k, 2) + r * gh_n)
+    r = sigmoid(gate_row(gx, k, 0) + gate_row(gh, k, 0))
+    zg = sigmoid(gate_row(gx, k, 1) + gate_row(gh, k, 1))
+    gh_n = gate_row(gh, k, 2)
+    nn = tanh(gate_row(gx, k, 2) + r * gh_n)
     act = tl.where(k == 0, r[None, :], tl.where(k == 1, zg[None, :], nn[None, :]))
     tl.store(ACTS + n * F + f, act.to(ACTS.dtype.element_ty), mask=m)
     tl.store(GH_N + n * H + jj, gh_n.to(GH_N.dtype.element_ty), mask=mj)
@@ -188,12 +188,12 @@ def gru_step_rows_backward(
     m = (k < 3) & (j < H)
     jj = tl.arange(0, BH)
     mj = jj < H
-    valid = _valid_row(MASK, n, HAS_MASK)
+    valid = valid_row(MASK, n, HAS_MASK)
     keep = valid.to(ACC)
     dh = tl.load(DH + n * H + jj, mask=mj, other=0.0).to(ACC)
     d = dh + tl.load(DOUT + n * H + jj, mask=mj, other=0.0).to(ACC)
     act = tl.load(ACTS + n * F + f, mask=m, other=0.0).to(ACC)
-    r, zg, nn = _gate(act, k, 0), _gate(act, k, 1), _gate(act, k, 2)
+    r, zg, nn = gate_row(act, k, 0), gate_row(act, k, 1), gate_row(act, k, 2)
     gh_n = tl.load(GH_N + n * H + jj, mask=mj, other=0.0).to(ACC)
     h_prev = tl.load(H_PREV + n * H + jj, mask=mj, other=0.0).to(ACC)
     dn = d * (1.0 - zg) * (1.0 - nn * nn)

@@ -22,14 +22,14 @@ from .norms import (
 
 
 @triton.jit
-def _valid_row(MASK, n, HAS_MASK: tl.constexpr):
+def valid_row(MASK, n, HAS_MASK: tl.constexpr):
     if HAS_MASK:
         return tl.load(MASK + n) != 0
     return n >= 0
 
 
 @triton.jit
-def _gate(act, k, index: tl.constexpr):
+def gate_row(act, k, index: tl.constexpr):
     """One gate's ``(BH,)`` values out of a row's ``(4, BH)`` tile."""
     return tl.sum(tl.where(k == index, act, 0.0), axis=0)
 
@@ -49,7 +49,7 @@ def lstm_step_rows(
     m = j < H
     jj = tl.arange(0, BH)
     mj = jj < H
-    valid = _valid_row(MASK, n, HAS_MASK)
+    valid = valid_row(MASK, n, HAS_MASK)
     keep = valid.to(ACC)
     z = tl.load(Z + n * F + f, mask=m, other=0.0).to(ACC)
     pre = tl.load(GX + n * F + f, mask=m, other=0.0).to(ACC)
@@ -61,7 +61,7 @@ def lstm_step_rows(
         pre += z
     act = tl.where(k == 2, tanh(pre), sigmoid(pre))
     tl.store(ACTS + n * F + f, act.to(ACTS.dtype.element_ty), mask=m)
-    i, fg, g, o = _gate(act, k, 0), _gate(act, k, 1), _gate(act, k, 2), _gate(act, k, 3)
+    i, fg, g, o = gate_row(act, k, 0), gate_row(act, k, 1), gate_row(act, k, 2), gate_row(act, k, 3)
     cp = tl.load(C_PREV + n * H + jj, mask=mj, other=0.0).to(ACC)
     c = fg * cp + i * g
     if NORMED:
@@ -256,7 +256,7 @@ def lstm_step_rows_backward(
     m = j < H
     jj = tl.arange(0, BH)
     mj = jj < H
-    valid = _valid_row(MASK, n, HAS_MASK)
+    valid = valid_row(MASK, n, HAS_MASK)
     keep = valid.to(ACC)
     if PROJ:
         dho = tl.load(DHPRE + n * H + jj, mask=mj, other=0.0).to(ACC)
@@ -264,7 +264,7 @@ def lstm_step_rows_backward(
         dho = tl.load(DH + n * H + jj, mask=mj, other=0.0).to(ACC)
         dho += tl.load(DOUT + n * H + jj, mask=mj, other=0.0).to(ACC)
     act = tl.load(ACTS + n * F + f, mask=m, other=0.0).to(ACC)
-    i, fg, g, o = _gate(act, k, 0), _gate(act, k, 1), _gate(act, k, 2), _gate(act, k, 3)
+    i, fg, g, o = gate_row(act, k, 0), gate_row(act, k, 1), gate_row(act, k, 2), gate_row(act, k, 3)
     if NORMED:
         xc = tl.load(XHAT_C + n * H + jj, mask=mj, other=0.0).to(ACC)
         gamma_c = tl.load(GAMMA_C + jj, mask=mj, other=0.0).to(ACC)

@@ -64,13 +64,13 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _warps(elements: int) -> int:
+def num_warps_for(elements: int) -> int:
     """Warps of a program holding ``elements`` values per tile (16 or fewer each per thread;
     ptxas spilled at 8 warps for the LSTM backward's 2048)."""
     return 4 if elements <= 2048 else 8 if elements <= 4096 else 16
 
 
-def _block_columns(n: int, features: int) -> tuple[int, int]:
+def block_columns(n: int, features: int) -> tuple[int, int]:
     """(BN, BJ) of a batch-norm program: every sample, and as many units as keep a tile small."""
     rows = triton.next_power_of_2(max(n, 1))
     return rows, max(1, min(triton.next_power_of_2(features), 1024 // rows))
@@ -109,11 +109,11 @@ def input_forward(x, w_ih, bias, gamma, running, mask, norm, groups, eps, traini
     if norm == "batch":
         stats = gx.new_empty(steps, 2, features)
         batch = gx.new_zeros(2, steps, features)
-        bn, bj = _block_columns(n, features)
+        bn, bj = block_columns(n, features)
         grid = (steps, triton.cdiv(features, bj))
         input_forward_batch[grid](
             proj, gx, xhat, stats, batch, running, mask, gamma, bias, steps, n, eps, int(training),
-            features, bn, bj, mask is not None, bias is not None, ACC=_acc(dtype), num_warps=_warps(bn * bj),
+            features, bn, bj, mask is not None, bias is not None, ACC=_acc(dtype), num_warps=num_warps_for(bn * bj),
         )  # fmt: skip
         return gx, xhat, stats.view(-1), batch
     g = _groups(norm, groups)
@@ -121,7 +121,7 @@ def input_forward(x, w_ih, bias, gamma, running, mask, norm, groups, eps, traini
     bf = triton.next_power_of_2(features)
     input_forward_rows[(steps * n,)](
         proj, gx, xhat, stats, gamma, bias, eps, features, bf, g, bias is not None,
-        ACC=_acc(dtype), num_warps=_warps(bf),
+        ACC=_acc(dtype), num_warps=num_warps_for(bf),
     )  # fmt: skip
     return gx, xhat, stats, _empty(gx)
 
@@ -138,10 +138,10 @@ def input_backward(dgates, x, w_ih, gamma, xhat, stats, mask, norm, groups, trai
         dproj = dgates
     elif norm == "batch":
         dproj = torch.empty_like(dgates)
-        bn, bj = _block_columns(n, features)
+        bn, bj = block_columns(n, features)
         input_backward_batch[(steps, triton.cdiv(features, bj))](
             dgates, dproj, xhat, stats, mask, gamma, n, int(training), features, bn, bj,
-            mask is not None, ACC=_acc(dtype), num_warps=_warps(bn * bj),
+            mask is not None, ACC=_acc(dtype), num_warps=num_warps_for(bn * bj),
         )  # fmt: skip
     else:
         dproj = torch.empty_like(dgates)
@@ -156,7 +156,7 @@ def input_backward(dgates, x, w_ih, gamma, xhat, stats, mask, norm, groups, trai
             bf,
             _groups(norm, groups),
             ACC=_acc(dtype),
-            num_warps=_warps(bf),
+            num_warps=num_warps_for(bf),
         )
     rows = dproj.reshape(steps * n, features)
     dx = (rows.to(w_ih.dtype) @ w_ih).view(steps, n, -1) if needs[0] else None
@@ -226,7 +226,7 @@ def _lstm_loop(s, norm, groups, eps, training, keep, steps, n, hidden, out_size)
     z = torch.empty(n, features, device=gx.device, dtype=w_hh.dtype)
     projected = torch.empty(n, out_size, device=gx.device, dtype=w_hh.dtype) if proj else None
     bh = triton.next_power_of_2(hidden)
-    bn, bj = _block_columns(n, hidden)
+    bn, bj = block_columns(n, hidden)
     for t in range(steps):
         now, nxt, k = (t, t + 1, t) if keep else (t & 1, (t + 1) & 1, 0)
         _mm(hs[now], w_hh, out=z)
@@ -238,12 +238,12 @@ def _lstm_loop(s, norm, groups, eps, training, keep, steps, n, hidden, out_size)
             lstm_step_batch[(triton.cdiv(hidden, bj),)](
                 *buffers, s["gamma_hh"], s["gamma_c"], s["beta_c"], s["running_hh"],
                 s["running_c"], batch_hh, batch_c, t, steps, n, eps, int(training), hidden, bn,
-                bj, proj, mask is not None, ACC=_acc(dtype), num_warps=_warps(bn * bj),
+                bj, proj, mask is not None, ACC=_acc(dtype), num_warps=num_warps_for(bn * bj),
             )  # fmt: skip
         else:
             lstm_step_rows[(n,)](
                 *buffers, s["gamma_hh"], s["gamma_c"], s["beta_c"], eps, hidden, bh, g, normed,
-                proj, mask is not None, ACC=_acc(dtype), num_warps=_warps(4 * bh),
+                proj, mask is not None, ACC=_acc(dtype), num_warps=num_warps_for(4 * bh),
             )  # fmt: skip
         if proj:  # h' = h_pre W_hr^T where the row is valid
             _mm(hpre[k], w_hr, out=projected)
@@ -306,7 +306,7 @@ def _lstm_backward_loop(s, norm, groups, training, steps, n, hidden, out_size) -
     stats_hh = s["stats_hh"].view(steps, -1)
     stats_c = s["stats_c"].view(steps, -1)
     bh = triton.next_power_of_2(hidden)
-    bn, bj = _block_columns(n, hidden)
+    bn, bj = block_columns(n, hidden)
     for t in range(steps - 1, -1, -1):
         valid = None if mask is None else mask[t]
         if proj:  # dh of the projected output, through W_hr to h before it
@@ -320,7 +320,7 @@ def _lstm_backward_loop(s, norm, groups, training, steps, n, hidden, out_size) -
         if batch:
             lstm_step_batch_backward[(triton.cdiv(hidden, bj),)](
                 *(b for i, b in enumerate(buffers) if i != 9), n, int(training), hidden, bn, bj,
-                proj, mask is not None, ACC=_acc(dtype), num_warps=_warps(bn * bj),
+                proj, mask is not None, ACC=_acc(dtype), num_warps=num_warps_for(bn * bj),
             )  # fmt: skip
         else:
             lstm_step_rows_backward[(n,)](
@@ -332,7 +332,7 @@ def _lstm_backward_loop(s, norm, groups, training, steps, n, hidden, out_size) -
                 proj,
                 mask is not None,
                 ACC=_acc(dtype),
-                num_warps=_warps(4 * bh),
+                num_warps=num_warps_for(4 * bh),
             )
         torch.mm(dz[t].to(w_hh.dtype), w_hh, out=dprev)
         if valid is None:
@@ -403,7 +403,7 @@ def _gru_loop(s, norm, groups, eps, training, keep, steps, n, hidden) -> dict:
     batch_hh = gx.new_zeros(2, steps, features)
     z = torch.empty(n, features, device=gx.device, dtype=w_hh.dtype)
     bh = triton.next_power_of_2(hidden)
-    bn, bj = _block_columns(n, hidden)
+    bn, bj = block_columns(n, hidden)
     for t in range(steps):
         now, nxt, k = (t, t + 1, t) if keep else (t & 1, (t + 1) & 1, 0)
         _mm(hs[now], w_hh, out=z)
@@ -413,12 +413,12 @@ def _gru_loop(s, norm, groups, eps, training, keep, steps, n, hidden) -> dict:
         if batch:
             gru_step_batch[(triton.cdiv(hidden, bj),)](
                 *buffers, s["running_hh"], batch_hh, t, steps, n, eps, int(training), hidden, bn,
-                bj, s["b_hh"] is not None, mask is not None, ACC=_acc(dtype), num_warps=_warps(bn * bj),
+                bj, s["b_hh"] is not None, mask is not None, ACC=_acc(dtype), num_warps=num_warps_for(bn * bj),
             )  # fmt: skip
         else:
             gru_step_rows[(n,)](
                 *buffers, eps, hidden, bh, g, normed, s["b_hh"] is not None, mask is not None,
-                ACC=_acc(dtype), num_warps=_warps(4 * bh),
+                ACC=_acc(dtype), num_warps=num_warps_for(4 * bh),
             )  # fmt: skip
     last = steps if keep else steps & 1
     return {"out": out, "h_n": hs[last].clone(), "hs": hs, "gh_n": gh_n, "xhat_hh": xhat_hh,
@@ -462,7 +462,7 @@ def _gru_backward_loop(s, norm, groups, training, steps, n, hidden) -> dict:
     dprev = torch.empty(n, hidden, device=acts.device, dtype=w_hh.dtype)
     stats_hh = s["stats_hh"].view(steps, -1)
     bh = triton.next_power_of_2(hidden)
-    bn, bj = _block_columns(n, hidden)
+    bn, bj = block_columns(n, hidden)
     for t in range(steps - 1, -1, -1):
         valid = None if mask is None else mask[t]
         buffers = (dh, s["grad_out"][t], dgates[t], dgh[t], dz[t], acts[t], s["gh_n"][t], hs[t],
@@ -470,7 +470,7 @@ def _gru_backward_loop(s, norm, groups, training, steps, n, hidden) -> dict:
         if batch:
             gru_step_batch_backward[(triton.cdiv(hidden, bj),)](
                 *buffers, n, int(training), hidden, bn, bj, mask is not None,
-                ACC=_acc(dtype), num_warps=_warps(bn * bj),
+                ACC=_acc(dtype), num_warps=num_warps_for(bn * bj),
             )  # fmt: skip
         else:
             gru_step_rows_backward[(n,)](
@@ -481,7 +481,7 @@ def _gru_backward_loop(s, norm, groups, training, steps, n, hidden) -> dict:
                 normed,
                 mask is not None,
                 ACC=_acc(dtype),
-                num_warps=_warps(4 * bh),
+                num_warps=num_warps_for(4 * bh),
             )
         torch.mm(dz[t].to(w_hh.dtype), w_hh, out=dprev)
         if valid is None:

@@ -23,7 +23,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import gru, lstm, norms
-from .recurrence import _block_columns, _warps
+from .recurrence import block_columns, num_warps_for
 
 SCALARS = {"eps": "fp32", "N": "i32", "t": "i32", "steps": "i32", "training": "i32"}
 
@@ -31,24 +31,24 @@ SCALARS = {"eps": "fp32", "N": "i32", "t": "i32", "steps": "i32", "training": "i
 def kernels(hidden: int, batch: int = 64, groups: int = 4):
     """(name, kernel, constexprs, num_warps) of every launch the drivers make at this size."""
     bh = triton.next_power_of_2(hidden)
-    bn, bj = _block_columns(batch, hidden)
+    bn, bj = block_columns(batch, hidden)
     rows = {"H": hidden, "BH": bh, "G": groups, "NORMED": True, "HAS_MASK": True, "ACC": tl.float32}
     batch_norm = {"H": hidden, "BN": bn, "BJ": bj, "HAS_MASK": True, "ACC": tl.float32}
     for gates, name in ((4, "lstm"), (3, "gru")):
         features = gates * hidden
         bf = triton.next_power_of_2(features)
-        fbn, fbj = _block_columns(batch, features)
+        fbn, fbj = block_columns(batch, features)
         yield (
             f"input_forward_rows[{name}]",
             norms.input_forward_rows,
             {"F": features, "BF": bf, "G": groups, "HAS_BIAS": True, "ACC": tl.float32},
-            _warps(bf),
+            num_warps_for(bf),
         )
         yield (
             f"input_backward_rows[{name}]",
             norms.input_backward_rows,
             {"F": features, "BF": bf, "G": groups, "ACC": tl.float32},
-            _warps(bf),
+            num_warps_for(bf),
         )
         yield (
             f"input_forward_batch[{name}]",
@@ -61,32 +61,42 @@ def kernels(hidden: int, batch: int = 64, groups: int = 4):
                 "HAS_BIAS": True,
                 "ACC": tl.float32,
             },
-            _warps(fbn * fbj),
+            num_warps_for(fbn * fbj),
         )
         yield (
             f"input_backward_batch[{name}]",
             norms.input_backward_batch,
             {"F": features, "BN": fbn, "BJ": fbj, "HAS_MASK": True, "ACC": tl.float32},
-            _warps(fbn * fbj),
+            num_warps_for(fbn * fbj),
         )
-    yield "lstm_step_rows", lstm.lstm_step_rows, {**rows, "PROJ": False}, _warps(4 * bh)
+    yield "lstm_step_rows", lstm.lstm_step_rows, {**rows, "PROJ": False}, num_warps_for(4 * bh)
     yield (
         "lstm_step_rows_backward",
         lstm.lstm_step_rows_backward,
         {**rows, "PROJ": False},
-        _warps(4 * bh),
+        num_warps_for(4 * bh),
     )
-    yield "lstm_step_batch", lstm.lstm_step_batch, {**batch_norm, "PROJ": False}, _warps(bn * bj)
+    yield (
+        "lstm_step_batch",
+        lstm.lstm_step_batch,
+        {**batch_norm, "PROJ": False},
+        num_warps_for(bn * bj),
+    )
     yield (
         "lstm_step_batch_backward",
         lstm.lstm_step_batch_backward,
         {**batch_norm, "PROJ": False},
-        _warps(bn * bj),
+        num_warps_for(bn * bj),
     )
-    yield "gru_step_rows", gru.gru_step_rows, {**rows, "HAS_BIAS": True}, _warps(4 * bh)
-    yield "gru_step_rows_backward", gru.gru_step_rows_backward, rows, _warps(4 * bh)
-    yield "gru_step_batch", gru.gru_step_batch, {**batch_norm, "HAS_BIAS": True}, _warps(bn * bj)
-    yield "gru_step_batch_backward", gru.gru_step_batch_backward, batch_norm, _warps(bn * bj)  # fmt: skip
+    yield "gru_step_rows", gru.gru_step_rows, {**rows, "HAS_BIAS": True}, num_warps_for(4 * bh)
+    yield "gru_step_rows_backward", gru.gru_step_rows_backward, rows, num_warps_for(4 * bh)
+    yield (
+        "gru_step_batch",
+        gru.gru_step_batch,
+        {**batch_norm, "HAS_BIAS": True},
+        num_warps_for(bn * bj),
+    )
+    yield "gru_step_batch_backward", gru.gru_step_batch_backward, batch_norm, num_warps_for(bn * bj)  # fmt: skip
 
 
 def compile_kernel(kernel, constexprs: dict, num_warps: int, arch: int) -> dict:
