@@ -69,9 +69,24 @@ def lstm_forward(
     keep: bool,
     backend: str,
 ) -> tuple[
-    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-]:  # fmt: skip
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+    Tensor,
+]:
     """One direction of an LSTM layer.
 
     ``running_*``: batch norm's running mean and variance of every step, ``(2, T, F)``.
@@ -83,8 +98,30 @@ def lstm_forward(
 
 
 @lstm_forward.register_fake
-def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, gamma_ih, gamma_hh, gamma_c, beta_c,
-      running_ih, running_hh, running_c, mask, norm, groups, eps, training, keep, backend):  # fmt: skip
+def _(
+    x,
+    h0,
+    c0,
+    w_ih,
+    w_hh,
+    b_ih,
+    b_hh,
+    w_hr,
+    gamma_ih,
+    gamma_hh,
+    gamma_c,
+    beta_c,
+    running_ih,
+    running_hh,
+    running_c,
+    mask,
+    norm,
+    groups,
+    eps,
+    training,
+    keep,
+    backend,
+):
     steps, n = x.shape[:2]
     hidden, out_size = c0.shape[-1], h0.shape[-1]
     features = 4 * hidden
@@ -117,8 +154,30 @@ def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, gamma_ih, gamma_hh, gamma_c, beta
 
 
 @lstm_forward.register_kernel("cpu")
-def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, gamma_ih, gamma_hh, gamma_c, beta_c,
-      running_ih, running_hh, running_c, mask, norm, groups, eps, training, keep, backend):  # fmt: skip
+def _(
+    x,
+    h0,
+    c0,
+    w_ih,
+    w_hh,
+    b_ih,
+    b_hh,
+    w_hr,
+    gamma_ih,
+    gamma_hh,
+    gamma_c,
+    beta_c,
+    running_ih,
+    running_hh,
+    running_c,
+    mask,
+    norm,
+    groups,
+    eps,
+    training,
+    keep,
+    backend,
+):
     if backend == "triton":
         return _triton().lstm_forward(*_args_of(locals()))
     cpp.load()
@@ -128,24 +187,57 @@ def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, gamma_ih, gamma_hh, gamma_c, beta
     gx, xhat_ih, stats_ih, batch_ih, _ = kernels.input_forward(
         x, w_ih, bias, gamma_ih, running_ih, mask, norm, groups, eps, training, keep
     )
-    (out, h, c, hs, cs, acts, xhat_hh, stats_hh, xhat_c, stats_c, hpre, batch_hh, batch_c,
-     counts) = kernels.lstm_forward(
-        gx, h0, c0, w_hh, w_hr, gamma_hh, gamma_c, beta_c, running_hh, running_c, mask, norm,
-        groups, eps, training, keep,
-    )  # fmt: skip
+    (
+        out,
+        h,
+        c,
+        hs,
+        cs,
+        acts,
+        xhat_hh,
+        stats_hh,
+        xhat_c,
+        stats_c,
+        hpre,
+        batch_hh,
+        batch_c,
+        counts,
+    ) = kernels.lstm_forward(
+        gx,
+        h0,
+        c0,
+        w_hh,
+        w_hr,
+        gamma_hh,
+        gamma_c,
+        beta_c,
+        running_hh,
+        running_c,
+        mask,
+        norm,
+        groups,
+        eps,
+        training,
+        keep,
+    )
     batch = norm == "batch" and training
     heads = (out, h, c, *(b if batch else _empty(x) for b in (batch_ih, batch_hh, batch_c)))
     if not keep:
         return (*heads, *(_empty(x) for _ in LSTMSaved._fields[:-1]), counts)
     normed = norm != "none"
     saved = LSTMSaved(
-        hs, cs, acts,
-        xhat_hh if normed else _empty(x), stats_hh,
-        xhat_c if normed else _empty(x), stats_c,
+        hs,
+        cs,
+        acts,
+        xhat_hh if normed else _empty(x),
+        stats_hh,
+        xhat_c if normed else _empty(x),
+        stats_c,
         hpre if w_hr is not None else _empty(x),
-        xhat_ih if normed else _empty(x), stats_ih,
+        xhat_ih if normed else _empty(x),
+        stats_ih,
         counts,
-    )  # fmt: skip
+    )
     return (*heads, *saved)
 
 
@@ -191,15 +283,54 @@ def lstm_backward(
     raise NotImplementedError("seqnorm::lstm_backward has kernels for CPU and CUDA only")
 
 
-LSTM_GRADS = ("x", "h0", "c0", "w_ih", "w_hh", "bias", "w_hr", "gamma_ih", "gamma_hh", "gamma_c",
-              "beta_c")  # fmt: skip
+LSTM_GRADS = (
+    "x",
+    "h0",
+    "c0",
+    "w_ih",
+    "w_hh",
+    "bias",
+    "w_hr",
+    "gamma_ih",
+    "gamma_hh",
+    "gamma_c",
+    "beta_c",
+)
 """The gradients of :func:`lstm_backward`, in order (the kernels return them so)."""
 
 
 @lstm_backward.register_fake
-def _(grad_out, grad_h, grad_c, x, w_ih, w_hh, w_hr, gamma_ih, gamma_hh, gamma_c, beta_c, mask,
-      hs, cs, acts, xhat_hh, stats_hh, xhat_c, stats_c, hpre, xhat_ih, stats_ih, counts,
-      norm, groups, eps, training, needs, backend):  # fmt: skip
+def _(
+    grad_out,
+    grad_h,
+    grad_c,
+    x,
+    w_ih,
+    w_hh,
+    w_hr,
+    gamma_ih,
+    gamma_hh,
+    gamma_c,
+    beta_c,
+    mask,
+    hs,
+    cs,
+    acts,
+    xhat_hh,
+    stats_hh,
+    xhat_c,
+    stats_c,
+    hpre,
+    xhat_ih,
+    stats_ih,
+    counts,
+    norm,
+    groups,
+    eps,
+    training,
+    needs,
+    backend,
+):
     bias = grad_c.new_empty(w_hh.shape[0])  # the biases are in the state's dtype
     likes = (x, grad_h, grad_c, w_ih, w_hh, bias, w_hr, gamma_ih, gamma_hh, gamma_c, beta_c)
     return tuple(
@@ -209,16 +340,60 @@ def _(grad_out, grad_h, grad_c, x, w_ih, w_hh, w_hr, gamma_ih, gamma_hh, gamma_c
 
 
 @lstm_backward.register_kernel("cpu")
-def _(grad_out, grad_h, grad_c, x, w_ih, w_hh, w_hr, gamma_ih, gamma_hh, gamma_c, beta_c, mask,
-      hs, cs, acts, xhat_hh, stats_hh, xhat_c, stats_c, hpre, xhat_ih, stats_ih, counts,
-      norm, groups, eps, training, needs, backend):  # fmt: skip
+def _(
+    grad_out,
+    grad_h,
+    grad_c,
+    x,
+    w_ih,
+    w_hh,
+    w_hr,
+    gamma_ih,
+    gamma_hh,
+    gamma_c,
+    beta_c,
+    mask,
+    hs,
+    cs,
+    acts,
+    xhat_hh,
+    stats_hh,
+    xhat_c,
+    stats_c,
+    hpre,
+    xhat_ih,
+    stats_ih,
+    counts,
+    norm,
+    groups,
+    eps,
+    training,
+    needs,
+    backend,
+):
     if backend == "triton":
         return _triton().lstm_backward(*_args_of(locals()))
     saved = [hs, cs, acts, xhat_hh, stats_hh, xhat_c, stats_c, hpre, xhat_ih, stats_ih, counts]
     grads = torch.ops.seqnorm_cpp.lstm_backward(
-        grad_out, grad_h, grad_c, saved, x, w_ih, w_hh, w_hr, gamma_ih, gamma_hh, gamma_c, beta_c,
-        *_contiguous(mask), norm, groups, eps, training, needs,
-    )  # fmt: skip
+        grad_out,
+        grad_h,
+        grad_c,
+        saved,
+        x,
+        w_ih,
+        w_hh,
+        w_hr,
+        gamma_ih,
+        gamma_hh,
+        gamma_c,
+        beta_c,
+        *_contiguous(mask),
+        norm,
+        groups,
+        eps,
+        training,
+        needs,
+    )
     return _wanted(grads, needs, x)
 
 
@@ -274,10 +449,21 @@ def _lstm_backward(ctx, grad_out, grad_h, grad_c, *unused):
         needs = list(ctx.needs_input_grad[:5])
         needs += [ctx.needs_input_grad[5] or ctx.needs_input_grad[6], *ctx.needs_input_grad[7:12]]
         g = torch.ops.seqnorm.lstm_backward(
-            *grads, x, params.w_ih, params.w_hh, params.w_hr, params.gamma_ih, params.gamma_hh,
-            params.gamma_c, params.beta_c, mask if ctx.has_mask else None, *s, *ctx.config,
-            needs, ctx.backend,
-        )  # fmt: skip
+            *grads,
+            x,
+            params.w_ih,
+            params.w_hh,
+            params.w_hr,
+            params.gamma_ih,
+            params.gamma_hh,
+            params.gamma_c,
+            params.beta_c,
+            mask if ctx.has_mask else None,
+            *s,
+            *ctx.config,
+            needs,
+            ctx.backend,
+        )
         dbias = g[5] if needs[5] else None
         result = [*g[:5], dbias, dbias, *g[6:]]
         result = [
@@ -320,8 +506,25 @@ def gru_forward(
 
 
 @gru_forward.register_fake
-def _(x, h0, w_ih, w_hh, b_ih, b_hh, gamma_ih, gamma_hh, running_ih, running_hh, mask,
-      norm, groups, eps, training, keep, backend):  # fmt: skip
+def _(
+    x,
+    h0,
+    w_ih,
+    w_hh,
+    b_ih,
+    b_hh,
+    gamma_ih,
+    gamma_hh,
+    running_ih,
+    running_hh,
+    mask,
+    norm,
+    groups,
+    eps,
+    training,
+    keep,
+    backend,
+):
     steps, n = x.shape[:2]
     hidden = h0.shape[-1]
     features = 3 * hidden
@@ -350,8 +553,25 @@ def _(x, h0, w_ih, w_hh, b_ih, b_hh, gamma_ih, gamma_hh, running_ih, running_hh,
 
 
 @gru_forward.register_kernel("cpu")
-def _(x, h0, w_ih, w_hh, b_ih, b_hh, gamma_ih, gamma_hh, running_ih, running_hh, mask,
-      norm, groups, eps, training, keep, backend):  # fmt: skip
+def _(
+    x,
+    h0,
+    w_ih,
+    w_hh,
+    b_ih,
+    b_hh,
+    gamma_ih,
+    gamma_hh,
+    running_ih,
+    running_hh,
+    mask,
+    norm,
+    groups,
+    eps,
+    training,
+    keep,
+    backend,
+):
     if backend == "triton":
         return _triton().gru_forward(*_args_of(locals()))
     cpp.load()
@@ -369,9 +589,15 @@ def _(x, h0, w_ih, w_hh, b_ih, b_hh, gamma_ih, gamma_hh, running_ih, running_hh,
         return (*heads, *(_empty(x) for _ in GRUSaved._fields[:-1]), counts)
     normed = norm != "none"
     saved = GRUSaved(
-        hs, acts, gh_n, xhat_hh if normed else _empty(x), stats_hh,
-        xhat_ih if normed else _empty(x), stats_ih, counts,
-    )  # fmt: skip
+        hs,
+        acts,
+        gh_n,
+        xhat_hh if normed else _empty(x),
+        stats_hh,
+        xhat_ih if normed else _empty(x),
+        stats_ih,
+        counts,
+    )
     return (*heads, *saved)
 
 
@@ -411,8 +637,31 @@ GRU_GRADS = ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh", "gamma_ih", "gamma_hh")
 
 
 @gru_backward.register_fake
-def _(grad_out, grad_h, x, w_ih, w_hh, b_hh, gamma_ih, gamma_hh, mask, hs, acts, ghn, xhat_hh,
-      stats_hh, xhat_ih, stats_ih, counts, norm, groups, eps, training, needs, backend):  # fmt: skip
+def _(
+    grad_out,
+    grad_h,
+    x,
+    w_ih,
+    w_hh,
+    b_hh,
+    gamma_ih,
+    gamma_hh,
+    mask,
+    hs,
+    acts,
+    ghn,
+    xhat_hh,
+    stats_hh,
+    xhat_ih,
+    stats_ih,
+    counts,
+    norm,
+    groups,
+    eps,
+    training,
+    needs,
+    backend,
+):
     b_ih = grad_h.new_empty(w_hh.shape[0])  # in the state's dtype
     likes = (x, grad_h, w_ih, w_hh, b_ih, b_hh, gamma_ih, gamma_hh)
     return tuple(
@@ -422,15 +671,51 @@ def _(grad_out, grad_h, x, w_ih, w_hh, b_hh, gamma_ih, gamma_hh, mask, hs, acts,
 
 
 @gru_backward.register_kernel("cpu")
-def _(grad_out, grad_h, x, w_ih, w_hh, b_hh, gamma_ih, gamma_hh, mask, hs, acts, ghn, xhat_hh,
-      stats_hh, xhat_ih, stats_ih, counts, norm, groups, eps, training, needs, backend):  # fmt: skip
+def _(
+    grad_out,
+    grad_h,
+    x,
+    w_ih,
+    w_hh,
+    b_hh,
+    gamma_ih,
+    gamma_hh,
+    mask,
+    hs,
+    acts,
+    ghn,
+    xhat_hh,
+    stats_hh,
+    xhat_ih,
+    stats_ih,
+    counts,
+    norm,
+    groups,
+    eps,
+    training,
+    needs,
+    backend,
+):
     if backend == "triton":
         return _triton().gru_backward(*_args_of(locals()))
     saved = [hs, acts, ghn, xhat_hh, stats_hh, xhat_ih, stats_ih, counts]
     grads = torch.ops.seqnorm_cpp.gru_backward(
-        grad_out, grad_h, saved, x, w_ih, w_hh, b_hh, gamma_ih, gamma_hh, *_contiguous(mask),
-        norm, groups, eps, training, needs,
-    )  # fmt: skip
+        grad_out,
+        grad_h,
+        saved,
+        x,
+        w_ih,
+        w_hh,
+        b_hh,
+        gamma_ih,
+        gamma_hh,
+        *_contiguous(mask),
+        norm,
+        groups,
+        eps,
+        training,
+        needs,
+    )
     return _wanted(grads, needs, x)
 
 
@@ -464,9 +749,19 @@ def _gru_backward(ctx, grad_out, grad_h, *unused):
     else:
         needs = list(ctx.needs_input_grad[:8])
         g = torch.ops.seqnorm.gru_backward(
-            *grads, x, params.w_ih, params.w_hh, params.b_hh, params.gamma_ih, params.gamma_hh,
-            mask if ctx.has_mask else None, *GRUSaved(*saved), *ctx.config, needs, ctx.backend,
-        )  # fmt: skip
+            *grads,
+            x,
+            params.w_ih,
+            params.w_hh,
+            params.b_hh,
+            params.gamma_ih,
+            params.gamma_hh,
+            mask if ctx.has_mask else None,
+            *GRUSaved(*saved),
+            *ctx.config,
+            needs,
+            ctx.backend,
+        )
         result = [r if need and r.numel() else None for r, need in zip(g, needs)]
     return (*result, *(None,) * (len(ctx.needs_input_grad) - len(result)))
 
@@ -527,8 +822,12 @@ def _triton():
 
 
 # On CUDA the Triton kernels, whatever the backend argument says (it is "triton" there).
-for _op, _name in ((lstm_forward, "lstm_forward"), (lstm_backward, "lstm_backward"),
-                   (gru_forward, "gru_forward"), (gru_backward, "gru_backward")):  # fmt: skip
+for _op, _name in (
+    (lstm_forward, "lstm_forward"),
+    (lstm_backward, "lstm_backward"),
+    (gru_forward, "gru_forward"),
+    (gru_backward, "gru_backward"),
+):
     _op.register_kernel("cuda")(lambda *args, _name=_name: getattr(_triton(), _name)(*args))
 
 

@@ -22,10 +22,27 @@ from .norms import (
 
 @triton.jit
 def gru_step_rows(
-    Z, GX, H_PREV, H_NEW, OUT, ACTS, GH_N, XHAT_HH, STATS_HH, MASK, GAMMA_HH, B_HH, eps,
-    H: tl.constexpr, BH: tl.constexpr, G: tl.constexpr, NORMED: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
+    Z,
+    GX,
+    H_PREV,
+    H_NEW,
+    OUT,
+    ACTS,
+    GH_N,
+    XHAT_HH,
+    STATS_HH,
+    MASK,
+    GAMMA_HH,
+    B_HH,
+    eps,
+    H: tl.constexpr,
+    BH: tl.constexpr,
+    G: tl.constexpr,
+    NORMED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    ACC: tl.constexpr,
+):
     n = tl.program_id(0)
     F: tl.constexpr = 3 * H
     k = tl.arange(0, 4)[:, None]
@@ -60,10 +77,29 @@ def gru_step_rows(
 
 @triton.jit
 def _batch_half(
-    Z, XHAT_HH, STATS_T, BATCH_MEAN_T, BATCH_VAR_T, RUN_MEAN_T, RUN_VAR_T, GAMMA_HH, B_HH,
-    rows, exists, valid, jc, cols, count, use_batch, eps,
-    index: tl.constexpr, H: tl.constexpr, F: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
+    Z,
+    XHAT_HH,
+    STATS_T,
+    BATCH_MEAN_T,
+    BATCH_VAR_T,
+    RUN_MEAN_T,
+    RUN_VAR_T,
+    GAMMA_HH,
+    B_HH,
+    rows,
+    exists,
+    valid,
+    jc,
+    cols,
+    count,
+    use_batch,
+    eps,
+    index: tl.constexpr,
+    H: tl.constexpr,
+    F: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """One gate's recurrent half ``Nh(h W_hh^T) + b_hh`` for a block of units over every sample."""
     feat = index * H + jc
     offsets = rows * F + feat
@@ -85,11 +121,32 @@ def _batch_half(
 
 @triton.jit
 def gru_step_batch(
-    Z, GX, H_PREV, H_NEW, OUT, ACTS, GH_N, XHAT_HH, STATS_HH, MASK, GAMMA_HH, B_HH, RUN_HH,
-    BATCH_HH, t, steps, N, eps, training,
-    H: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_MASK: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
+    Z,
+    GX,
+    H_PREV,
+    H_NEW,
+    OUT,
+    ACTS,
+    GH_N,
+    XHAT_HH,
+    STATS_HH,
+    MASK,
+    GAMMA_HH,
+    B_HH,
+    RUN_HH,
+    BATCH_HH,
+    t,
+    steps,
+    N,
+    eps,
+    training,
+    H: tl.constexpr,
+    BN: tl.constexpr,
+    BJ: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Batch norm: BJ units of every sample at step ``t`` (see lstm_step_batch)."""
     F: tl.constexpr = 3 * H
     RUN_MEAN = RUN_HH + t * F
@@ -154,8 +211,30 @@ def gru_step_batch(
         HAS_BIAS,
         ACC,
     )
-    gh_n = _batch_half(Z, XHAT_HH, STATS_HH, BATCH_MEAN, BATCH_VAR, RUN_MEAN, RUN_VAR, GAMMA_HH,
-                       B_HH, rows, exists, valid, jc, cols, count, use_batch, eps, 2, H, F, HAS_BIAS, ACC)  # fmt: skip
+    gh_n = _batch_half(
+        Z,
+        XHAT_HH,
+        STATS_HH,
+        BATCH_MEAN,
+        BATCH_VAR,
+        RUN_MEAN,
+        RUN_VAR,
+        GAMMA_HH,
+        B_HH,
+        rows,
+        exists,
+        valid,
+        jc,
+        cols,
+        count,
+        use_batch,
+        eps,
+        2,
+        H,
+        F,
+        HAS_BIAS,
+        ACC,
+    )
     base = rows * F + jc
     r = sigmoid(tl.load(GX + base, mask=both, other=0.0).to(ACC) + gh_r)
     zg = sigmoid(tl.load(GX + base + H, mask=both, other=0.0).to(ACC) + gh_z)
@@ -173,10 +252,25 @@ def gru_step_batch(
 
 @triton.jit
 def gru_step_rows_backward(
-    DH, DOUT, DGATES, DGH, DZ, ACTS, GH_N, H_PREV, XHAT_HH, STATS_HH, MASK, GAMMA_HH,
-    H: tl.constexpr, BH: tl.constexpr, G: tl.constexpr, NORMED: tl.constexpr,
-    HAS_MASK: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
+    DH,
+    DOUT,
+    DGATES,
+    DGH,
+    DZ,
+    ACTS,
+    GH_N,
+    H_PREV,
+    XHAT_HH,
+    STATS_HH,
+    MASK,
+    GAMMA_HH,
+    H: tl.constexpr,
+    BH: tl.constexpr,
+    G: tl.constexpr,
+    NORMED: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Backward through one step of one sample: dL/dgx (DGATES), dL/d(recurrent half) (DGH, for
     b_hh and the gain), dL/dz (DZ); DH becomes the direct path's d * z where the row is valid
     (the driver adds dz W_hh)."""
@@ -215,9 +309,24 @@ def gru_step_rows_backward(
 
 @triton.jit
 def _batch_half_backward(
-    dgh, DGH, DZ, XHAT_HH, STATS_HH, GAMMA_HH, rows, both, valid, jc, cols, count, use_batch,
-    index: tl.constexpr, H: tl.constexpr, F: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
+    dgh,
+    DGH,
+    DZ,
+    XHAT_HH,
+    STATS_HH,
+    GAMMA_HH,
+    rows,
+    both,
+    valid,
+    jc,
+    cols,
+    count,
+    use_batch,
+    index: tl.constexpr,
+    H: tl.constexpr,
+    F: tl.constexpr,
+    ACC: tl.constexpr,
+):
     feat = index * H + jc
     offsets = rows * F + feat
     tl.store(DGH + offsets, dgh.to(DGH.dtype.element_ty), mask=both)
@@ -230,10 +339,26 @@ def _batch_half_backward(
 
 @triton.jit
 def gru_step_batch_backward(
-    DH, DOUT, DGATES, DGH, DZ, ACTS, GH_N, H_PREV, XHAT_HH, STATS_HH, MASK, GAMMA_HH, N,
+    DH,
+    DOUT,
+    DGATES,
+    DGH,
+    DZ,
+    ACTS,
+    GH_N,
+    H_PREV,
+    XHAT_HH,
+    STATS_HH,
+    MASK,
+    GAMMA_HH,
+    N,
     training,
-    H: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
+    H: tl.constexpr,
+    BN: tl.constexpr,
+    BJ: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    ACC: tl.constexpr,
+):
     F: tl.constexpr = 3 * H
     jc = tl.program_id(0) * BJ + tl.arange(0, BJ)[None, :]
     cols = jc < H
@@ -299,6 +424,23 @@ def gru_step_batch_backward(
         F,
         ACC,
     )
-    _batch_half_backward(dn * r, DGH, DZ, XHAT_HH, STATS_HH, GAMMA_HH, rows, both, valid, jc,
-                         cols, count, use_batch, 2, H, F, ACC)  # fmt: skip
+    _batch_half_backward(
+        dn * r,
+        DGH,
+        DZ,
+        XHAT_HH,
+        STATS_HH,
+        GAMMA_HH,
+        rows,
+        both,
+        valid,
+        jc,
+        cols,
+        count,
+        use_batch,
+        2,
+        H,
+        F,
+        ACC,
+    )
     tl.store(DH + units, tl.where(valid, d * zg, dh).to(DH.dtype.element_ty), mask=both)

@@ -36,11 +36,32 @@ def gate_row(act, k, index: tl.constexpr):
 
 @triton.jit
 def lstm_step_rows(
-    Z, GX, H_PREV, C_PREV, H_NEW, C_NEW, OUT, ACTS, XHAT_HH, STATS_HH, XHAT_C, STATS_C, HPRE,
-    MASK, GAMMA_HH, GAMMA_C, BETA_C, eps,
-    H: tl.constexpr, BH: tl.constexpr, G: tl.constexpr, NORMED: tl.constexpr,
-    PROJ: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
+    Z,
+    GX,
+    H_PREV,
+    C_PREV,
+    H_NEW,
+    C_NEW,
+    OUT,
+    ACTS,
+    XHAT_HH,
+    STATS_HH,
+    XHAT_C,
+    STATS_C,
+    HPRE,
+    MASK,
+    GAMMA_HH,
+    GAMMA_C,
+    BETA_C,
+    eps,
+    H: tl.constexpr,
+    BH: tl.constexpr,
+    G: tl.constexpr,
+    NORMED: tl.constexpr,
+    PROJ: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    ACC: tl.constexpr,
+):
     n = tl.program_id(0)
     F: tl.constexpr = 4 * H
     k = tl.arange(0, 4)[:, None]
@@ -85,10 +106,29 @@ def lstm_step_rows(
 
 @triton.jit
 def _batch_gate(
-    Z, GX, ACTS, XHAT_HH, STATS_T, BATCH_MEAN_T, BATCH_VAR_T, RUN_MEAN_T, RUN_VAR_T, GAMMA_HH,
-    rows, exists, valid, jc, cols, count, use_batch, eps,
-    index: tl.constexpr, H: tl.constexpr, F: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
+    Z,
+    GX,
+    ACTS,
+    XHAT_HH,
+    STATS_T,
+    BATCH_MEAN_T,
+    BATCH_VAR_T,
+    RUN_MEAN_T,
+    RUN_VAR_T,
+    GAMMA_HH,
+    rows,
+    exists,
+    valid,
+    jc,
+    cols,
+    count,
+    use_batch,
+    eps,
+    index: tl.constexpr,
+    H: tl.constexpr,
+    F: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """One gate of a block of units over every sample: batch-normalized, activated, stored."""
     feat = index * H + jc
     offsets = rows * F + feat
@@ -114,12 +154,39 @@ def _batch_gate(
 
 @triton.jit
 def lstm_step_batch(
-    Z, GX, H_PREV, C_PREV, H_NEW, C_NEW, OUT, ACTS, XHAT_HH, STATS_HH, XHAT_C, STATS_C, HPRE,
-    MASK, GAMMA_HH, GAMMA_C, BETA_C, RUN_HH, RUN_C, BATCH_HH, BATCH_C, t, steps, N, eps,
+    Z,
+    GX,
+    H_PREV,
+    C_PREV,
+    H_NEW,
+    C_NEW,
+    OUT,
+    ACTS,
+    XHAT_HH,
+    STATS_HH,
+    XHAT_C,
+    STATS_C,
+    HPRE,
+    MASK,
+    GAMMA_HH,
+    GAMMA_C,
+    BETA_C,
+    RUN_HH,
+    RUN_C,
+    BATCH_HH,
+    BATCH_C,
+    t,
+    steps,
+    N,
+    eps,
     training,
-    H: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, PROJ: tl.constexpr,
-    HAS_MASK: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
+    H: tl.constexpr,
+    BN: tl.constexpr,
+    BJ: tl.constexpr,
+    PROJ: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Batch norm: BJ units of every sample at step ``t``. ``RUN_*`` and ``BATCH_*`` (2, T, F) are
     the running statistics of every step and the batch ones (mean rows, then variance rows);
     ``STATS_*`` (2, F) this step's mean and rstd as used."""
@@ -209,8 +276,30 @@ def lstm_step_batch(
         F,
         ACC,
     )
-    o = _batch_gate(Z, GX, ACTS, XHAT_HH, STATS_HH, BATCH_MEAN, BATCH_VAR, RUN_MEAN, RUN_VAR,
-                    GAMMA_HH, rows, exists, valid, jc, cols, count, use_batch, eps, 3, H, F, ACC)  # fmt: skip
+    o = _batch_gate(
+        Z,
+        GX,
+        ACTS,
+        XHAT_HH,
+        STATS_HH,
+        BATCH_MEAN,
+        BATCH_VAR,
+        RUN_MEAN,
+        RUN_VAR,
+        GAMMA_HH,
+        rows,
+        exists,
+        valid,
+        jc,
+        cols,
+        count,
+        use_batch,
+        eps,
+        3,
+        H,
+        F,
+        ACC,
+    )
     units = rows * H + jc
     both = exists & cols
     cp = tl.load(C_PREV + units, mask=both, other=0.0).to(ACC)
@@ -240,11 +329,32 @@ def lstm_step_batch(
 
 @triton.jit
 def lstm_step_rows_backward(
-    DH, DOUT, DHPRE, DC, DGATES, DZ, DNC, ACTS, C_PREV, C_NEW, XHAT_C, STATS_C, XHAT_HH,
-    STATS_HH, MASK, GAMMA_HH, GAMMA_C, BETA_C,
-    H: tl.constexpr, BH: tl.constexpr, G: tl.constexpr, NORMED: tl.constexpr,
-    PROJ: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
+    DH,
+    DOUT,
+    DHPRE,
+    DC,
+    DGATES,
+    DZ,
+    DNC,
+    ACTS,
+    C_PREV,
+    C_NEW,
+    XHAT_C,
+    STATS_C,
+    XHAT_HH,
+    STATS_HH,
+    MASK,
+    GAMMA_HH,
+    GAMMA_C,
+    BETA_C,
+    H: tl.constexpr,
+    BH: tl.constexpr,
+    G: tl.constexpr,
+    NORMED: tl.constexpr,
+    PROJ: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Backward through one step of one sample: dL/d(gates) (DGATES, the input half's), dL/dz
     (DZ, for dW_hh and dh), dL/d(Nc(c')) (DNC, for the cell norm's gain and shift), and the
     carried dc in place. dh is the driver's: it is replaced by dz W_hh where the row is valid."""
@@ -305,9 +415,25 @@ def lstm_step_rows_backward(
 
 @triton.jit
 def _batch_gate_backward(
-    dgate, DGATES, DZ, XHAT_HH, STATS_HH, GAMMA_HH, rows, both, valid, keep, jc, cols, count,
-    use_batch, index: tl.constexpr, H: tl.constexpr, F: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
+    dgate,
+    DGATES,
+    DZ,
+    XHAT_HH,
+    STATS_HH,
+    GAMMA_HH,
+    rows,
+    both,
+    valid,
+    keep,
+    jc,
+    cols,
+    count,
+    use_batch,
+    index: tl.constexpr,
+    H: tl.constexpr,
+    F: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """One gate's dL/d(pre-activation) of a block of units: stored, and through batch norm."""
     feat = index * H + jc
     offsets = rows * F + feat
@@ -322,11 +448,32 @@ def _batch_gate_backward(
 
 @triton.jit
 def lstm_step_batch_backward(
-    DH, DOUT, DHPRE, DC, DGATES, DZ, DNC, ACTS, C_PREV, XHAT_C, STATS_C, XHAT_HH, STATS_HH,
-    MASK, GAMMA_HH, GAMMA_C, BETA_C, N, training,
-    H: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, PROJ: tl.constexpr,
-    HAS_MASK: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
+    DH,
+    DOUT,
+    DHPRE,
+    DC,
+    DGATES,
+    DZ,
+    DNC,
+    ACTS,
+    C_PREV,
+    XHAT_C,
+    STATS_C,
+    XHAT_HH,
+    STATS_HH,
+    MASK,
+    GAMMA_HH,
+    GAMMA_C,
+    BETA_C,
+    N,
+    training,
+    H: tl.constexpr,
+    BN: tl.constexpr,
+    BJ: tl.constexpr,
+    PROJ: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """As lstm_step_rows_backward for batch norm: BJ units of every sample."""
     F: tl.constexpr = 4 * H
     jc = tl.program_id(0) * BJ + tl.arange(0, BJ)[None, :]
@@ -421,6 +568,24 @@ def lstm_step_batch_backward(
         F,
         ACC,
     )
-    _batch_gate_backward(dho * tc * o * (1.0 - o), DGATES, DZ, XHAT_HH, STATS_HH, GAMMA_HH, rows,
-                         both, valid, keep, jc, cols, count, use_batch, 3, H, F, ACC)  # fmt: skip
+    _batch_gate_backward(
+        dho * tc * o * (1.0 - o),
+        DGATES,
+        DZ,
+        XHAT_HH,
+        STATS_HH,
+        GAMMA_HH,
+        rows,
+        both,
+        valid,
+        keep,
+        jc,
+        cols,
+        count,
+        use_batch,
+        3,
+        H,
+        F,
+        ACC,
+    )
     tl.store(DC + units, tl.where(valid, dct * fg, dc).to(DC.dtype.element_ty), mask=both)

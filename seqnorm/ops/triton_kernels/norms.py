@@ -115,9 +115,19 @@ def batch_norm_columns_backward(d, xhat, valid, cols, count, use_batch, rstd):
 
 @triton.jit
 def input_forward_rows(
-    PROJ, Y, XHAT, STATS, GAMMA, BIAS, eps,
-    F: tl.constexpr, BF: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
+    PROJ,
+    Y,
+    XHAT,
+    STATS,
+    GAMMA,
+    BIAS,
+    eps,
+    F: tl.constexpr,
+    BF: tl.constexpr,
+    G: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Layer or group norm of one row (one sample at one step) of the projection."""
     r = tl.program_id(0)
     f = tl.arange(0, BF)[None, :]
@@ -133,10 +143,26 @@ def input_forward_rows(
 
 @triton.jit
 def input_forward_batch(
-    PROJ, Y, XHAT, STATS, BATCH, RUNNING, MASK, GAMMA, BIAS, steps, N, eps, training,
-    F: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
+    PROJ,
+    Y,
+    XHAT,
+    STATS,
+    BATCH,
+    RUNNING,
+    MASK,
+    GAMMA,
+    BIAS,
+    steps,
+    N,
+    eps,
+    training,
+    F: tl.constexpr,
+    BN: tl.constexpr,
+    BJ: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Batch norm of BJ features of one step over its valid samples (running statistics for a
     step with fewer than two, and in eval mode). Writes the statistics used ``(T, 2, F)`` (mean,
     rstd) and the batch ones ``(2, T, F)`` (mean, biased variance)."""
@@ -200,9 +226,20 @@ def input_backward_rows(
 
 @triton.jit
 def input_backward_batch(
-    DY, DX, XHAT, STATS, MASK, GAMMA, N, training,
-    F: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
+    DY,
+    DX,
+    XHAT,
+    STATS,
+    MASK,
+    GAMMA,
+    N,
+    training,
+    F: tl.constexpr,
+    BN: tl.constexpr,
+    BJ: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    ACC: tl.constexpr,
+):
     t = tl.program_id(0)
     c = tl.program_id(1) * BJ + tl.arange(0, BJ)[None, :]
     rows = tl.arange(0, BN)[:, None]

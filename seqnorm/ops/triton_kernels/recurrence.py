@@ -112,17 +112,46 @@ def input_forward(x, w_ih, bias, gamma, running, mask, norm, groups, eps, traini
         bn, bj = block_columns(n, features)
         grid = (steps, triton.cdiv(features, bj))
         input_forward_batch[grid](
-            proj, gx, xhat, stats, batch, running, mask, gamma, bias, steps, n, eps, int(training),
-            features, bn, bj, mask is not None, bias is not None, ACC=_acc(dtype), num_warps=num_warps_for(bn * bj),
-        )  # fmt: skip
+            proj,
+            gx,
+            xhat,
+            stats,
+            batch,
+            running,
+            mask,
+            gamma,
+            bias,
+            steps,
+            n,
+            eps,
+            int(training),
+            features,
+            bn,
+            bj,
+            mask is not None,
+            bias is not None,
+            ACC=_acc(dtype),
+            num_warps=num_warps_for(bn * bj),
+        )
         return gx, xhat, stats.view(-1), batch
     g = _groups(norm, groups)
     stats = gx.new_empty(steps * n * g)
     bf = triton.next_power_of_2(features)
     input_forward_rows[(steps * n,)](
-        proj, gx, xhat, stats, gamma, bias, eps, features, bf, g, bias is not None,
-        ACC=_acc(dtype), num_warps=num_warps_for(bf),
-    )  # fmt: skip
+        proj,
+        gx,
+        xhat,
+        stats,
+        gamma,
+        bias,
+        eps,
+        features,
+        bf,
+        g,
+        bias is not None,
+        ACC=_acc(dtype),
+        num_warps=num_warps_for(bf),
+    )
     return gx, xhat, stats, _empty(gx)
 
 
@@ -140,9 +169,21 @@ def input_backward(dgates, x, w_ih, gamma, xhat, stats, mask, norm, groups, trai
         dproj = torch.empty_like(dgates)
         bn, bj = block_columns(n, features)
         input_backward_batch[(steps, triton.cdiv(features, bj))](
-            dgates, dproj, xhat, stats, mask, gamma, n, int(training), features, bn, bj,
-            mask is not None, ACC=_acc(dtype), num_warps=num_warps_for(bn * bj),
-        )  # fmt: skip
+            dgates,
+            dproj,
+            xhat,
+            stats,
+            mask,
+            gamma,
+            n,
+            int(training),
+            features,
+            bn,
+            bj,
+            mask is not None,
+            ACC=_acc(dtype),
+            num_warps=num_warps_for(bn * bj),
+        )
     else:
         dproj = torch.empty_like(dgates)
         bf = triton.next_power_of_2(features)
@@ -167,9 +208,30 @@ def input_backward(dgates, x, w_ih, gamma, xhat, stats, mask, norm, groups, trai
 # --- LSTM -----------------------------------------------------------------------------------------
 
 
-def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, gamma_ih, gamma_hh, gamma_c, beta_c,
-                 running_ih, running_hh, running_c, mask, norm, groups, eps, training, keep,
-                 backend):  # fmt: skip
+def lstm_forward(
+    x,
+    h0,
+    c0,
+    w_ih,
+    w_hh,
+    b_ih,
+    b_hh,
+    w_hr,
+    gamma_ih,
+    gamma_hh,
+    gamma_c,
+    beta_c,
+    running_ih,
+    running_hh,
+    running_c,
+    mask,
+    norm,
+    groups,
+    eps,
+    training,
+    keep,
+    backend,
+):
     steps, n = x.shape[:2]
     hidden, out_size = c0.shape[-1], h0.shape[-1]
     dtype = h0.dtype
@@ -178,26 +240,44 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, gamma_ih, gamma_hh, ga
         x, w_ih, bias, gamma_ih, running_ih, mask, norm, groups, eps, training, dtype
     )
     config = (norm, groups, eps, training, keep, steps, n, hidden, out_size)
-    inputs = {"gx": gx, "h0": h0, "c0": c0, "w_hh": w_hh, "w_hr": w_hr, "gamma_hh": gamma_hh,
-              "gamma_c": gamma_c, "beta_c": beta_c, "running_hh": running_hh,
-              "running_c": running_c, "mask": mask}  # fmt: skip
+    inputs = {
+        "gx": gx,
+        "h0": h0,
+        "c0": c0,
+        "w_hh": w_hh,
+        "w_hr": w_hr,
+        "gamma_hh": gamma_hh,
+        "gamma_c": gamma_c,
+        "beta_c": beta_c,
+        "running_hh": running_hh,
+        "running_c": running_c,
+        "mask": mask,
+    }
     result = graphs.run(("lstm_forward", *config), lambda s: _lstm_loop(s, *config), inputs)
     counts = _counts(mask, steps, n, x.device)
     batch = norm == "batch" and training
     heads = (
-        result["out"], result["h_n"], result["c_n"],
+        result["out"],
+        result["h_n"],
+        result["c_n"],
         *(b if batch else _empty(gx) for b in (batch_ih, result["batch_hh"], result["batch_c"])),
-    )  # fmt: skip
+    )
     if not keep:
         return (*heads, *(_empty(gx) for _ in LSTMSaved._fields[:-1]), counts)
     normed = norm != "none"
     saved = LSTMSaved(
-        result["hs"], result["cs"], gx,
-        result["xhat_hh"] if normed else _empty(gx), result["stats_hh"],
-        result["xhat_c"] if normed else _empty(gx), result["stats_c"],
+        result["hs"],
+        result["cs"],
+        gx,
+        result["xhat_hh"] if normed else _empty(gx),
+        result["stats_hh"],
+        result["xhat_c"] if normed else _empty(gx),
+        result["stats_c"],
         result["hpre"] if w_hr is not None else _empty(gx),
-        xhat_ih if normed else _empty(gx), stats_ih, counts,
-    )  # fmt: skip
+        xhat_ih if normed else _empty(gx),
+        stats_ih,
+        counts,
+    )
     return (*heads, *saved)
 
 
@@ -231,20 +311,61 @@ def _lstm_loop(s, norm, groups, eps, training, keep, steps, n, hidden, out_size)
         now, nxt, k = (t, t + 1, t) if keep else (t & 1, (t + 1) & 1, 0)
         _mm(hs[now], w_hh, out=z)
         valid = None if mask is None else mask[t]
-        buffers = (z, gx[t], hs[now], cs[now], hs[nxt], cs[nxt], out[t], acts[k],
-                   xhat_hh[k if normed else 0], stats_hh[t], xhat_c[k if normed else 0],
-                   stats_c[t], hpre[k if proj else 0], valid)  # fmt: skip
+        buffers = (
+            z,
+            gx[t],
+            hs[now],
+            cs[now],
+            hs[nxt],
+            cs[nxt],
+            out[t],
+            acts[k],
+            xhat_hh[k if normed else 0],
+            stats_hh[t],
+            xhat_c[k if normed else 0],
+            stats_c[t],
+            hpre[k if proj else 0],
+            valid,
+        )
         if batch:
             lstm_step_batch[(triton.cdiv(hidden, bj),)](
-                *buffers, s["gamma_hh"], s["gamma_c"], s["beta_c"], s["running_hh"],
-                s["running_c"], batch_hh, batch_c, t, steps, n, eps, int(training), hidden, bn,
-                bj, proj, mask is not None, ACC=_acc(dtype), num_warps=num_warps_for(bn * bj),
-            )  # fmt: skip
+                *buffers,
+                s["gamma_hh"],
+                s["gamma_c"],
+                s["beta_c"],
+                s["running_hh"],
+                s["running_c"],
+                batch_hh,
+                batch_c,
+                t,
+                steps,
+                n,
+                eps,
+                int(training),
+                hidden,
+                bn,
+                bj,
+                proj,
+                mask is not None,
+                ACC=_acc(dtype),
+                num_warps=num_warps_for(bn * bj),
+            )
         else:
             lstm_step_rows[(n,)](
-                *buffers, s["gamma_hh"], s["gamma_c"], s["beta_c"], eps, hidden, bh, g, normed,
-                proj, mask is not None, ACC=_acc(dtype), num_warps=num_warps_for(4 * bh),
-            )  # fmt: skip
+                *buffers,
+                s["gamma_hh"],
+                s["gamma_c"],
+                s["beta_c"],
+                eps,
+                hidden,
+                bh,
+                g,
+                normed,
+                proj,
+                mask is not None,
+                ACC=_acc(dtype),
+                num_warps=num_warps_for(4 * bh),
+            )
         if proj:  # h' = h_pre W_hr^T where the row is valid
             _mm(hpre[k], w_hr, out=projected)
             keep_row = None if valid is None else valid.unsqueeze(1)
@@ -255,22 +376,74 @@ def _lstm_loop(s, norm, groups, eps, training, keep, steps, n, hidden, out_size)
                 hs[nxt].copy_(torch.where(keep_row, projected.to(dtype), hs[now]))
                 out[t].copy_(projected.to(dtype) * keep_row)
     last = steps if keep else steps & 1
-    return {"out": out, "h_n": hs[last].clone(), "c_n": cs[last].clone(), "hs": hs, "cs": cs,
-            "xhat_hh": xhat_hh, "stats_hh": stats_hh.view(-1), "xhat_c": xhat_c,
-            "stats_c": stats_c.view(-1), "hpre": hpre, "batch_hh": batch_hh, "batch_c": batch_c}  # fmt: skip
+    return {
+        "out": out,
+        "h_n": hs[last].clone(),
+        "c_n": cs[last].clone(),
+        "hs": hs,
+        "cs": cs,
+        "xhat_hh": xhat_hh,
+        "stats_hh": stats_hh.view(-1),
+        "xhat_c": xhat_c,
+        "stats_c": stats_c.view(-1),
+        "hpre": hpre,
+        "batch_hh": batch_hh,
+        "batch_c": batch_c,
+    }
 
 
-def lstm_backward(grad_out, grad_h, grad_c, x, w_ih, w_hh, w_hr, gamma_ih, gamma_hh, gamma_c,
-                  beta_c, mask, hs, cs, acts, xhat_hh, stats_hh, xhat_c, stats_c, hpre, xhat_ih,
-                  stats_ih, counts, norm, groups, eps, training, needs, backend):  # fmt: skip
+def lstm_backward(
+    grad_out,
+    grad_h,
+    grad_c,
+    x,
+    w_ih,
+    w_hh,
+    w_hr,
+    gamma_ih,
+    gamma_hh,
+    gamma_c,
+    beta_c,
+    mask,
+    hs,
+    cs,
+    acts,
+    xhat_hh,
+    stats_hh,
+    xhat_c,
+    stats_c,
+    hpre,
+    xhat_ih,
+    stats_ih,
+    counts,
+    norm,
+    groups,
+    eps,
+    training,
+    needs,
+    backend,
+):
     steps, n, features = acts.shape
     hidden, out_size = features // 4, hs.shape[-1]
     normed, proj = norm != "none", w_hr is not None
     config = (norm, groups, training, steps, n, hidden, out_size)
-    inputs = {"grad_out": grad_out.contiguous(), "grad_h": grad_h, "grad_c": grad_c, "w_hh": w_hh,
-              "w_hr": w_hr, "gamma_hh": gamma_hh, "gamma_c": gamma_c, "beta_c": beta_c,
-              "mask": mask, "acts": acts, "cs": cs, "xhat_hh": xhat_hh, "stats_hh": stats_hh,
-              "xhat_c": xhat_c, "stats_c": stats_c}  # fmt: skip
+    inputs = {
+        "grad_out": grad_out.contiguous(),
+        "grad_h": grad_h,
+        "grad_c": grad_c,
+        "w_hh": w_hh,
+        "w_hr": w_hr,
+        "gamma_hh": gamma_hh,
+        "gamma_c": gamma_c,
+        "beta_c": beta_c,
+        "mask": mask,
+        "acts": acts,
+        "cs": cs,
+        "xhat_hh": xhat_hh,
+        "stats_hh": stats_hh,
+        "xhat_c": xhat_c,
+        "stats_c": stats_c,
+    }
     r = graphs.run(("lstm_backward", *config), lambda s: _lstm_backward_loop(s, *config), inputs)
     dgates, dz = r["dgates"], r["dz"]
     dw_hh = _weight_grad(dz, hs[:-1], w_hh) if needs[4] else None
@@ -279,11 +452,31 @@ def lstm_backward(grad_out, grad_h, grad_c, x, w_ih, w_hh, w_hr, gamma_ih, gamma
     dgamma_c = (r["dnc"] * xhat_c).sum((0, 1)) if normed and needs[9] else None
     dbeta_c = r["dnc"].sum((0, 1)) if normed and needs[10] else None
     dx, dw_ih, dgamma_ih, dbias = input_backward(
-        dgates, x, w_ih, gamma_ih, xhat_ih, stats_ih, mask, norm, groups, training,
+        dgates,
+        x,
+        w_ih,
+        gamma_ih,
+        xhat_ih,
+        stats_ih,
+        mask,
+        norm,
+        groups,
+        training,
         (needs[0], needs[3], needs[7], needs[5]),
-    )  # fmt: skip
-    grads = (dx, r["dh"], r["dc"], dw_ih, dw_hh, dbias, dw_hr, dgamma_ih, dgamma_hh, dgamma_c,
-             dbeta_c)  # fmt: skip
+    )
+    grads = (
+        dx,
+        r["dh"],
+        r["dc"],
+        dw_ih,
+        dw_hh,
+        dbias,
+        dw_hr,
+        dgamma_ih,
+        dgamma_hh,
+        dgamma_c,
+        dbeta_c,
+    )
     likes = (x, grad_h, grad_c, w_ih, w_hh, grad_c, w_hr, gamma_ih, gamma_hh, gamma_c, beta_c)
     return _wanted(grads, likes, needs, x)
 
@@ -313,15 +506,39 @@ def _lstm_backward_loop(s, norm, groups, training, steps, n, hidden, out_size) -
             total = dh + grad_out[t]
             dtotal[t] = total if valid is None else torch.where(valid.unsqueeze(1), total, 0)
             dhpre.copy_(dtotal[t].to(w_hr.dtype) @ w_hr)
-        buffers = (dh, grad_out[t], dhpre, dc, dgates[t], dz[t], dnc[t if normed else 0], acts[t],
-                   cs[t], cs[t + 1], s["xhat_c"][t] if normed else cs[t], stats_c[t],
-                   s["xhat_hh"][t] if normed else acts[t], stats_hh[t], valid, s["gamma_hh"],
-                   s["gamma_c"], s["beta_c"])  # fmt: skip
+        buffers = (
+            dh,
+            grad_out[t],
+            dhpre,
+            dc,
+            dgates[t],
+            dz[t],
+            dnc[t if normed else 0],
+            acts[t],
+            cs[t],
+            cs[t + 1],
+            s["xhat_c"][t] if normed else cs[t],
+            stats_c[t],
+            s["xhat_hh"][t] if normed else acts[t],
+            stats_hh[t],
+            valid,
+            s["gamma_hh"],
+            s["gamma_c"],
+            s["beta_c"],
+        )
         if batch:
             lstm_step_batch_backward[(triton.cdiv(hidden, bj),)](
-                *(b for i, b in enumerate(buffers) if i != 9), n, int(training), hidden, bn, bj,
-                proj, mask is not None, ACC=_acc(dtype), num_warps=num_warps_for(bn * bj),
-            )  # fmt: skip
+                *(b for i, b in enumerate(buffers) if i != 9),
+                n,
+                int(training),
+                hidden,
+                bn,
+                bj,
+                proj,
+                mask is not None,
+                ACC=_acc(dtype),
+                num_warps=num_warps_for(bn * bj),
+            )
         else:
             lstm_step_rows_backward[(n,)](
                 *buffers,
@@ -360,8 +577,25 @@ def _wanted(grads, likes, needs, x) -> tuple[Tensor, ...]:
 # --- GRU ------------------------------------------------------------------------------------------
 
 
-def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, gamma_ih, gamma_hh, running_ih, running_hh, mask,
-                norm, groups, eps, training, keep, backend):  # fmt: skip
+def gru_forward(
+    x,
+    h0,
+    w_ih,
+    w_hh,
+    b_ih,
+    b_hh,
+    gamma_ih,
+    gamma_hh,
+    running_ih,
+    running_hh,
+    mask,
+    norm,
+    groups,
+    eps,
+    training,
+    keep,
+    backend,
+):
     steps, n = x.shape[:2]
     hidden = h0.shape[-1]
     dtype = h0.dtype
@@ -369,20 +603,36 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, gamma_ih, gamma_hh, running_ih, r
         x, w_ih, b_ih, gamma_ih, running_ih, mask, norm, groups, eps, training, dtype
     )
     config = (norm, groups, eps, training, keep, steps, n, hidden)
-    inputs = {"gx": gx, "h0": h0, "w_hh": w_hh, "b_hh": b_hh, "gamma_hh": gamma_hh,
-              "running_hh": running_hh, "mask": mask}  # fmt: skip
+    inputs = {
+        "gx": gx,
+        "h0": h0,
+        "w_hh": w_hh,
+        "b_hh": b_hh,
+        "gamma_hh": gamma_hh,
+        "running_hh": running_hh,
+        "mask": mask,
+    }
     result = graphs.run(("gru_forward", *config), lambda s: _gru_loop(s, *config), inputs)
     counts = _counts(mask, steps, n, x.device)
     batch = norm == "batch" and training
-    heads = (result["out"], result["h_n"],
-             *(b if batch else _empty(gx) for b in (batch_ih, result["batch_hh"])))  # fmt: skip
+    heads = (
+        result["out"],
+        result["h_n"],
+        *(b if batch else _empty(gx) for b in (batch_ih, result["batch_hh"])),
+    )
     if not keep:
         return (*heads, *(_empty(gx) for _ in GRUSaved._fields[:-1]), counts)
     normed = norm != "none"
     saved = GRUSaved(
-        result["hs"], gx, result["gh_n"], result["xhat_hh"] if normed else _empty(gx),
-        result["stats_hh"], xhat_ih if normed else _empty(gx), stats_ih, counts,
-    )  # fmt: skip
+        result["hs"],
+        gx,
+        result["gh_n"],
+        result["xhat_hh"] if normed else _empty(gx),
+        result["stats_hh"],
+        xhat_ih if normed else _empty(gx),
+        stats_ih,
+        counts,
+    )
     return (*heads, *saved)
 
 
@@ -408,42 +658,122 @@ def _gru_loop(s, norm, groups, eps, training, keep, steps, n, hidden) -> dict:
         now, nxt, k = (t, t + 1, t) if keep else (t & 1, (t + 1) & 1, 0)
         _mm(hs[now], w_hh, out=z)
         valid = None if mask is None else mask[t]
-        buffers = (z, gx[t], hs[now], hs[nxt], out[t], acts[k], gh_n[k],
-                   xhat_hh[k if normed else 0], stats_hh[t], valid, s["gamma_hh"], s["b_hh"])  # fmt: skip
+        buffers = (
+            z,
+            gx[t],
+            hs[now],
+            hs[nxt],
+            out[t],
+            acts[k],
+            gh_n[k],
+            xhat_hh[k if normed else 0],
+            stats_hh[t],
+            valid,
+            s["gamma_hh"],
+            s["b_hh"],
+        )
         if batch:
             gru_step_batch[(triton.cdiv(hidden, bj),)](
-                *buffers, s["running_hh"], batch_hh, t, steps, n, eps, int(training), hidden, bn,
-                bj, s["b_hh"] is not None, mask is not None, ACC=_acc(dtype), num_warps=num_warps_for(bn * bj),
-            )  # fmt: skip
+                *buffers,
+                s["running_hh"],
+                batch_hh,
+                t,
+                steps,
+                n,
+                eps,
+                int(training),
+                hidden,
+                bn,
+                bj,
+                s["b_hh"] is not None,
+                mask is not None,
+                ACC=_acc(dtype),
+                num_warps=num_warps_for(bn * bj),
+            )
         else:
             gru_step_rows[(n,)](
-                *buffers, eps, hidden, bh, g, normed, s["b_hh"] is not None, mask is not None,
-                ACC=_acc(dtype), num_warps=num_warps_for(4 * bh),
-            )  # fmt: skip
+                *buffers,
+                eps,
+                hidden,
+                bh,
+                g,
+                normed,
+                s["b_hh"] is not None,
+                mask is not None,
+                ACC=_acc(dtype),
+                num_warps=num_warps_for(4 * bh),
+            )
     last = steps if keep else steps & 1
-    return {"out": out, "h_n": hs[last].clone(), "hs": hs, "gh_n": gh_n, "xhat_hh": xhat_hh,
-            "stats_hh": stats_hh.view(-1), "batch_hh": batch_hh}  # fmt: skip
+    return {
+        "out": out,
+        "h_n": hs[last].clone(),
+        "hs": hs,
+        "gh_n": gh_n,
+        "xhat_hh": xhat_hh,
+        "stats_hh": stats_hh.view(-1),
+        "batch_hh": batch_hh,
+    }
 
 
-def gru_backward(grad_out, grad_h, x, w_ih, w_hh, b_hh, gamma_ih, gamma_hh, mask, hs, acts, ghn,
-                 xhat_hh, stats_hh, xhat_ih, stats_ih, counts, norm, groups, eps, training, needs,
-                 backend):  # fmt: skip
+def gru_backward(
+    grad_out,
+    grad_h,
+    x,
+    w_ih,
+    w_hh,
+    b_hh,
+    gamma_ih,
+    gamma_hh,
+    mask,
+    hs,
+    acts,
+    ghn,
+    xhat_hh,
+    stats_hh,
+    xhat_ih,
+    stats_ih,
+    counts,
+    norm,
+    groups,
+    eps,
+    training,
+    needs,
+    backend,
+):
     steps, n, features = acts.shape
     hidden = features // 3
     normed = norm != "none"
     config = (norm, groups, training, steps, n, hidden)
-    inputs = {"grad_out": grad_out.contiguous(), "grad_h": grad_h, "w_hh": w_hh,
-              "gamma_hh": gamma_hh, "mask": mask, "acts": acts, "gh_n": ghn, "hs": hs,
-              "xhat_hh": xhat_hh, "stats_hh": stats_hh}  # fmt: skip
+    inputs = {
+        "grad_out": grad_out.contiguous(),
+        "grad_h": grad_h,
+        "w_hh": w_hh,
+        "gamma_hh": gamma_hh,
+        "mask": mask,
+        "acts": acts,
+        "gh_n": ghn,
+        "hs": hs,
+        "xhat_hh": xhat_hh,
+        "stats_hh": stats_hh,
+    }
     r = graphs.run(("gru_backward", *config), lambda s: _gru_backward_loop(s, *config), inputs)
     dgates, dgh, dz = r["dgates"], r["dgh"], r["dz"]
     dw_hh = _weight_grad(dz, hs[:-1], w_hh) if needs[3] else None
     db_hh = dgh.sum((0, 1)) if b_hh is not None and needs[5] else None
     dgamma_hh = (dgh * xhat_hh).sum((0, 1)) if normed and needs[7] else None
     dx, dw_ih, dgamma_ih, db_ih = input_backward(
-        dgates, x, w_ih, gamma_ih, xhat_ih, stats_ih, mask, norm, groups, training,
+        dgates,
+        x,
+        w_ih,
+        gamma_ih,
+        xhat_ih,
+        stats_ih,
+        mask,
+        norm,
+        groups,
+        training,
         (needs[0], needs[2], needs[6], needs[4]),
-    )  # fmt: skip
+    )
     grads = (dx, r["dh"], dw_ih, dw_hh, db_ih, db_hh, dgamma_ih, dgamma_hh)
     likes = (x, grad_h, w_ih, w_hh, grad_h, grad_h if b_hh is None else b_hh, gamma_ih, gamma_hh)
     return _wanted(grads, likes, needs, x)
@@ -465,13 +795,32 @@ def _gru_backward_loop(s, norm, groups, training, steps, n, hidden) -> dict:
     bn, bj = block_columns(n, hidden)
     for t in range(steps - 1, -1, -1):
         valid = None if mask is None else mask[t]
-        buffers = (dh, s["grad_out"][t], dgates[t], dgh[t], dz[t], acts[t], s["gh_n"][t], hs[t],
-                   s["xhat_hh"][t] if normed else acts[t], stats_hh[t], valid, s["gamma_hh"])  # fmt: skip
+        buffers = (
+            dh,
+            s["grad_out"][t],
+            dgates[t],
+            dgh[t],
+            dz[t],
+            acts[t],
+            s["gh_n"][t],
+            hs[t],
+            s["xhat_hh"][t] if normed else acts[t],
+            stats_hh[t],
+            valid,
+            s["gamma_hh"],
+        )
         if batch:
             gru_step_batch_backward[(triton.cdiv(hidden, bj),)](
-                *buffers, n, int(training), hidden, bn, bj, mask is not None,
-                ACC=_acc(dtype), num_warps=num_warps_for(bn * bj),
-            )  # fmt: skip
+                *buffers,
+                n,
+                int(training),
+                hidden,
+                bn,
+                bj,
+                mask is not None,
+                ACC=_acc(dtype),
+                num_warps=num_warps_for(bn * bj),
+            )
         else:
             gru_step_rows_backward[(n,)](
                 *buffers,

@@ -96,7 +96,7 @@ def kernels(hidden: int, batch: int = 64, groups: int = 4):
         {**batch_norm, "HAS_BIAS": True},
         num_warps_for(bn * bj),
     )
-    yield "gru_step_batch_backward", gru.gru_step_batch_backward, batch_norm, num_warps_for(bn * bj)  # fmt: skip
+    yield "gru_step_batch_backward", gru.gru_step_batch_backward, batch_norm, num_warps_for(bn * bj)
 
 
 def compile_kernel(kernel, constexprs: dict, num_warps: int, arch: int) -> dict:
@@ -118,12 +118,20 @@ def compile_kernel(kernel, constexprs: dict, num_warps: int, arch: int) -> dict:
         f.write(compiled.asm["ptx"])
         f.flush()
         gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-        report = subprocess.run([ptxas, "--gpu-name", gpu, "-v", f.name, "-o", os.devnull],
-                                capture_output=True, text=True, check=True).stderr  # fmt: skip
+        report = subprocess.run(
+            [ptxas, "--gpu-name", gpu, "-v", f.name, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
-    return {"registers": registers, "spill_bytes": spills, "shared_bytes": compiled.metadata.shared,
-            "num_warps": num_warps}  # fmt: skip
+    return {
+        "registers": registers,
+        "spill_bytes": spills,
+        "shared_bytes": compiled.metadata.shared,
+        "num_warps": num_warps,
+    }
 
 
 def main(argv=None) -> list[dict]:
@@ -138,8 +146,12 @@ def main(argv=None) -> list[dict]:
     for arch in args.arch:
         for hidden in args.hidden:
             for name, kernel, constexprs, warps in kernels(hidden):
-                row = {"arch": arch, "hidden": hidden, "kernel": name,
-                       **compile_kernel(kernel, constexprs, warps, arch)}  # fmt: skip
+                row = {
+                    "arch": arch,
+                    "hidden": hidden,
+                    "kernel": name,
+                    **compile_kernel(kernel, constexprs, warps, arch),
+                }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if args.json:
