@@ -342,16 +342,17 @@ def output_dir(sweep: Sweep) -> Path:
     return out
 
 
-def git_commit() -> str:
-    """The checkout's commit, with ``+changes`` when files differ from it; ``unknown`` outside
-    a git checkout."""
-    root = Path(__file__).resolve().parent.parent
+def git_commit(root: Path | None = None) -> str:
+    """The checkout's commit, with ``+changes`` when tracked files outside ``results/`` differ
+    from it (a study's own results do not change the code that trains); ``unknown`` outside a
+    git checkout."""
+    root = root or Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
             cwd=root,
             capture_output=True,
             text=True,

@@ -5,6 +5,7 @@ import glob
 import json
 import math
 import os
+import subprocess
 import sys
 
 import pytest
@@ -244,6 +245,30 @@ def test_quick_check_does_not_write_over_the_shipped_results():
     assert study.output_dir(full) == study.Path("results/batch_size_study/char_lm_shakespeare")
     assert study.output_dir(quick) == study.Path("runs/batch_size_study/char_lm_shakespeare")
     assert study.output_dir(study.Sweep(out="x/y", quick=True)) == study.Path("x/y")
+
+
+def test_a_runs_commit_is_marked_changed_by_code_changes_not_by_results(tmp_path):
+    def git(*args):
+        subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            cwd=tmp_path,
+            check=True,
+            capture_output=True,
+        )
+
+    assert study.git_commit(tmp_path) == "unknown"
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "result.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "first")
+    commit = study.git_commit(tmp_path)
+    assert len(commit) == 40
+    (tmp_path / "results" / "result.json").unlink()  # a study replaces its results
+    assert study.git_commit(tmp_path) == commit
+    (tmp_path / "code.py").write_text("x = 2")
+    assert study.git_commit(tmp_path) == commit + "+changes"
 
 
 def test_report_needs_a_study_folder(tmp_path):
