@@ -245,6 +245,7 @@ def test_torch_state_dict_loads_strictly_into_norm_none(cls):
 HALF = [torch.float16, torch.bfloat16]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
 @pytest.mark.parametrize("norm", ["none", "layer", "group", "batch"])

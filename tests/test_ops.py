@@ -26,7 +26,14 @@ GRADCHECK_MASK = torch.tensor([[1, 1, 1], [1, 0, 1], [1, 0, 1], [0, 0, 1]], dtyp
 
 CELLS = ["LSTM", "GRU", "LSTM-proj"]
 CASES = [
-    pytest.param(cls, norm, bidir, mode, id=f"{norm}-{cls}-{'bi' if bidir else 'uni'}-{mode}")
+    pytest.param(
+        cls,
+        norm,
+        bidir,
+        mode,
+        id=f"{norm}-{cls}-{'bi' if bidir else 'uni'}-{mode}",
+        marks=pytest.mark.slow if bidir else (),  # the quick loop: one direction
+    )
     for cls in CELLS
     for norm in NORM_CASES
     for bidir in [False, True]
@@ -109,6 +116,7 @@ def test_cpp_float32_is_accurate(cls, norm):
         assert_close(g.double(), w, rtol=0, atol=5e-3 * w.abs().max().item())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", CELLS)
 @pytest.mark.parametrize("norm", NORM_CASES)
 def test_cpp_float32_large_weights_are_accurate(cls, norm):

@@ -21,6 +21,7 @@ CASES = [
         mode,
         backend,
         id=f"{norm}-{cls}-{'bi' if bidir else 'uni'}-l{layers}-{mode}-{backend}",
+        marks=pytest.mark.slow if bidir else (),  # the quick loop: one layer, one direction
     )
     for backend in BACKENDS
     for cls in ["LSTM", "GRU", "LSTM-proj"]

@@ -652,6 +652,7 @@ def test_variable_sequence(impl, enforce_sorted, lengths, default_hidden, proj):
         assert_close(p1.grad, p2.grad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", EVERY)
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
 def test_rnn_retain_variables(impl, cls):
