@@ -81,6 +81,10 @@ class Sweep:
         curve_points: points of each run's learning curve.
         out: the results folder.
         quick: a reduced grid and model that exercise every output in about two minutes.
+        train: False trains nothing: the finished runs are read and the report of the whole
+            grid is written, the rest marked not run (a grid run in parts, for example
+            ``--sweep.batch_sizes '[64]'`` on one machine and the others elsewhere, is reported
+            whole this way).
     """
 
     norms: list[str] = field(default_factory=lambda: list(NORMS))
@@ -96,6 +100,7 @@ class Sweep:
     curve_points: int = 32
     out: str = "results/batch_size_study"
     quick: bool = False
+    train: bool = True
 
 
 def check_sweep(sweep: Sweep) -> None:
@@ -210,8 +215,9 @@ class Study:
             "eval_batch_size": self.sweep.eval_batch_size,
         }
 
-    def run(self, norm: str, batch: int, multiplier: float, seed: int) -> dict:
-        """One run's result: read back if it has finished, trained and evaluated otherwise."""
+    def run(self, norm: str, batch: int, multiplier: float, seed: int) -> dict | None:
+        """One run's result: read back if it has finished, trained and evaluated otherwise
+        (None without ``sweep.train``)."""
         directory = self.out / "runs" / run_name(norm, batch, multiplier, seed)
         settings = self.settings(norm, batch, multiplier, seed)
         done = directory / "result.json"
@@ -224,6 +230,8 @@ class Study:
                     "it again, or give the study another `sweep.out`"
                 )
             return result
+        if not self.sweep.train:
+            return None
         shutil.rmtree(directory, ignore_errors=True)  # what a killed run left behind
         result = {"settings": settings, "status": "ok"}
         if norm == "batch" and batch == 1:
@@ -308,16 +316,17 @@ class Study:
             tuning = [
                 self.run(norm, batch, m, self.sweep.tune_seed) for m in self.sweep.lr_multipliers
             ]
-            for r in tuning:
+            finished = [r for r in tuning if r is not None]
+            for r in finished:
                 print(_describe(r), flush=True)
-            results += tuning
-            chosen = report.choose(tuning)
+            results += finished
+            chosen = report.choose(tuning) if len(finished) == len(tuning) else None
             if chosen is None:
                 continue
             for seed in self.sweep.seeds:
-                if seed != self.sweep.tune_seed:
-                    results.append(self.run(norm, batch, chosen, seed))
-                    print(_describe(results[-1]), flush=True)
+                if seed != self.sweep.tune_seed and (r := self.run(norm, batch, chosen, seed)):
+                    results.append(r)
+                    print(_describe(r), flush=True)
         report.write(self.out)
         return results
 

@@ -5,6 +5,8 @@ import glob
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -215,6 +217,18 @@ def test_quick_char_lm_writes_every_output_and_resumes(tmp_path, monkeypatch):
     (tmp_path / "summary.md").unlink()
     report.main([str(tmp_path)])  # the report alone, from the runs' files
     assert (tmp_path / "summary.md").read_text().count("±") >= 11
+
+    # A grid run in parts: without training, the finished runs are reported, the rest not run
+    for run in (tmp_path / "runs").glob("group-b8-*"):
+        shutil.rmtree(run)
+    part = study.main([*args, "--sweep.train=false"])
+    assert part == [
+        r for r in rows if r["settings"]["norm"] != "group" or r["settings"]["batch_size"] != 8
+    ]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Reported without training" in summary
+    assert re.search(r"\| group \|[^\n]*\| not run \|\n", summary)
+    assert not list((tmp_path / "runs").glob("group-b8-*"))
 
 
 @pytest.mark.slow

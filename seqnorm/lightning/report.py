@@ -188,6 +188,12 @@ def write(out) -> dict:
         f"validation split (seed {sweep['tune_seed']}); reported on the test split "
         f"({sweep['eval_samples']} samples at most). {len(trained)} runs, "
         f"{total / 3600:.2f} hours of training in all. The full config is in study.json.\n\n"
+        + (
+            ""
+            if sweep.get("train", True)
+            else "Reported without training (`--sweep.train false`): the same command without "
+            "it trains the runs marked not run.\n\n"
+        )
         + tables(study, cells)
         + "\n"
     )
