@@ -219,15 +219,21 @@ def test_quick_char_lm_writes_every_output_and_resumes(tmp_path, monkeypatch):
     assert (tmp_path / "summary.md").read_text().count("±") >= 11
 
     # A grid run in parts: without training, the finished runs are reported, the rest not run
-    for run in (tmp_path / "runs").glob("group-b8-*"):
+    for run in [
+        *(tmp_path / "runs").glob("group-b8-*"),
+        *(tmp_path / "runs").glob("layer-b8-*-s1"),
+    ]:
         shutil.rmtree(run)
     part = study.main([*args, "--sweep.train=false"])
-    assert part == [
-        r for r in rows if r["settings"]["norm"] != "group" or r["settings"]["batch_size"] != 8
-    ]
+    removed = lambda s: (
+        (s["norm"], s["batch_size"]) == ("group", 8)
+        or ((s["norm"], s["batch_size"], s["seed"]) == ("layer", 8, 1))
+    )
+    assert part == [r for r in rows if not removed(r["settings"])]
     summary = (tmp_path / "summary.md").read_text()
     assert "Reported without training" in summary
     assert re.search(r"\| group \|[^\n]*\| not run \|\n", summary)
+    assert re.search(r"\| layer \|[^\n]*\| \d+\.\d{3} \(1 seed so far\) \|\n", summary)
     assert not list((tmp_path / "runs").glob("group-b8-*"))
 
 

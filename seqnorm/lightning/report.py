@@ -109,7 +109,8 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def _cell_text(cell: dict, text) -> str:
     if cell["status"] not in ("ok", "partial"):
         return "n/a" if cell["status"].startswith("n/a") else cell["status"]
-    mark = "" if cell["status"] == "ok" else f" ({len(cell['runs'])} seeds so far)"
+    n = len(cell["runs"])
+    mark = "" if cell["status"] == "ok" else f" ({n} seed{'s' if n > 1 else ''} so far)"
     return text(cell) + mark
 
 
@@ -121,7 +122,10 @@ def tables(study: dict, cells: dict) -> str:
     def rows(text):
         return [[n] + [_cell_text(cells[n, b], text) for b in batches] for n in norms]
 
-    error = _table(header, rows(lambda c: f"{c['mean']:.3f} ± {c['std']:.3f}"))
+    error = _table(
+        header,
+        rows(lambda c: f"{c['mean']:.3f}" + (f" ± {c['std']:.3f}" if len(c["runs"]) > 1 else "")),
+    )
     edges = (min(sweep["lr_multipliers"]), max(sweep["lr_multipliers"]))
     rates = _table(
         header,
