@@ -100,6 +100,32 @@ def test_the_choice_is_the_lowest_finite_tuning_error():
     assert report.choose(_tuning({0.5: 0.0}, status="n/a: no batch statistics")) is None
 
 
+def test_tables_without_batch_norm_have_no_gap_section():
+    sweep = {
+        "norms": ["none", "layer"],
+        "batch_sizes": [1],
+        "seeds": [0, 1],
+        "lr_multipliers": [0.5, 1.0],
+        "tune_seed": 0,
+    }
+    study = {"sweep": sweep, "metric": "bits per character"}
+    results = [
+        {
+            "status": "ok",
+            "val_error": 3.0 - m + seed,
+            "test_error": 2.5 + seed,
+            "train_seconds": 1.0,
+            "settings": {"norm": n, "batch_size": 1, "lr_multiplier": m, "seed": seed, "lr": m},
+        }
+        for n in sweep["norms"]
+        for m in sweep["lr_multipliers"]
+        for seed in (0, 1)
+    ]
+    text = report.tables(study, report.summarize(study, results))
+    assert "gap" not in text and "\n\n\n" not in text
+    assert "| none | 3.000 ± 0.707 |" in text and "| layer | 1.00e+00 (x1, edge) |" in text
+
+
 def test_training_curve_averages_over_samples():
     class Logger:
         def __init__(self):

@@ -155,22 +155,21 @@ def tables(study: dict, cells: dict) -> str:
                 ]
             )
     tuning_header = ["norm, batch"] + [f"x{m:g}" for m in sweep["lr_multipliers"]]
-    return "\n\n".join(
-        [
-            f"Test {study['metric']} at each cell's chosen learning rate, mean ± standard deviation "
-            f"over seeds {sweep['seeds']}:\n\n{error}",
-            "Batch norm's train/eval gap: the test error with running statistics minus with "
-            f"batch statistics over batches of the training size:\n\n{_table(header, gap_rows)}"
-            if gap_rows
-            else "",
-            "Chosen learning rate (the rule's rate times the multiplier; 'edge': the lowest or "
-            f"highest multiplier of the grid, so the best rate may lie beyond it):\n\n{rates}",
-            f"Training seconds per run (mean over seeds):\n\n{seconds}",
-            f"Tuning: validation {study['metric']} of seed {sweep['tune_seed']} at each "
-            f"multiplier of the rule's rate (the lowest is chosen):\n\n"
-            f"{_table(tuning_header, tuning_rows)}",
-        ]
-    )
+    sections = [
+        f"Test {study['metric']} at each cell's chosen learning rate, mean ± standard deviation "
+        f"over seeds {sweep['seeds']}:\n\n{error}",
+        "Batch norm's train/eval gap: the test error with running statistics minus with "
+        f"batch statistics over batches of the training size:\n\n{_table(header, gap_rows)}"
+        if gap_rows
+        else "",
+        "Chosen learning rate (the rule's rate times the multiplier; 'edge': the lowest or "
+        f"highest multiplier of the grid, so the best rate may lie beyond it):\n\n{rates}",
+        f"Training seconds per run (mean over seeds):\n\n{seconds}",
+        f"Tuning: validation {study['metric']} of seed {sweep['tune_seed']} at each "
+        f"multiplier of the rule's rate (the lowest is chosen):\n\n"
+        f"{_table(tuning_header, tuning_rows)}",
+    ]
+    return "\n\n".join(s for s in sections if s)
 
 
 def write(out) -> dict:
