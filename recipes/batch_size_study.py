@@ -254,7 +254,7 @@ class Study:
         cli.config_init = instantiate(cli.config)
         model, data = cli.config_init.model, cli.config_init.data
         every = max(1, self.sweep.samples // self.sweep.curve_points)
-        logger = CSVLogger(directory, name="", version="")
+        logger = CurveLogger(directory, name="", version="")
         callbacks = list(cli.config_init.trainer.get("callbacks") or [])
         trainer = cli.instantiate_trainer(
             max_steps=self.sweep.samples // batch,
@@ -267,6 +267,10 @@ class Study:
         start = time.perf_counter()
         trainer.fit(model, datamodule=data)
         result = {"train_seconds": time.perf_counter() - start, "steps_done": trainer.global_step}
+        # what the run's model was built with (the vocabulary and label names left out)
+        result["hparams"] = {
+            k: v for k, v in model.hparams.items() if k not in ("vocab", "label_names")
+        }
         result["val_error"] = self.evaluate(model, data, "val")
         result["test_error"] = self.evaluate(model, data, "test")
         if norm == "batch":
@@ -340,6 +344,15 @@ class Study:
             "base_lr": self.base_lr,
             "config": self.cli.parser.dump(self.config, skip_check=True),
         }
+
+
+class CurveLogger(CSVLogger):
+    """A run's learning curve (``metrics.csv``) without ``hparams.yaml``: the run's settings
+    are in its ``result.json``, and the hyperparameters would repeat the vocabulary in every
+    run's folder."""
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
 
 
 def output_dir(sweep: Sweep) -> Path:

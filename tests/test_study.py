@@ -205,9 +205,9 @@ def _check_quick(out, norms, rows):
                 row["norm"], int(row["batch_size"]), float(row["lr_multiplier"]), int(row["seed"])
             )
         )
-        hparams = (run / "hparams.yaml").read_text()  # what each run's model was built with
-        assert f"norm: {row['norm']}\n" in hparams
-        assert f"lr: {float(row['lr'])!r}\n" in hparams, hparams
+        built = json.loads((run / "result.json").read_text())["hparams"]  # the run's model
+        assert (built["norm"], built["lr"]) == (row["norm"], float(row["lr"]))
+        assert sorted(p.name for p in run.iterdir()) == ["metrics.csv", "result.json"]
         assert report.read_curve(run / "metrics.csv")[-1][0] == 64
     summary = (out / "summary.md").read_text()
     assert "| batch | n/a |" in summary and "train/eval gap" in summary and "Tuning" in summary
