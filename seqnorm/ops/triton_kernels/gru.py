@@ -163,78 +163,18 @@ def gru_step_batch(
         valid = exists & (tl.load(MASK + rows, mask=exists, other=0) != 0)
     count = tl.sum(valid.to(ACC), axis=0)[None, :]
     use_batch = (count >= 2) & (training != 0)
-    gh_r = _batch_half(
-        Z,
-        XHAT_HH,
-        STATS_HH,
-        BATCH_MEAN,
-        BATCH_VAR,
-        RUN_MEAN,
-        RUN_VAR,
-        GAMMA_HH,
-        B_HH,
-        rows,
-        exists,
-        valid,
-        jc,
-        cols,
-        count,
-        use_batch,
-        eps,
-        0,
-        H,
-        F,
-        HAS_BIAS,
-        ACC,
-    )
-    gh_z = _batch_half(
-        Z,
-        XHAT_HH,
-        STATS_HH,
-        BATCH_MEAN,
-        BATCH_VAR,
-        RUN_MEAN,
-        RUN_VAR,
-        GAMMA_HH,
-        B_HH,
-        rows,
-        exists,
-        valid,
-        jc,
-        cols,
-        count,
-        use_batch,
-        eps,
-        1,
-        H,
-        F,
-        HAS_BIAS,
-        ACC,
-    )
-    gh_n = _batch_half(
-        Z,
-        XHAT_HH,
-        STATS_HH,
-        BATCH_MEAN,
-        BATCH_VAR,
-        RUN_MEAN,
-        RUN_VAR,
-        GAMMA_HH,
-        B_HH,
-        rows,
-        exists,
-        valid,
-        jc,
-        cols,
-        count,
-        use_batch,
-        eps,
-        2,
-        H,
-        F,
-        HAS_BIAS,
-        ACC,
-    )
+    # one call per gate, the same arguments but the gate's index
+    # fmt: off
+    gh_r = _batch_half(Z, XHAT_HH, STATS_HH, BATCH_MEAN, BATCH_VAR, RUN_MEAN, RUN_VAR, GAMMA_HH,
+                       B_HH, rows, exists, valid, jc, cols, count, use_batch, eps, 0, H, F,
+                       HAS_BIAS, ACC)
+    gh_z = _batch_half(Z, XHAT_HH, STATS_HH, BATCH_MEAN, BATCH_VAR, RUN_MEAN, RUN_VAR, GAMMA_HH,
+                       B_HH, rows, exists, valid, jc, cols, count, use_batch, eps, 1, H, F,
+                       HAS_BIAS, ACC)
+    gh_n = _batch_half(Z, XHAT_HH, STATS_HH, BATCH_MEAN, BATCH_VAR, RUN_MEAN, RUN_VAR, GAMMA_HH,
+                       B_HH, rows, exists, valid, jc, cols, count, use_batch, eps, 2, H, F,
+                       HAS_BIAS, ACC)
+    # fmt: on
     base = rows * F + jc
     r = sigmoid(tl.load(GX + base, mask=both, other=0.0).to(ACC) + gh_r)
     zg = sigmoid(tl.load(GX + base + H, mask=both, other=0.0).to(ACC) + gh_z)

@@ -204,102 +204,17 @@ def lstm_step_batch(
         valid = exists & (tl.load(MASK + rows, mask=exists, other=0) != 0)
     count = tl.sum(valid.to(ACC), axis=0)[None, :]
     use_batch = (count >= 2) & (training != 0)
-    i = _batch_gate(
-        Z,
-        GX,
-        ACTS,
-        XHAT_HH,
-        STATS_HH,
-        BATCH_MEAN,
-        BATCH_VAR,
-        RUN_MEAN,
-        RUN_VAR,
-        GAMMA_HH,
-        rows,
-        exists,
-        valid,
-        jc,
-        cols,
-        count,
-        use_batch,
-        eps,
-        0,
-        H,
-        F,
-        ACC,
-    )
-    fg = _batch_gate(
-        Z,
-        GX,
-        ACTS,
-        XHAT_HH,
-        STATS_HH,
-        BATCH_MEAN,
-        BATCH_VAR,
-        RUN_MEAN,
-        RUN_VAR,
-        GAMMA_HH,
-        rows,
-        exists,
-        valid,
-        jc,
-        cols,
-        count,
-        use_batch,
-        eps,
-        1,
-        H,
-        F,
-        ACC,
-    )
-    g = _batch_gate(
-        Z,
-        GX,
-        ACTS,
-        XHAT_HH,
-        STATS_HH,
-        BATCH_MEAN,
-        BATCH_VAR,
-        RUN_MEAN,
-        RUN_VAR,
-        GAMMA_HH,
-        rows,
-        exists,
-        valid,
-        jc,
-        cols,
-        count,
-        use_batch,
-        eps,
-        2,
-        H,
-        F,
-        ACC,
-    )
-    o = _batch_gate(
-        Z,
-        GX,
-        ACTS,
-        XHAT_HH,
-        STATS_HH,
-        BATCH_MEAN,
-        BATCH_VAR,
-        RUN_MEAN,
-        RUN_VAR,
-        GAMMA_HH,
-        rows,
-        exists,
-        valid,
-        jc,
-        cols,
-        count,
-        use_batch,
-        eps,
-        3,
-        H,
-        F,
-        ACC,
-    )
+    # one call per gate, the same arguments but the gate's index
+    # fmt: off
+    i  = _batch_gate(Z, GX, ACTS, XHAT_HH, STATS_HH, BATCH_MEAN, BATCH_VAR, RUN_MEAN, RUN_VAR,
+                     GAMMA_HH, rows, exists, valid, jc, cols, count, use_batch, eps, 0, H, F, ACC)
+    fg = _batch_gate(Z, GX, ACTS, XHAT_HH, STATS_HH, BATCH_MEAN, BATCH_VAR, RUN_MEAN, RUN_VAR,
+                     GAMMA_HH, rows, exists, valid, jc, cols, count, use_batch, eps, 1, H, F, ACC)
+    g  = _batch_gate(Z, GX, ACTS, XHAT_HH, STATS_HH, BATCH_MEAN, BATCH_VAR, RUN_MEAN, RUN_VAR,
+                     GAMMA_HH, rows, exists, valid, jc, cols, count, use_batch, eps, 2, H, F, ACC)
+    o  = _batch_gate(Z, GX, ACTS, XHAT_HH, STATS_HH, BATCH_MEAN, BATCH_VAR, RUN_MEAN, RUN_VAR,
+                     GAMMA_HH, rows, exists, valid, jc, cols, count, use_batch, eps, 3, H, F, ACC)
+    # fmt: on
     units = rows * H + jc
     both = exists & cols
     cp = tl.load(C_PREV + units, mask=both, other=0.0).to(ACC)
