@@ -3,6 +3,7 @@
     python benchmarks/bench_rnn.py --json runs/bench_rnn.json
     python benchmarks/bench_rnn.py --device cuda --json runs/bench_rnn_cuda.json   # cuDNN
     python benchmarks/bench_rnn.py --device cuda --autocast bf16                   # bf16
+    python benchmarks/bench_rnn.py --malloc steady   # no page faults from the C library's malloc
 
 For each shape (A: batch 32, 100 steps, input 128, hidden 256; B: the same at batch 1, pure SGD;
 C: batch 64, 200 steps, input 256, hidden 512; D: batch 16, 1024 steps, 768 -> 768) and each
@@ -16,15 +17,25 @@ for LSTMs and ``torch.nn.GRU`` for GRUs (cuDNN's on CUDA), measured in the same 
 loop is how most public CPU implementations of layer-normalized cells work: ``nn.Linear`` and
 ``nn.LayerNorm`` modules called at every step; the naive BN loop the same with per-step
 ``nn.BatchNorm1d`` modules, as recurrent batch norm is usually written.
+
+It also counts the page faults of each timed run (the table shows a training step's median).
+glibc's malloc hands large blocks back to the system when they are freed, so a model that
+allocates large buffers at every step touches fresh pages, and pays for a fault on each, every
+time: ``torch.nn.LSTM`` at A takes about 8,000 faults (32 MB) per training step, while seqnorm's
+kernel reuses its buffers and takes none. ``--malloc steady`` keeps freed memory in the process
+(as jemalloc or tcmalloc do), so that the ratios compare the computations alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import platform
+import resource
 import statistics
 import time
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -161,20 +172,40 @@ GPU_ONLY = [name for name in IMPLEMENTATIONS if name.endswith("Python loop")]
 """On CPU the naive loops stand for the Python loop; on the GPU it is the one to beat 20x."""
 
 
-def interleaved_medians(fns: dict, warmup: int, repeats: int, before=None) -> dict:
-    """Median milliseconds of each of ``fns`` over ``repeats`` rounds, after ``warmup`` rounds.
-    Each round runs every function once, so a machine that slows down for a while (a noisy
-    neighbour on a shared host) slows them all alike instead of skewing one ratio."""
+class Timing(NamedTuple):
+    ms: float  # median milliseconds of a run
+    faults: int  # median page faults of a run (CPU; the process's, every thread's)
+
+
+def interleaved_medians(fns: dict, warmup: int, repeats: int, before=None) -> dict[str, Timing]:
+    """Median milliseconds and page faults of each of ``fns`` over ``repeats`` rounds, after
+    ``warmup`` rounds. Each round runs every function once, so that a machine that slows down for
+    a while (a noisy neighbour on a shared host) slows them all alike instead of skewing one
+    ratio."""
     times = {name: [] for name in fns}
+    faults = {name: [] for name in fns}
     for k in range(warmup + repeats):
         for name, fn in fns.items():
             if before is not None:
                 before(name)
+            faults_before = _page_faults()
             start = time.perf_counter()
             fn()
+            elapsed = time.perf_counter() - start
             if k >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+                times[name].append(elapsed)
+                faults[name].append(_page_faults() - faults_before)
+    return {
+        name: Timing(1000 * statistics.median(times[name]), int(statistics.median(faults[name])))
+        for name in fns
+    }
+
+
+def _page_faults() -> int:
+    """The page faults of this process so far: minor ones (the kernel maps a fresh page) and
+    major ones (it reads one from disk)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt + usage.ru_majflt
 
 
 def peak_mb(fn, device: torch.device = CPU) -> float:
@@ -199,6 +230,23 @@ def peak_mb(fn, device: torch.device = CPU) -> float:
         live += record.nbytes()
         peak = max(peak, live)
     return peak / 2**20
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory(nbytes: int = 2**30) -> None:
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the system:
+    blocks below ``nbytes`` come from the heap, not from their own mmap, and the heap's top is
+    not trimmed. Raises RuntimeError where the C library is not glibc or refuses."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError) as err:
+        raise RuntimeError(f"glibc's mallopt is not available here: {err}") from None
+    for param in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD):
+        if mallopt(param, ctypes.c_int(nbytes)) != 1:
+            raise RuntimeError(f"glibc's mallopt({param}, {nbytes}) refused")
 
 
 def synchronized(fn, device: torch.device):
@@ -268,8 +316,10 @@ def measure_shape(shape: str, names: list[str], args) -> dict:
         if device.type == "cpu":
             seqnorm.ops.empty_cache()
         results[name] = {
-            "fwd_ms": fwd[name],
-            "fwd_bwd_ms": fwd_bwd[name] if trained else None,
+            "fwd_ms": fwd[name].ms,
+            "fwd_bwd_ms": fwd_bwd[name].ms if trained else None,
+            "fwd_faults": fwd[name].faults,
+            "fwd_bwd_faults": fwd_bwd[name].faults if trained else None,
             "peak_mb": peak_mb(train_step(model), device) if trained else None,
         }
     return results
@@ -299,6 +349,13 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda[:index]")
+    p.add_argument(
+        "--malloc",
+        default="glibc",
+        choices=["glibc", "steady"],
+        help="glibc: the C library's malloc as it comes (default); steady: keep freed memory in "
+        "the process, so that no implementation pays page faults for memory it allocates again",
+    )
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.device.type == "cuda" and not torch.cuda.is_available():
@@ -309,6 +366,11 @@ def main(argv=None):
     ]
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     torch.set_num_threads(args.threads)
+    if args.malloc == "steady":
+        try:
+            keep_freed_memory()
+        except RuntimeError as err:
+            p.error(f"argument --malloc: {err}")
     backend = seqnorm.ops.choose(None, torch.zeros(1, 1, 1, device=args.device), [], False)
     print(f"seqnorm backend: {backend}")  # on CPU this builds the kernel before anything is timed
     rows = []
@@ -334,6 +396,7 @@ def main(argv=None):
         "seqnorm_backend": backend,
         "autocast": args.autocast,
         "tf32": args.tf32,
+        "malloc": args.malloc,
     }
     print(f"\n{machine}\n")
     print(table(rows))
@@ -386,7 +449,8 @@ def _line(r: dict) -> str:
     return (
         f"{r['shape']} {r['implementation']:<28} fwd {_fmt(r['fwd_ms'], '8.1f')} ms "
         f"({_fmt(r['fwd_ratio'], '.2f')}x)  fwd+bwd {_fmt(r['fwd_bwd_ms'], '8.1f')} ms "
-        f"({_fmt(r['fwd_bwd_ratio'], '.2f')}x)  peak {_fmt(r['peak_mb'], '7.1f')} MB "
+        f"({_fmt(r['fwd_bwd_ratio'], '.2f')}x) {_fmt(r['fwd_bwd_faults'], '6d')} faults  "
+        f"peak {_fmt(r['peak_mb'], '7.1f')} MB "
         f"({_fmt(r['peak_ratio'], '.2f')}x)"
     )
 
@@ -394,8 +458,9 @@ def _line(r: dict) -> str:
 def table(rows: list[dict]) -> str:
     """The results as a Markdown table."""
     lines = [
-        "| shape | implementation | fwd ms | fwd ratio | fwd+bwd ms | fwd+bwd ratio | peak MB | peak ratio |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| shape | implementation | fwd ms | fwd ratio | fwd+bwd ms | fwd+bwd ratio | faults/step "
+        "| peak MB | peak ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         cells = [
@@ -403,6 +468,7 @@ def table(rows: list[dict]) -> str:
             _fmt(r["fwd_ratio"], ".2f"),
             _fmt(r["fwd_bwd_ms"], ".1f"),
             _fmt(r["fwd_bwd_ratio"], ".2f"),
+            _fmt(r["fwd_bwd_faults"], "d"),
             _fmt(r["peak_mb"], ".1f"),
             _fmt(r["peak_ratio"], ".2f"),
         ]

@@ -1,8 +1,11 @@
 """benchmarks/bench_rnn.py on a tiny shape: it runs every implementation, its naive loops compute
-the cells they stand for, and its peak-memory count sees what a step allocates."""
+the cells they stand for, its peak-memory count sees what a step allocates, and its page-fault
+count and ``--malloc steady`` see and remove the faults of memory allocated afresh."""
 
 import importlib.util
 import json
+import mmap
+import subprocess
 import sys
 from pathlib import Path
 
@@ -50,6 +53,51 @@ def test_peak_counts_buffers_from_seqnorms_cache(bench):
         assert cached == pytest.approx(bench.peak_mb(step), abs=0.01) and cached > 6
     finally:
         seqnorm.ops.set_cache_limit(limit)
+
+
+def test_interleaved_medians_count_the_page_faults_of_each_function(bench):
+    pages = 256
+
+    def touch_fresh_pages():  # a new mapping, written page by page: one fault each
+        with mmap.mmap(-1, pages * mmap.PAGESIZE) as m:
+            for k in range(pages):
+                m[k * mmap.PAGESIZE] = 1
+
+    timings = bench.interleaved_medians({"fresh": touch_fresh_pages, "idle": lambda: None}, 1, 3)
+    assert pages <= timings["fresh"].faults < pages + 64
+    assert timings["idle"].faults < 16
+    assert timings["fresh"].ms > 0
+
+
+@pytest.mark.slow
+def test_keep_freed_memory_removes_the_faults_of_allocating_again():
+    """A 64 MiB tensor allocated again after a free: glibc maps it afresh (a fault per page)
+    until keep_freed_memory, after which the freed block is reused (in a child process, as the
+    setting stays for the life of the process)."""
+    code = f"""
+import importlib.util, torch
+spec = importlib.util.spec_from_file_location("bench_rnn", {str(BENCH)!r})
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+def again():
+    first = torch.ones(2**24)
+    del first
+    before = bench._page_faults()
+    second = torch.ones(2**24)
+    return bench._page_faults() - before
+
+print(again())
+bench.keep_freed_memory()
+again()  # where the heap cannot grow in place, glibc maps the first block (once)
+print(again())
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    fresh, kept = map(int, result.stdout.split())
+    pages = 2**26 // mmap.PAGESIZE
+    assert fresh >= pages // 2  # huge pages may serve part of it with fewer faults
+    assert kept < pages // 16
 
 
 @pytest.mark.parametrize(("cls", "naive_cls"), [("LSTM", "NaiveLNLSTM"), ("GRU", "NaiveLNGRU")])
@@ -116,14 +164,35 @@ def test_main_writes_a_table_and_json(bench, tmp_path, monkeypatch, capsys):
         skipped = "BN" in row["implementation"] and row["shape"] == "U"  # no batch statistics
         assert (row["fwd_bwd_ms"] is None) == skipped
         assert (row["peak_mb"] is None) == skipped
+        assert (row["fwd_bwd_faults"] is None) == skipped
+        assert isinstance(row["fwd_faults"], int) and row["fwd_faults"] >= 0
         if not skipped:
-            assert row["fwd_bwd_ms"] > 0 and row["peak_mb"] > 0
+            assert row["fwd_bwd_ms"] > 0 and row["peak_mb"] > 0 and row["fwd_bwd_faults"] >= 0
     baselines = [r for r in rows if r["implementation"] in ("torch.nn.LSTM", "torch.nn.GRU")]
     assert len(baselines) == 4
     assert all(r["fwd_ratio"] == r["fwd_bwd_ratio"] == r["peak_ratio"] == 1.0 for r in baselines)
     table = capsys.readouterr().out
     assert "| U | seqnorm BN-LSTM |" in table and "| U | naive BN-LSTM loop |" in table
-    assert "n/a" in table
+    assert "n/a" in table and "| faults/step |" in table
+    assert result["machine"]["malloc"] == "glibc"  # the default: malloc as it comes
+
+
+def test_malloc_steady_keeps_freed_memory_or_says_why_not(bench, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "SHAPES", {"T": (3, 4, 5, 8)})
+    calls = []
+    monkeypatch.setattr(bench, "keep_freed_memory", lambda: calls.append(True))
+    argv = ["bench_rnn.py", "--shapes", "T", "--warmup", "0", "--repeats", "1"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--only", "torch.nn.LSTM", "--malloc", "steady"])
+    bench.main()
+    assert calls == [True] and "'malloc': 'steady'" in capsys.readouterr().out
+
+    def refuse():
+        raise RuntimeError("glibc's mallopt(-3, 1073741824) refused")
+
+    monkeypatch.setattr(bench, "keep_freed_memory", refuse)
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "argument --malloc: glibc's mallopt(-3, 1073741824) refused" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
