@@ -16,9 +16,10 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.testing import assert_close
 
 import seqnorm
+from seqnorm import functional as SF
 from seqnorm import ops
 from seqnorm.ops import backend as backends
-from seqnorm.ops import library
+from seqnorm.ops import cpp, library
 
 LENGTHS = torch.tensor([9, 4, 7, 1, 9, 2])  # a lone sample at the last steps: batch-norm fallback
 # (T=4, N=3) for gradcheck: padding in the middle sample, one valid sample at the last step
@@ -397,6 +398,38 @@ def test_update_running_stats_operator_declares_its_mutation():
     torch.ops.seqnorm.update_running_stats(mean, var, batch, counts, 0.5)
     assert_close(mean, torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]))
     assert_close(var, torch.tensor([[0.5 + 0.5 * 4 * 4 / 3] * 2, [1.0, 1.0], [1.0, 1.0]]))
+
+
+def test_update_running_stats_in_cpp_equals_the_reference():
+    """The C++ loop, step after step, against functional.update_running's closed form: steps
+    with fewer than two valid samples move nothing, steps past the last row share it."""
+    cpp.load()
+    gen = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        for rows, steps in ((6, 4), (3, 7), (1, 5)):
+            mean = torch.randn(rows, 5, generator=gen, dtype=dtype)
+            var = torch.rand(rows, 5, generator=gen, dtype=dtype) + 0.5
+            batch = torch.stack((torch.randn(steps, 5, generator=gen), torch.rand(steps, 5)))
+            counts = torch.randint(0, 5, (steps,), generator=gen)
+            counts[0] = 1  # one step surely without batch statistics
+            expected = mean.clone(), var.clone()
+            stats = SF.BatchStats(batch[0].to(dtype), batch[1].to(dtype), counts)
+            SF.update_running(*expected, stats, 0, 0.3)
+            torch.ops.seqnorm_cpp.update_running_stats(mean, var, batch.to(dtype), counts, 0.3)
+            assert_close(mean, expected[0], rtol=tol, atol=tol)
+            assert_close(var, expected[1], rtol=tol, atol=tol)
+
+
+def test_update_running_stats_in_cpp_names_what_is_wrong():
+    cpp.load()
+    with pytest.raises(RuntimeError, match=r"batch must be \(2, T, 4\) and counts \(T,\)"):
+        torch.ops.seqnorm_cpp.update_running_stats(
+            torch.zeros(3, 4), torch.ones(3, 4), torch.zeros(2, 2, 5), torch.ones(2), 0.1
+        )
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        torch.ops.seqnorm_cpp.update_running_stats(
+            torch.zeros(4, 3).t(), torch.ones(3, 4), torch.zeros(2, 2, 4), torch.ones(2), 0.1
+        )
 
 
 # --- choosing the backend --------------------------------------------------------------------

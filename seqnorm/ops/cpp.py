@@ -116,6 +116,11 @@ def _exclusive(lock: Path, timeout: float):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def loaded() -> bool:
+    """Whether this process has loaded the kernels (:func:`load` did)."""
+    return _loaded is not None
+
+
 def load() -> Path:
     """Build the kernels if this machine has no build of them yet, and load them.
 

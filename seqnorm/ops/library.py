@@ -839,9 +839,29 @@ def update_running_stats(
 ) -> None:
     """Move batch norm's ``(S, F)`` running statistics towards the batch statistics of steps
     ``0 .. T-1`` (``batch`` ``(2, T, F)``: mean and biased variance; ``counts`` ``(T,)``)."""
+    _update_running(running_mean, running_var, batch, counts, momentum)
+
+
+def _update_running(running_mean, running_var, batch, counts, momentum) -> None:
     from ..functional import BatchStats, update_running
 
     update_running(running_mean, running_var, BatchStats(batch[0], batch[1], counts), 0, momentum)
+
+
+@update_running_stats.register_kernel("cpu")
+def _(running_mean, running_var, batch, counts, momentum):
+    # the C++ loop (some twenty tensor operations fewer) once the forward has loaded the C++
+    # kernels, for float statistics; else, as after Triton's interpreter, the tensor operations
+    stats = (running_mean, running_var)
+    if cpp.loaded() and all(s.dtype in _CPP_STATS and s.is_contiguous() for s in stats):
+        torch.ops.seqnorm_cpp.update_running_stats(
+            running_mean, running_var, batch, counts, momentum
+        )
+    else:
+        _update_running(running_mean, running_var, batch, counts, momentum)
+
+
+_CPP_STATS = (torch.float32, torch.float64)
 
 
 @update_running_stats.register_fake

@@ -42,4 +42,9 @@ std::vector<Tensor> gru_backward(const Tensor& grad_out, const Tensor& grad_h,
                                  const OptTensor& mask, const std::string& norm, int64_t groups,
                                  double eps, bool training, GRUNeeds needs);
 
+// Batch norm's running statistics (S, F) moved by the batch statistics (2, T, F) of steps 0..T-1
+// with at least two valid samples (counts), in place.
+void update_running_stats(Tensor& running_mean, Tensor& running_var, const Tensor& batch,
+                          const Tensor& counts, double momentum);
+
 }  // namespace seqnorm

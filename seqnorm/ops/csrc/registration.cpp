@@ -33,6 +33,10 @@ TORCH_LIBRARY(seqnorm_cpp, m) {
       "Tensor w_hh, Tensor? b_hh, Tensor? gamma_ih, Tensor? gamma_hh, Tensor? mask, str norm, "
       "int groups, float eps, bool training, bool[8] needs) -> Tensor[]",
       &gru_backward);
+  m.def(
+      "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor batch, "
+      "Tensor counts, float momentum) -> ()",
+      &update_running_stats);
   m.def("cache_info() -> int[]", [] { return BufferCache::get().info(); });
   m.def("set_cache_limit(int bytes) -> ()", [](int64_t bytes) {
     TORCH_CHECK(bytes >= 0, "set_cache_limit: bytes=", bytes, ", expected >= 0");
