@@ -1,74 +1,103 @@
-"""GFLOP/s of the matrix products in an LN-LSTM training step at shape C, and of a square sgemm.
+"""GFLOP/s of the matrix products in an LSTM training step, and of a square sgemm.
 
-    python benchmarks/bench_products.py
+    python benchmarks/bench_products.py              # shape C
+    python benchmarks/bench_products.py --shape A
 
-Shape C of bench_rnn.py (batch 64, 200 steps, input 256, hidden 512), float32, 2 threads: the
-input projection of every step at once, the 200 per-step products with W_hh forward and backward
-(oneDNN's packed weights, as the fused kernel runs them) and the chunked products for dW_hh (8
-steps each). A 2048-square sgemm shows what this machine's BLAS reaches. Median of 15 runs after
-one warm-up run.
+The shapes of bench_rnn.py (A: batch 32, 100 steps, input 128, hidden 256; C: batch 64, 200 steps,
+input 256, hidden 512), float32, 2 threads: the input projection of every step at once, the
+per-step products with W_hh forward and backward (oneDNN's packed weights, as the fused kernel
+runs them) and the chunked products for dW_hh (512 rows a chunk, as the kernel does). The last
+line adds up the products of a training step: these, and dW_ih as many flop as the input
+projection at its speed (without dx, which seqnorm skips when the input needs no gradient). A
+2048-square sgemm shows what this machine's BLAS reaches. Median of 15 runs after one warm-up run.
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
 import torch
 
-STEPS, BATCH, INPUT, HIDDEN = 200, 64, 256, 512
-GATES = 4 * HIDDEN
-CHUNK = 8
+SHAPES = {"A": (32, 100, 128, 256), "C": (64, 200, 256, 512)}  # batch, steps, input, hidden
 
 
-def gflops(flop: float, fn, repeats: int = 15) -> float:
+def seconds(fn, repeats: int = 15) -> float:
+    """Median seconds of ``fn`` over ``repeats`` runs, after one."""
     fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return flop / statistics.median(times) / 1e9
+    return statistics.median(times)
 
 
-def onednn_steps(rows: torch.Tensor, weight: torch.Tensor):
-    """``rows W^T`` at every step, on the weight packed once, as the kernel runs it."""
+def onednn_steps(rows: torch.Tensor, weight: torch.Tensor, steps: int):
+    """``rows W^T`` at every step, on the weight packed once, as the kernel runs it: each step's
+    result is freed before the next (kept, as a list would, they were 1.5x slower at A)."""
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows.shape[0])
-    return lambda: [
-        torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], "") for _ in range(STEPS)
-    ]
+
+    def run():
+        for _ in range(steps):
+            torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], "")
+
+    return run
 
 
-def main():
-    torch.set_num_threads(2)
-    rows = STEPS * BATCH
-    x, out = torch.randn(rows, INPUT), torch.empty(rows, GATES)
-    w_ih, w_hh = torch.randn(GATES, INPUT), torch.randn(GATES, HIDDEN)
-    dgh, h = torch.randn(CHUNK * BATCH, GATES), torch.randn(CHUNK * BATCH, HIDDEN)
-    dw = torch.zeros(GATES, HIDDEN)
+def main(argv=None) -> dict[str, tuple[float, float]]:
+    """Prints, and returns, each product's GFLOP/s and milliseconds by name."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="C", choices=list(SHAPES))
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    batch, steps, input_size, hidden = SHAPES[args.shape]
+    gates = 4 * hidden
+    chunk = max(1, min(512 // batch, steps))  # steps a chunk, as the kernel's chunk_steps
+    rows = steps * batch
+    x, out = torch.randn(rows, input_size), torch.empty(rows, gates)
+    w_ih, w_hh = torch.randn(gates, input_size), torch.randn(gates, hidden)
+    dgh, h = torch.randn(chunk * batch, gates), torch.randn(chunk * batch, hidden)
+    dw = torch.zeros(gates, hidden)
     square = torch.randn(2048, 2048), torch.randn(2048, 2048), torch.empty(2048, 2048)
-    recurrent = 2 * rows * HIDDEN * GATES  # flop of one product with W_hh over every step
+    recurrent = 2 * rows * hidden * gates  # flop of one product with W_hh over every step
     cases = {
         "input projection x W_ih^T": (
-            2 * rows * INPUT * GATES,
+            2 * rows * input_size * gates,
             lambda: torch.mm(x, w_ih.t(), out=out),
         ),
         "per step h W_hh^T (oneDNN)": (
             recurrent,
-            onednn_steps(torch.randn(BATCH, HIDDEN), w_hh),
+            onednn_steps(torch.randn(batch, hidden), w_hh, steps),
         ),
         "per step dgh W_hh (oneDNN)": (
             recurrent,
-            onednn_steps(torch.randn(BATCH, GATES), w_hh.t().contiguous()),
+            onednn_steps(torch.randn(batch, gates), w_hh.t().contiguous(), steps),
         ),
-        f"dW_hh, chunks of {CHUNK} steps": (
+        f"dW_hh, chunks of {chunk} steps": (
             recurrent,
-            lambda: [dw.addmm_(dgh.t(), h) for _ in range(STEPS // CHUNK)],
+            lambda: [dw.addmm_(dgh.t(), h) for _ in range(steps // chunk)],
         ),
-        "sgemm 2048 x 2048 x 2048": (2 * 2048**3, lambda: torch.mm(*square[:2], out=square[2])),
     }
+    results = {}
     for name, (flop, fn) in cases.items():
-        print(f"{name:32s} {gflops(flop, fn):6.1f} GFLOP/s")
+        took = seconds(fn)
+        results[name] = (flop / took / 1e9, 1000 * took)
+    input_ms = results["input projection x W_ih^T"][1]
+    step_ms = sum(ms for _, ms in results.values()) + input_ms  # dW_ih as the projection
+    step_flop = sum(flop for flop, _ in cases.values()) + cases["input projection x W_ih^T"][0]
+    square_s = seconds(lambda: torch.mm(*square[:2], out=square[2]))
+    results["sgemm 2048 x 2048 x 2048"] = (2 * 2048**3 / square_s / 1e9, 1000 * square_s)
+    print(f"shape {args.shape}, {args.threads} threads")
+    for name, (rate, ms) in results.items():
+        print(f"{name:32s} {rate:6.1f} GFLOP/s {ms:8.1f} ms")
+    print(
+        f"{'products of a training step':32s} {step_flop / step_ms / 1e6:6.1f} GFLOP/s "
+        f"{step_ms:8.1f} ms ({step_flop / 1e9:.2f} GFLOP)"
+    )
+    return results
 
 
 if __name__ == "__main__":

@@ -264,3 +264,17 @@ def test_a_training_step_peaks_below_torch_nn(bench, norm):
         seqnorm.ops.empty_cache()
         peaks[name] = bench.peak_mb(step)
     assert peaks["seqnorm"] < peaks["torch"], peaks
+
+
+@pytest.mark.slow
+def test_bench_products_times_every_product_of_a_step(monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "bench_products", BENCH.with_name("bench_products.py")
+    )
+    products = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(products)
+    monkeypatch.setattr(products, "SHAPES", {"A": (4, 6, 8, 16)})
+    results = products.main(["--shape", "A", "--threads", "1"])
+    assert "dW_hh, chunks of 6 steps" in results  # 512 rows a chunk, at most every step
+    assert len(results) == 5 and all(rate > 0 and ms > 0 for rate, ms in results.values())
+    assert "products of a training step" in capsys.readouterr().out
