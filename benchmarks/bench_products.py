@@ -34,6 +34,13 @@ def seconds(fn, repeats: int = 15) -> float:
     return statistics.median(times)
 
 
+def chunk_sizes(steps: int, batch: int) -> list[int]:
+    """The steps of each chunk of the dW_hh products, as the kernel's chunk_steps: 512 rows a
+    chunk (at least one step, at most all), the last chunk what is left."""
+    chunk = max(1, min(512 // batch, steps))
+    return [chunk] * (steps // chunk) + ([steps % chunk] if steps % chunk else [])
+
+
 def onednn_steps(rows: torch.Tensor, weight: torch.Tensor, steps: int):
     """``rows W^T`` at every step, on the weight packed once, as the kernel runs it: each step's
     result is freed before the next (kept, as a list would, they were 1.5x slower at A)."""
@@ -55,7 +62,8 @@ def main(argv=None) -> dict[str, tuple[float, float]]:
     torch.set_num_threads(args.threads)
     batch, steps, input_size, hidden = SHAPES[args.shape]
     gates = 4 * hidden
-    chunk = max(1, min(512 // batch, steps))  # steps a chunk, as the kernel's chunk_steps
+    chunks = chunk_sizes(steps, batch)
+    chunk = chunks[0]
     rows = steps * batch
     x, out = torch.randn(rows, input_size), torch.empty(rows, gates)
     w_ih, w_hh = torch.randn(gates, input_size), torch.randn(gates, hidden)
@@ -78,7 +86,7 @@ def main(argv=None) -> dict[str, tuple[float, float]]:
         ),
         f"dW_hh, chunks of {chunk} steps": (
             recurrent,
-            lambda: [dw.addmm_(dgh.t(), h) for _ in range(steps // chunk)],
+            lambda: [dw.addmm_(dgh[: n * batch].t(), h[: n * batch]) for n in chunks],
         ),
     }
     results = {}

@@ -244,9 +244,12 @@ def keep_freed_memory(nbytes: int = 2**30) -> None:
         mallopt = libc.mallopt
     except (OSError, AttributeError) as err:
         raise RuntimeError(f"glibc's mallopt is not available here: {err}") from None
-    for param in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD):
+    for name, param in (
+        ("M_MMAP_THRESHOLD", M_MMAP_THRESHOLD),
+        ("M_TRIM_THRESHOLD", M_TRIM_THRESHOLD),
+    ):
         if mallopt(param, ctypes.c_int(nbytes)) != 1:
-            raise RuntimeError(f"glibc's mallopt({param}, {nbytes}) refused")
+            raise RuntimeError(f"glibc's mallopt refused {name}={nbytes}")
 
 
 def synchronized(fn, device: torch.device):

@@ -187,12 +187,15 @@ def test_malloc_steady_keeps_freed_memory_or_says_why_not(bench, monkeypatch, ca
     assert calls == [True] and "'malloc': 'steady'" in capsys.readouterr().out
 
     def refuse():
-        raise RuntimeError("glibc's mallopt(-3, 1073741824) refused")
+        raise RuntimeError("glibc's mallopt refused M_MMAP_THRESHOLD=1073741824")
 
     monkeypatch.setattr(bench, "keep_freed_memory", refuse)
     with pytest.raises(SystemExit):
         bench.main()
-    assert "argument --malloc: glibc's mallopt(-3, 1073741824) refused" in capsys.readouterr().err
+    assert (
+        "argument --malloc: glibc's mallopt refused M_MMAP_THRESHOLD=1073741824"
+        in capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize(
@@ -278,3 +281,7 @@ def test_bench_products_times_every_product_of_a_step(monkeypatch, capsys):
     assert "dW_hh, chunks of 6 steps" in results  # 512 rows a chunk, at most every step
     assert len(results) == 5 and all(rate > 0 and ms > 0 for rate, ms in results.values())
     assert "products of a training step" in capsys.readouterr().out
+    # every step's gradient is in some chunk, 512 rows each but the last
+    assert products.chunk_sizes(100, 32) == [16] * 6 + [4]
+    assert products.chunk_sizes(200, 64) == [8] * 25
+    assert products.chunk_sizes(5, 1024) == [1] * 5

@@ -848,6 +848,9 @@ def _update_running(running_mean, running_var, batch, counts, momentum) -> None:
     update_running(running_mean, running_var, BatchStats(batch[0], batch[1], counts), 0, momentum)
 
 
+_CPP_STATS = (torch.float32, torch.float64)  # what the C++ loop takes
+
+
 @update_running_stats.register_kernel("cpu")
 def _(running_mean, running_var, batch, counts, momentum):
     # the C++ loop (some twenty tensor operations fewer) once the forward has loaded the C++
@@ -859,9 +862,6 @@ def _(running_mean, running_var, batch, counts, momentum):
         )
     else:
         _update_running(running_mean, running_var, batch, counts, momentum)
-
-
-_CPP_STATS = (torch.float32, torch.float64)
 
 
 @update_running_stats.register_fake
