@@ -95,10 +95,11 @@ void for_rows(int64_t N, int64_t width, const Body& body) {
 }
 
 // Runs body(lo, hi) over ranges of the F features of a step's N rows, split over ATen's threads
-// when there is enough work (batch norm: statistics are per feature).
+// when there is enough work (batch norm: statistics are per feature): at least 4096 values a
+// thread, as for_rows.
 template <typename Body>
 void for_features(int64_t N, int64_t F, const Body& body) {
-  at::parallel_for(0, F, std::max<int64_t>(8, 8192 / std::max<int64_t>(N, 1)), body);
+  at::parallel_for(0, F, std::max<int64_t>(8, 4096 / std::max<int64_t>(N, 1)), body);
 }
 
 // A per-feature sum in double, one copy per thread so that rows can run in parallel (the

@@ -180,7 +180,7 @@ SEQNORM_SIMD
 SEQNORM_SIMD
           for (int64_t f = 0; f < F; ++f) db[f] += dzn[f];
         }
-        if (normed) {
+        if (normed && !batch) {  // batch norm: all rows at once, below
           const scalar_t* xn = xh + n * F;
           double* dgam = dgamma_hh.mine();
 SEQNORM_SIMD
@@ -188,10 +188,12 @@ SEQNORM_SIMD
             dgam[f] += dzn[f] * xn[f];
             dzn[f] *= gam[f];
           }
-          if (!batch) group_norm_backward_row(s.groups, dzn, xn, F, stats + n * s.groups);
+          group_norm_backward_row(s.groups, dzn, xn, F, stats + n * s.groups);
         }
       });
-      if (batch) batch_norm_backward(dz, xh, N, F, valid, stats + F, s.uses_batch(count[t]), count[t]);
+      if (batch)  // from the serial time loop: thread 0's sums take every feature
+        batch_norm_backward(dz, dz, xh, gam, dgamma_hh.mine(), nullptr, N, F, valid, stats + F,
+                            s.uses_batch(count[t]), count[t]);
       const Tensor dprev = recurrent(dgh_t, dprev_buf);
       const scalar_t* dp = dprev.data_ptr<scalar_t>();
       for (int64_t n = 0; n < N; ++n) {

@@ -156,15 +156,17 @@ SEQNORM_SIMD
 SEQNORM_SIMD
           for (int64_t f = 0; f < F; ++f) g[f] += d[f] * xh[f];
         }
+        if (s_.batch()) return;  // all rows at once, below
         if (gam) {
 SEQNORM_SIMD
           for (int64_t f = 0; f < F; ++f) d[f] *= gam[f];
         }
-        if (!s_.batch()) group_norm_backward_row(s_.groups, d, xh, F, stats + n * s_.groups);
+        group_norm_backward_row(s_.groups, d, xh, F, stats + n * s_.groups);
       });
-      if (s_.batch())
-        batch_norm_backward(dyt, xht, N, F, mask_ ? mask_ + t * N : nullptr, stats + F,
-                            s_.uses_batch(count_[t]), count_[t]);
+      if (s_.batch())  // steps run in parallel here: the sums stay in the row loop above
+        batch_norm_backward(dyt, dyt, xht, gam, static_cast<double*>(nullptr),
+                            static_cast<double*>(nullptr), N, F, mask_ ? mask_ + t * N : nullptr,
+                            stats + F, s_.uses_batch(count_[t]), count_[t]);
     }
   });
 }

@@ -273,27 +273,32 @@ SEQNORM_SIMD
         const scalar_t* dho = proj ? dh_out + n * H : dhn;
         if (normed) {
           const scalar_t* xcn = xc + n * H;
-          double* dgam_c = dgamma_c.mine();
-          double* dbet_c = dbeta_c.mine();
 SEQNORM_SIMD
           for (int64_t j = 0; j < H; ++j) tcn[j] = tanh_approx(gam_c[j] * xcn[j] + bet_c[j]);
-SEQNORM_SIMD
-          for (int64_t j = 0; j < H; ++j) {
-            const scalar_t dy = dho[j] * on[j] * (1 - tcn[j] * tcn[j]);
-            dgam_c[j] += dy * xcn[j];
-            dbet_c[j] += dy;
-            dcn[j] = dy * gam_c[j];
-          }
-          if (!batch) group_norm_backward_row(s.groups, dcn, xcn, H, stats_c + n * s.groups);
         } else {
           const scalar_t* cn = c_new + n * H;
 SEQNORM_SIMD
           for (int64_t j = 0; j < H; ++j) tcn[j] = tanh_approx(cn[j]);
+        }
+        // dL/dNc(c'), or dL/dc' without a norm
 SEQNORM_SIMD
-          for (int64_t j = 0; j < H; ++j) dcn[j] = dho[j] * on[j] * (1 - tcn[j] * tcn[j]);
+        for (int64_t j = 0; j < H; ++j) dcn[j] = dho[j] * on[j] * (1 - tcn[j] * tcn[j]);
+        if (normed && !batch) {  // batch norm: all rows at once, below
+          const scalar_t* xcn = xc + n * H;
+          double* dgam_c = dgamma_c.mine();
+          double* dbet_c = dbeta_c.mine();
+SEQNORM_SIMD
+          for (int64_t j = 0; j < H; ++j) {
+            dgam_c[j] += dcn[j] * xcn[j];
+            dbet_c[j] += dcn[j];
+            dcn[j] *= gam_c[j];
+          }
+          group_norm_backward_row(s.groups, dcn, xcn, H, stats_c + n * s.groups);
         }
       });
-      if (batch) batch_norm_backward(dco, xc, N, H, valid, stats_c + H, s.uses_batch(count[t]), count[t]);
+      if (batch)  // from the serial time loop: thread 0's sums take every feature
+        batch_norm_backward(dco, dco, xc, gam_c, dgamma_c.mine(), dbeta_c.mine(), N, H, valid,
+                            stats_c + H, s.uses_batch(count[t]), count[t]);
       const scalar_t* xh = normed ? saved.xhat_hh.data_ptr<scalar_t>() + t * N * F : nullptr;
       const scalar_t* stats_hh = normed ? saved.stats_hh.data_ptr<scalar_t>() + t * stride_hh : nullptr;
       for_rows(N, F, [&](int64_t n) {  // through c' = sig(f) c + sig(i) tanh(g) to the gates
@@ -319,7 +324,7 @@ SEQNORM_SIMD
           dgn[3 * H + j] = dho[j] * tcn[j] * og * (1 - og);
           dcn[j] = dct * f;
         }
-        if (normed) {  // through gates = gx + gamma * x_hat(h W_hh^T)
+        if (normed && !batch) {  // through gates = gx + gamma * x_hat(h W_hh^T); batch norm below
           const scalar_t* xn = xh + n * F;
           scalar_t* dzn = dz + n * F;
           double* dgam_hh = dgamma_hh.mine();
@@ -328,10 +333,12 @@ SEQNORM_SIMD
             dgam_hh[f] += dgn[f] * xn[f];
             dzn[f] = dgn[f] * gam_hh[f];
           }
-          if (!batch) group_norm_backward_row(s.groups, dzn, xn, F, stats_hh + n * s.groups);
+          group_norm_backward_row(s.groups, dzn, xn, F, stats_hh + n * s.groups);
         }
       });
-      if (batch) batch_norm_backward(dz, xh, N, F, valid, stats_hh + F, s.uses_batch(count[t]), count[t]);
+      if (batch)
+        batch_norm_backward(dgates, dz, xh, gam_hh, dgamma_hh.mine(), nullptr, N, F, valid,
+                            stats_hh + F, s.uses_batch(count[t]), count[t]);
       const Tensor dprev = recurrent(dgh_t, dprev_buf);  // (N, P)
       const scalar_t* dp = dprev.data_ptr<scalar_t>();
       for (int64_t n = 0; n < N; ++n) {

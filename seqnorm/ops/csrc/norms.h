@@ -10,6 +10,7 @@
 #include "common.h"
 
 #include <cmath>
+#include <type_traits>
 
 namespace seqnorm {
 
@@ -32,6 +33,10 @@ template <typename scalar_t>
 void batch_stats(const NormConfig& s, const scalar_t* x, int64_t N, int64_t F, const bool* valid,
                  int64_t count, const scalar_t* run_mean, const scalar_t* run_var,
                  scalar_t* mean, scalar_t* rstd, scalar_t* batch_mean, scalar_t* batch_var) {
+  // float32 values: sum and sum of squares in one pass, in double, where the difference
+  // E[x^2] - mean^2 keeps about 29 bits more than the values have (a squared float32 is exact in
+  // double); double values: two passes (mean, then squared deviations).
+  constexpr bool one_pass = std::is_same_v<scalar_t, float>;
   if (!s.uses_batch(count)) {
     std::copy(run_mean, run_mean + F, mean);
 SEQNORM_SIMD
@@ -44,16 +49,20 @@ SEQNORM_SIMD
     for (int64_t n = 0; n < N; ++n) {
       if (valid && !valid[n]) continue;
       const scalar_t* p = x + n * F + lo;
-      for (int64_t f = 0; f < hi - lo; ++f) sum[f] += p[f];
+      for (int64_t f = 0; f < hi - lo; ++f) {
+        sum[f] += p[f];
+        if constexpr (one_pass) squares[f] += static_cast<double>(p[f]) * p[f];
+      }
     }
     for (int64_t f = 0; f < hi - lo; ++f) sum[f] /= count;
-    for (int64_t n = 0; n < N; ++n) {
+    for (int64_t n = 0; !one_pass && n < N; ++n) {
       if (valid && !valid[n]) continue;
       const scalar_t* p = x + n * F + lo;
       for (int64_t f = 0; f < hi - lo; ++f) squares[f] += (p[f] - sum[f]) * (p[f] - sum[f]);
     }
     for (int64_t f = 0; f < hi - lo; ++f) {
-      squares[f] /= count;
+      squares[f] = one_pass ? std::max(squares[f] / count - sum[f] * sum[f], 0.0)
+                            : squares[f] / count;
       batch_mean[lo + f] = mean[lo + f] = static_cast<scalar_t>(sum[f]);
       batch_var[lo + f] = static_cast<scalar_t>(squares[f]);
       rstd[lo + f] = static_cast<scalar_t>(1.0 / std::sqrt(squares[f] + s.eps));
@@ -128,46 +137,52 @@ SEQNORM_SIMD
   }
 }
 
-// The backward of batch normalization of a step, all rows at once: d holds dL/dxhat on entry,
-// dL/dx on exit. Rows of samples that are not valid were normalized but took no part in the
-// statistics: their derivative is rstd times theirs on entry (in the recurrence they are zero on
+// The backward of y = gamma * batch_norm(x) + beta over a step, all rows at once: dy (N, F) is
+// dL/dy, dx receives dL/dx (it may be dy itself). Adds the sums over the rows of dy * x_hat to
+// dgamma and of dy to dbeta (F each; null when not wanted): each feature is summed by one thread,
+// so the caller must not run two such calls at once on the same sums. gamma null means a gain of
+// 1. Rows of samples that are not valid were normalized but took no part in the statistics:
+// their derivative is gamma * rstd times theirs on entry (in the recurrence they are zero on
 // entry and stay zero). With running statistics (use_batch false) they are constants.
 template <typename scalar_t>
-void batch_norm_backward(scalar_t* d, const scalar_t* xhat, int64_t N, int64_t F,
-                         const bool* valid, const scalar_t* rstd, bool use_batch, int64_t count) {
-  if (!use_batch) {
-    for (int64_t n = 0; n < N; ++n)
-SEQNORM_SIMD
-      for (int64_t f = 0; f < F; ++f) d[n * F + f] *= rstd[f];
-    return;
-  }
+void batch_norm_backward(const scalar_t* dy, scalar_t* dx, const scalar_t* xhat,
+                         const scalar_t* gamma, double* dgamma, double* dbeta, int64_t N,
+                         int64_t F, const bool* valid, const scalar_t* rstd, bool use_batch,
+                         int64_t count) {
+  const bool sums = use_batch || dgamma || dbeta;
   for_features(N, F, [&](int64_t lo, int64_t hi) {
     const int64_t width = hi - lo;
-    std::vector<double> m1(width, 0.0), m2(width, 0.0);
-    for (int64_t n = 0; n < N; ++n) {  // every row's output used the statistics
-      const scalar_t* p = d + n * F + lo;
+    std::vector<double> m1(sums ? width : 0, 0.0), m2(sums ? width : 0, 0.0);
+    for (int64_t n = 0; sums && n < N; ++n) {  // every row's output used the statistics
+      const scalar_t* p = dy + n * F + lo;
       const scalar_t* xh = xhat + n * F + lo;
       for (int64_t f = 0; f < width; ++f) {
         m1[f] += p[f];
         m2[f] += p[f] * xh[f];
       }
     }
-    std::vector<scalar_t> a(width), b(width);
+    for (int64_t f = 0; dgamma && f < width; ++f) dgamma[lo + f] += m2[f];
+    for (int64_t f = 0; dbeta && f < width; ++f) dbeta[lo + f] += m1[f];
+    // dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat)) = scale * dy - a - x_hat * b
+    std::vector<scalar_t> scale(width), a(width, 0), b(width, 0);
     for (int64_t f = 0; f < width; ++f) {
-      a[f] = static_cast<scalar_t>(m1[f] / count);
-      b[f] = static_cast<scalar_t>(m2[f] / count);
+      const double sc = static_cast<double>(rstd[lo + f]) * (gamma ? gamma[lo + f] : 1);
+      scale[f] = static_cast<scalar_t>(sc);
+      if (!use_batch) continue;
+      a[f] = static_cast<scalar_t>(sc * m1[f] / count);
+      b[f] = static_cast<scalar_t>(sc * m2[f] / count);
     }
-    const scalar_t* r = rstd + lo;
     for (int64_t n = 0; n < N; ++n) {
-      scalar_t* p = d + n * F + lo;
+      const scalar_t* p = dy + n * F + lo;
+      scalar_t* q = dx + n * F + lo;
       const scalar_t* xh = xhat + n * F + lo;
-      if (valid && !valid[n]) {
+      if (!use_batch || (valid && !valid[n])) {
 SEQNORM_SIMD
-        for (int64_t f = 0; f < width; ++f) p[f] *= r[f];
+        for (int64_t f = 0; f < width; ++f) q[f] = scale[f] * p[f];
         continue;
       }
 SEQNORM_SIMD
-      for (int64_t f = 0; f < width; ++f) p[f] = r[f] * (p[f] - a[f] - xh[f] * b[f]);
+      for (int64_t f = 0; f < width; ++f) q[f] = scale[f] * p[f] - a[f] - xh[f] * b[f];
     }
   });
 }
