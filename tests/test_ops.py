@@ -502,6 +502,13 @@ def test_library_module_names_each_gradient():
     assert len(library.LSTM_GRADS) == 11 and len(library.GRU_GRADS) == 8
 
 
+@pytest.mark.parametrize("name", ["lstm_forward", "lstm_backward", "gru_forward", "gru_backward"])
+def test_operator_arguments_are_named_as_in_the_schema(name):
+    """Fakes and kernels read their arguments through the operator's Args, by name."""
+    schema = getattr(torch.ops.seqnorm, name).default._schema
+    assert getattr(library, name).Args._fields == tuple(a.name for a in schema.arguments)
+
+
 @pytest.mark.slow
 def test_the_product_is_chosen_by_timing_both_unless_asked_for(monkeypatch):
     """Without SEQNORM_CPU_PRODUCT the kernel times oneDNN's packed product against at::mm once

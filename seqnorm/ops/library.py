@@ -19,6 +19,9 @@ gradient is exact.
 
 from __future__ import annotations
 
+import inspect
+from collections import namedtuple
+
 import torch
 from torch import Tensor
 
@@ -41,10 +44,24 @@ def _stats_numel(norm: str, groups: int, steps, n, features) -> int:
     return steps * n * (groups if norm == "group" else 1)
 
 
+def _operator(name: str):
+    """``torch.library.custom_op(name)`` for a function without mutated arguments, which also
+    gives the operator ``Args``: a named tuple of its arguments in schema order. Its fake and its
+    kernels take ``*args, **kwargs`` and read them through ``Args``, so the argument list is
+    written once, in the operator's definition."""
+
+    def register(fn):
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op.Args = namedtuple(f"{fn.__name__}_args", inspect.signature(fn).parameters)
+        return op
+
+    return register
+
+
 # --- LSTM -----------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("seqnorm::lstm_forward", mutates_args=())
+@_operator("seqnorm::lstm_forward")
 def lstm_forward(
     x: Tensor,
     h0: Tensor,
@@ -98,94 +115,53 @@ def lstm_forward(
 
 
 @lstm_forward.register_fake
-def _(
-    x,
-    h0,
-    c0,
-    w_ih,
-    w_hh,
-    b_ih,
-    b_hh,
-    w_hr,
-    gamma_ih,
-    gamma_hh,
-    gamma_c,
-    beta_c,
-    running_ih,
-    running_hh,
-    running_c,
-    mask,
-    norm,
-    groups,
-    eps,
-    training,
-    keep,
-    backend,
-):
-    steps, n = x.shape[:2]
-    hidden, out_size = c0.shape[-1], h0.shape[-1]
+def _(*args, **kwargs):
+    a = lstm_forward.Args(*args, **kwargs)
+    steps, n = a.x.shape[:2]
+    hidden, out_size = a.c0.shape[-1], a.h0.shape[-1]
     features = 4 * hidden
-    batch = norm == "batch" and training
-    state = h0.new_empty  # outputs and saved tensors are in the state's dtype
+    batch = a.norm == "batch" and a.training
+    state = a.h0.new_empty  # outputs and saved tensors are in the state's dtype
     heads = (
         state(steps, n, out_size),
         state(n, out_size),
         state(n, hidden),
         *(state(2, steps, f) if batch else state(0) for f in (features, features, hidden)),
     )
-    counts = x.new_empty(steps, dtype=torch.long)
-    if not keep:
+    counts = a.x.new_empty(steps, dtype=torch.long)
+    if not a.keep:
         return (*heads, *(state(0) for _ in LSTMSaved._fields[:-1]), counts)
-    normed = norm != "none"
+    normed = a.norm != "none"
     saved = LSTMSaved(
         hs=state(steps + 1, n, out_size),
         cs=state(steps + 1, n, hidden),
         acts=state(steps, n, features),
         xhat_hh=state(steps, n, features) if normed else state(0),
-        stats_hh=state(_stats_numel(norm, groups, steps, n, features)),
+        stats_hh=state(_stats_numel(a.norm, a.groups, steps, n, features)),
         xhat_c=state(steps, n, hidden) if normed else state(0),
-        stats_c=state(_stats_numel(norm, groups, steps, n, hidden)),
-        hpre=state(steps, n, hidden) if w_hr is not None else state(0),
+        stats_c=state(_stats_numel(a.norm, a.groups, steps, n, hidden)),
+        hpre=state(steps, n, hidden) if a.w_hr is not None else state(0),
         xhat_ih=state(steps, n, features) if normed else state(0),
-        stats_ih=state(_stats_numel(norm, groups, steps, n, features)),
+        stats_ih=state(_stats_numel(a.norm, a.groups, steps, n, features)),
         counts=counts,
     )
     return (*heads, *saved)
 
 
 @lstm_forward.register_kernel("cpu")
-def _(
-    x,
-    h0,
-    c0,
-    w_ih,
-    w_hh,
-    b_ih,
-    b_hh,
-    w_hr,
-    gamma_ih,
-    gamma_hh,
-    gamma_c,
-    beta_c,
-    running_ih,
-    running_hh,
-    running_c,
-    mask,
-    norm,
-    groups,
-    eps,
-    training,
-    keep,
-    backend,
-):
-    if backend == "triton":
-        return _triton().lstm_forward(*_args_of(locals()))
+def _(*args, **kwargs):
+    a = lstm_forward.Args(*args, **kwargs)
+    if a.backend == "triton":
+        return _triton().lstm_forward(*a)
     cpp.load()
     kernels = torch.ops.seqnorm_cpp
-    mask, running_ih, running_hh, running_c = _contiguous(mask, running_ih, running_hh, running_c)
-    bias = None if b_ih is None else b_ih + b_hh
+    x, norm, groups, eps, training, keep = a.x, a.norm, a.groups, a.eps, a.training, a.keep
+    mask, running_ih, running_hh, running_c = _contiguous(
+        a.mask, a.running_ih, a.running_hh, a.running_c
+    )
+    bias = None if a.b_ih is None else a.b_ih + a.b_hh
     gx, xhat_ih, stats_ih, batch_ih, _ = kernels.input_forward(
-        x, w_ih, bias, gamma_ih, running_ih, mask, norm, groups, eps, training, keep
+        x, a.w_ih, bias, a.gamma_ih, running_ih, mask, norm, groups, eps, training, keep
     )
     (
         out,
@@ -204,13 +180,13 @@ def _(
         counts,
     ) = kernels.lstm_forward(
         gx,
-        h0,
-        c0,
-        w_hh,
-        w_hr,
-        gamma_hh,
-        gamma_c,
-        beta_c,
+        a.h0,
+        a.c0,
+        a.w_hh,
+        a.w_hr,
+        a.gamma_hh,
+        a.gamma_c,
+        a.beta_c,
         running_hh,
         running_c,
         mask,
@@ -233,7 +209,7 @@ def _(
         stats_hh,
         xhat_c if normed else _empty(x),
         stats_c,
-        hpre if w_hr is not None else _empty(x),
+        hpre if a.w_hr is not None else _empty(x),
         xhat_ih if normed else _empty(x),
         stats_ih,
         counts,
@@ -245,7 +221,7 @@ def _contiguous(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
-@torch.library.custom_op("seqnorm::lstm_backward", mutates_args=())
+@_operator("seqnorm::lstm_backward")
 def lstm_backward(
     grad_out: Tensor,
     grad_h: Tensor,
@@ -300,101 +276,47 @@ LSTM_GRADS = (
 
 
 @lstm_backward.register_fake
-def _(
-    grad_out,
-    grad_h,
-    grad_c,
-    x,
-    w_ih,
-    w_hh,
-    w_hr,
-    gamma_ih,
-    gamma_hh,
-    gamma_c,
-    beta_c,
-    mask,
-    hs,
-    cs,
-    acts,
-    xhat_hh,
-    stats_hh,
-    xhat_c,
-    stats_c,
-    hpre,
-    xhat_ih,
-    stats_ih,
-    counts,
-    norm,
-    groups,
-    eps,
-    training,
-    needs,
-    backend,
-):
-    bias = grad_c.new_empty(w_hh.shape[0])  # the biases are in the state's dtype
-    likes = (x, grad_h, grad_c, w_ih, w_hh, bias, w_hr, gamma_ih, gamma_hh, gamma_c, beta_c)
-    return tuple(
-        torch.empty_like(like) if need and like is not None else x.new_empty(0)
-        for like, need in zip(likes, needs)
-    )
+def _(*args, **kwargs):
+    a = lstm_backward.Args(*args, **kwargs)
+    bias = a.grad_c.new_empty(a.w_hh.shape[0])  # the biases are in the state's dtype
+    likes = (a.x, a.grad_h, a.grad_c, a.w_ih, a.w_hh, bias, a.w_hr, a.gamma_ih, a.gamma_hh)
+    return _fake_grads((*likes, a.gamma_c, a.beta_c), a.needs, a.x)
 
 
 @lstm_backward.register_kernel("cpu")
-def _(
-    grad_out,
-    grad_h,
-    grad_c,
-    x,
-    w_ih,
-    w_hh,
-    w_hr,
-    gamma_ih,
-    gamma_hh,
-    gamma_c,
-    beta_c,
-    mask,
-    hs,
-    cs,
-    acts,
-    xhat_hh,
-    stats_hh,
-    xhat_c,
-    stats_c,
-    hpre,
-    xhat_ih,
-    stats_ih,
-    counts,
-    norm,
-    groups,
-    eps,
-    training,
-    needs,
-    backend,
-):
-    if backend == "triton":
-        return _triton().lstm_backward(*_args_of(locals()))
-    saved = [hs, cs, acts, xhat_hh, stats_hh, xhat_c, stats_c, hpre, xhat_ih, stats_ih, counts]
+def _(*args, **kwargs):
+    a = lstm_backward.Args(*args, **kwargs)
+    if a.backend == "triton":
+        return _triton().lstm_backward(*a)
     grads = torch.ops.seqnorm_cpp.lstm_backward(
-        grad_out,
-        grad_h,
-        grad_c,
-        saved,
-        x,
-        w_ih,
-        w_hh,
-        w_hr,
-        gamma_ih,
-        gamma_hh,
-        gamma_c,
-        beta_c,
-        *_contiguous(mask),
-        norm,
-        groups,
-        eps,
-        training,
-        needs,
+        a.grad_out,
+        a.grad_h,
+        a.grad_c,
+        [getattr(a, name) for name in LSTMSaved._fields],
+        a.x,
+        a.w_ih,
+        a.w_hh,
+        a.w_hr,
+        a.gamma_ih,
+        a.gamma_hh,
+        a.gamma_c,
+        a.beta_c,
+        *_contiguous(a.mask),
+        a.norm,
+        a.groups,
+        a.eps,
+        a.training,
+        a.needs,
     )
-    return _wanted(grads, needs, x)
+    return _wanted(grads, a.needs, a.x)
+
+
+def _fake_grads(likes, needs, like: Tensor) -> tuple[Tensor, ...]:
+    """A backward's fake results: a tensor like each wanted gradient's input, empty ones else."""
+    return tuple(
+        torch.empty_like(t) if need and t is not None else _empty(like)
+        for t, need in zip(likes, needs)
+    )
 
 
 def _wanted(grads, needs, like: Tensor) -> tuple[Tensor, ...]:
@@ -478,7 +400,7 @@ lstm_forward.register_autograd(_lstm_backward, setup_context=_lstm_setup)
 # --- GRU --------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("seqnorm::gru_forward", mutates_args=())
+@_operator("seqnorm::gru_forward")
 def gru_forward(
     x: Tensor,
     h0: Tensor,
@@ -506,82 +428,49 @@ def gru_forward(
 
 
 @gru_forward.register_fake
-def _(
-    x,
-    h0,
-    w_ih,
-    w_hh,
-    b_ih,
-    b_hh,
-    gamma_ih,
-    gamma_hh,
-    running_ih,
-    running_hh,
-    mask,
-    norm,
-    groups,
-    eps,
-    training,
-    keep,
-    backend,
-):
-    steps, n = x.shape[:2]
-    hidden = h0.shape[-1]
+def _(*args, **kwargs):
+    a = gru_forward.Args(*args, **kwargs)
+    steps, n = a.x.shape[:2]
+    hidden = a.h0.shape[-1]
     features = 3 * hidden
-    batch = norm == "batch" and training
-    state = h0.new_empty
+    batch = a.norm == "batch" and a.training
+    state = a.h0.new_empty
     heads = (
         state(steps, n, hidden),
         state(n, hidden),
         *(state(2, steps, features) if batch else state(0) for _ in range(2)),
     )
-    counts = x.new_empty(steps, dtype=torch.long)
-    if not keep:
+    counts = a.x.new_empty(steps, dtype=torch.long)
+    if not a.keep:
         return (*heads, *(state(0) for _ in GRUSaved._fields[:-1]), counts)
-    normed = norm != "none"
+    normed = a.norm != "none"
     saved = GRUSaved(
         hs=state(steps + 1, n, hidden),
         acts=state(steps, n, features),
         ghn=state(steps, n, hidden),
         xhat_hh=state(steps, n, features) if normed else state(0),
-        stats_hh=state(_stats_numel(norm, groups, steps, n, features)),
+        stats_hh=state(_stats_numel(a.norm, a.groups, steps, n, features)),
         xhat_ih=state(steps, n, features) if normed else state(0),
-        stats_ih=state(_stats_numel(norm, groups, steps, n, features)),
+        stats_ih=state(_stats_numel(a.norm, a.groups, steps, n, features)),
         counts=counts,
     )
     return (*heads, *saved)
 
 
 @gru_forward.register_kernel("cpu")
-def _(
-    x,
-    h0,
-    w_ih,
-    w_hh,
-    b_ih,
-    b_hh,
-    gamma_ih,
-    gamma_hh,
-    running_ih,
-    running_hh,
-    mask,
-    norm,
-    groups,
-    eps,
-    training,
-    keep,
-    backend,
-):
-    if backend == "triton":
-        return _triton().gru_forward(*_args_of(locals()))
+def _(*args, **kwargs):
+    a = gru_forward.Args(*args, **kwargs)
+    if a.backend == "triton":
+        return _triton().gru_forward(*a)
     cpp.load()
     kernels = torch.ops.seqnorm_cpp
-    mask, running_ih, running_hh = _contiguous(mask, running_ih, running_hh)
+    x, norm, groups, eps, training, keep = a.x, a.norm, a.groups, a.eps, a.training, a.keep
+    mask, running_ih, running_hh = _contiguous(a.mask, a.running_ih, a.running_hh)
     gx, xhat_ih, stats_ih, batch_ih, _ = kernels.input_forward(
-        x, w_ih, b_ih, gamma_ih, running_ih, mask, norm, groups, eps, training, keep
+        x, a.w_ih, a.b_ih, a.gamma_ih, running_ih, mask, norm, groups, eps, training, keep
     )
     out, h, hs, acts, gh_n, xhat_hh, stats_hh, batch_hh, counts = kernels.gru_forward(
-        gx, h0, w_hh, b_hh, gamma_hh, running_hh, mask, norm, groups, eps, training, keep
+        gx, a.h0, a.w_hh, a.b_hh, a.gamma_hh, running_hh, mask, norm, groups, eps, training, keep
     )
     batch = norm == "batch" and training
     heads = (out, h, *(b if batch else _empty(x) for b in (batch_ih, batch_hh)))
@@ -601,7 +490,7 @@ def _(
     return (*heads, *saved)
 
 
-@torch.library.custom_op("seqnorm::gru_backward", mutates_args=())
+@_operator("seqnorm::gru_backward")
 def gru_backward(
     grad_out: Tensor,
     grad_h: Tensor,
@@ -637,86 +526,36 @@ GRU_GRADS = ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh", "gamma_ih", "gamma_hh")
 
 
 @gru_backward.register_fake
-def _(
-    grad_out,
-    grad_h,
-    x,
-    w_ih,
-    w_hh,
-    b_hh,
-    gamma_ih,
-    gamma_hh,
-    mask,
-    hs,
-    acts,
-    ghn,
-    xhat_hh,
-    stats_hh,
-    xhat_ih,
-    stats_ih,
-    counts,
-    norm,
-    groups,
-    eps,
-    training,
-    needs,
-    backend,
-):
-    b_ih = grad_h.new_empty(w_hh.shape[0])  # in the state's dtype
-    likes = (x, grad_h, w_ih, w_hh, b_ih, b_hh, gamma_ih, gamma_hh)
-    return tuple(
-        torch.empty_like(like) if need and like is not None else x.new_empty(0)
-        for like, need in zip(likes, needs)
-    )
+def _(*args, **kwargs):
+    a = gru_backward.Args(*args, **kwargs)
+    b_ih = a.grad_h.new_empty(a.w_hh.shape[0])  # in the state's dtype
+    likes = (a.x, a.grad_h, a.w_ih, a.w_hh, b_ih, a.b_hh, a.gamma_ih, a.gamma_hh)
+    return _fake_grads(likes, a.needs, a.x)
 
 
 @gru_backward.register_kernel("cpu")
-def _(
-    grad_out,
-    grad_h,
-    x,
-    w_ih,
-    w_hh,
-    b_hh,
-    gamma_ih,
-    gamma_hh,
-    mask,
-    hs,
-    acts,
-    ghn,
-    xhat_hh,
-    stats_hh,
-    xhat_ih,
-    stats_ih,
-    counts,
-    norm,
-    groups,
-    eps,
-    training,
-    needs,
-    backend,
-):
-    if backend == "triton":
-        return _triton().gru_backward(*_args_of(locals()))
-    saved = [hs, acts, ghn, xhat_hh, stats_hh, xhat_ih, stats_ih, counts]
+def _(*args, **kwargs):
+    a = gru_backward.Args(*args, **kwargs)
+    if a.backend == "triton":
+        return _triton().gru_backward(*a)
     grads = torch.ops.seqnorm_cpp.gru_backward(
-        grad_out,
-        grad_h,
-        saved,
-        x,
-        w_ih,
-        w_hh,
-        b_hh,
-        gamma_ih,
-        gamma_hh,
-        *_contiguous(mask),
-        norm,
-        groups,
-        eps,
-        training,
-        needs,
+        a.grad_out,
+        a.grad_h,
+        [getattr(a, name) for name in GRUSaved._fields],
+        a.x,
+        a.w_ih,
+        a.w_hh,
+        a.b_hh,
+        a.gamma_ih,
+        a.gamma_hh,
+        *_contiguous(a.mask),
+        a.norm,
+        a.groups,
+        a.eps,
+        a.training,
+        a.needs,
     )
-    return _wanted(grads, needs, x)
+    return _wanted(grads, a.needs, a.x)
 
 
 def _gru_setup(ctx, inputs, output):
@@ -807,12 +646,6 @@ def _grad_through(outputs, grads, inputs, needs) -> list:
         torch.zeros_like(t) if r is None and need and t is not None else r
         for r, t, need in zip(result, inputs, needs)
     ]
-
-
-def _args_of(scope: dict) -> tuple:
-    """A kernel's arguments in schema order, from its ``locals()`` (the Triton kernels take
-    exactly the operator's arguments)."""
-    return tuple(scope.values())
 
 
 def _triton():

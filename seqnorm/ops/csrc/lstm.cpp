@@ -336,7 +336,7 @@ SEQNORM_SIMD
           group_norm_backward_row(s.groups, dzn, xn, F, stats_hh + n * s.groups);
         }
       });
-      if (batch)
+      if (batch)  // dL/dgates is dL/d(gamma x_hat + gx); the input half reads it unchanged
         batch_norm_backward(dgates, dz, xh, gam_hh, dgamma_hh.mine(), nullptr, N, F, valid,
                             stats_hh + F, s.uses_batch(count[t]), count[t]);
       const Tensor dprev = recurrent(dgh_t, dprev_buf);  // (N, P)
