@@ -280,20 +280,21 @@ SEQNORM_SIMD
 SEQNORM_SIMD
           for (int64_t j = 0; j < H; ++j) tcn[j] = tanh_approx(cn[j]);
         }
-        // dL/dNc(c'), or dL/dc' without a norm
-SEQNORM_SIMD
-        for (int64_t j = 0; j < H; ++j) dcn[j] = dho[j] * on[j] * (1 - tcn[j] * tcn[j]);
-        if (normed && !batch) {  // batch norm: all rows at once, below
+        if (normed && !batch) {  // through Nc; batch norm takes all rows at once, below
           const scalar_t* xcn = xc + n * H;
           double* dgam_c = dgamma_c.mine();
           double* dbet_c = dbeta_c.mine();
 SEQNORM_SIMD
           for (int64_t j = 0; j < H; ++j) {
-            dgam_c[j] += dcn[j] * xcn[j];
-            dbet_c[j] += dcn[j];
-            dcn[j] *= gam_c[j];
+            const scalar_t dy = dho[j] * on[j] * (1 - tcn[j] * tcn[j]);
+            dgam_c[j] += dy * xcn[j];
+            dbet_c[j] += dy;
+            dcn[j] = dy * gam_c[j];
           }
           group_norm_backward_row(s.groups, dcn, xcn, H, stats_c + n * s.groups);
+        } else {  // dL/dNc(c') for batch norm, dL/dc' without a norm
+SEQNORM_SIMD
+          for (int64_t j = 0; j < H; ++j) dcn[j] = dho[j] * on[j] * (1 - tcn[j] * tcn[j]);
         }
       });
       if (batch)  // from the serial time loop: thread 0's sums take every feature
