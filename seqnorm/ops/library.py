@@ -47,8 +47,9 @@ def _stats_numel(norm: str, groups: int, steps, n, features) -> int:
 def _operator(name: str):
     """``torch.library.custom_op(name)`` for a function without mutated arguments, which also
     gives the operator ``Args``: a named tuple of its arguments in schema order. Its fake and its
-    kernels take ``*args, **kwargs`` and read them through ``Args``, so the argument list is
-    written once, in the operator's definition."""
+    kernels take ``*args`` (the dispatcher passes every argument by position: the schemas have no
+    keyword-only ones) and read them through ``Args``, so the argument list is written once, in
+    the operator's definition."""
 
     def register(fn):
         op = torch.library.custom_op(name, mutates_args=())(fn)
@@ -115,8 +116,8 @@ def lstm_forward(
 
 
 @lstm_forward.register_fake
-def _(*args, **kwargs):
-    a = lstm_forward.Args(*args, **kwargs)
+def _(*args):
+    a = lstm_forward.Args(*args)
     steps, n = a.x.shape[:2]
     hidden, out_size = a.c0.shape[-1], a.h0.shape[-1]
     features = 4 * hidden
@@ -149,8 +150,8 @@ def _(*args, **kwargs):
 
 
 @lstm_forward.register_kernel("cpu")
-def _(*args, **kwargs):
-    a = lstm_forward.Args(*args, **kwargs)
+def _(*args):
+    a = lstm_forward.Args(*args)
     if a.backend == "triton":
         return _triton().lstm_forward(*a)
     cpp.load()
@@ -276,16 +277,17 @@ LSTM_GRADS = (
 
 
 @lstm_backward.register_fake
-def _(*args, **kwargs):
-    a = lstm_backward.Args(*args, **kwargs)
+def _(*args):
+    a = lstm_backward.Args(*args)
     bias = a.grad_c.new_empty(a.w_hh.shape[0])  # the biases are in the state's dtype
-    likes = (a.x, a.grad_h, a.grad_c, a.w_ih, a.w_hh, bias, a.w_hr, a.gamma_ih, a.gamma_hh)
-    return _fake_grads((*likes, a.gamma_c, a.beta_c), a.needs, a.x)
+    likes = (a.x, a.grad_h, a.grad_c, a.w_ih, a.w_hh, bias, a.w_hr)
+    likes += (a.gamma_ih, a.gamma_hh, a.gamma_c, a.beta_c)
+    return _fake_grads(likes, a.needs, a.x)
 
 
 @lstm_backward.register_kernel("cpu")
-def _(*args, **kwargs):
-    a = lstm_backward.Args(*args, **kwargs)
+def _(*args):
+    a = lstm_backward.Args(*args)
     if a.backend == "triton":
         return _triton().lstm_backward(*a)
     grads = torch.ops.seqnorm_cpp.lstm_backward(
@@ -428,8 +430,8 @@ def gru_forward(
 
 
 @gru_forward.register_fake
-def _(*args, **kwargs):
-    a = gru_forward.Args(*args, **kwargs)
+def _(*args):
+    a = gru_forward.Args(*args)
     steps, n = a.x.shape[:2]
     hidden = a.h0.shape[-1]
     features = 3 * hidden
@@ -458,8 +460,8 @@ def _(*args, **kwargs):
 
 
 @gru_forward.register_kernel("cpu")
-def _(*args, **kwargs):
-    a = gru_forward.Args(*args, **kwargs)
+def _(*args):
+    a = gru_forward.Args(*args)
     if a.backend == "triton":
         return _triton().gru_forward(*a)
     cpp.load()
@@ -526,16 +528,16 @@ GRU_GRADS = ("x", "h0", "w_ih", "w_hh", "b_ih", "b_hh", "gamma_ih", "gamma_hh")
 
 
 @gru_backward.register_fake
-def _(*args, **kwargs):
-    a = gru_backward.Args(*args, **kwargs)
+def _(*args):
+    a = gru_backward.Args(*args)
     b_ih = a.grad_h.new_empty(a.w_hh.shape[0])  # in the state's dtype
     likes = (a.x, a.grad_h, a.w_ih, a.w_hh, b_ih, a.b_hh, a.gamma_ih, a.gamma_hh)
     return _fake_grads(likes, a.needs, a.x)
 
 
 @gru_backward.register_kernel("cpu")
-def _(*args, **kwargs):
-    a = gru_backward.Args(*args, **kwargs)
+def _(*args):
+    a = gru_backward.Args(*args)
     if a.backend == "triton":
         return _triton().gru_backward(*a)
     grads = torch.ops.seqnorm_cpp.gru_backward(
