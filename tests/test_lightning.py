@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+import seqnorm
+
 pytest.importorskip("lightning")
 
 import lightning as L
@@ -268,12 +270,17 @@ def test_ddp_two_processes(text_file, tmp_path):
         "--trainer.val_check_interval=2",
         "--trainer.accelerator=cpu",
     )
+    # the recipe runs in tmp_path: it imports the seqnorm under test even where that is found
+    # through a relative PYTHONPATH (PYTHONPATH=. on a machine without the package installed)
+    tested = os.path.dirname(os.path.dirname(os.path.abspath(seqnorm.__file__)))
+    pythonpath = os.pathsep.join(p for p in (tested, os.environ.get("PYTHONPATH")) if p)
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "recipes", "train_lm.py"), *args],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": pythonpath},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (path,) = glob.glob(str(tmp_path / "**" / "*.ckpt"), recursive=True)

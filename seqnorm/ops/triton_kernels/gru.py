@@ -163,24 +163,25 @@ def gru_step_batch(
         valid = exists & (tl.load(MASK + rows, mask=exists, other=0) != 0)
     count = tl.sum(valid.to(ACC), axis=0)[None, :]
     use_batch = (count >= 2) & (training != 0)
-    # one call per gate, the same arguments but the gate's index
+    base = rows * F + jc
+    # one call per gate, the same arguments but the gate's index; each gate's activation follows
+    # its call (with the three calls first, Triton 3.6's ptxas spilled 8 bytes on sm_80)
     # fmt: off
     gh_r = _batch_half(Z, XHAT_HH, STATS_HH, BATCH_MEAN, BATCH_VAR, RUN_MEAN, RUN_VAR, GAMMA_HH,
                        B_HH, rows, exists, valid, jc, cols, count, use_batch, eps, 0, H, F,
                        HAS_BIAS, ACC)
+    r = sigmoid(tl.load(GX + base, mask=both, other=0.0).to(ACC) + gh_r)
+    tl.store(ACTS + base, r.to(ACTS.dtype.element_ty), mask=both)
     gh_z = _batch_half(Z, XHAT_HH, STATS_HH, BATCH_MEAN, BATCH_VAR, RUN_MEAN, RUN_VAR, GAMMA_HH,
                        B_HH, rows, exists, valid, jc, cols, count, use_batch, eps, 1, H, F,
                        HAS_BIAS, ACC)
+    zg = sigmoid(tl.load(GX + base + H, mask=both, other=0.0).to(ACC) + gh_z)
+    tl.store(ACTS + base + H, zg.to(ACTS.dtype.element_ty), mask=both)
     gh_n = _batch_half(Z, XHAT_HH, STATS_HH, BATCH_MEAN, BATCH_VAR, RUN_MEAN, RUN_VAR, GAMMA_HH,
                        B_HH, rows, exists, valid, jc, cols, count, use_batch, eps, 2, H, F,
                        HAS_BIAS, ACC)
     # fmt: on
-    base = rows * F + jc
-    r = sigmoid(tl.load(GX + base, mask=both, other=0.0).to(ACC) + gh_r)
-    zg = sigmoid(tl.load(GX + base + H, mask=both, other=0.0).to(ACC) + gh_z)
     nn = tanh(tl.load(GX + base + 2 * H, mask=both, other=0.0).to(ACC) + r * gh_n)
-    tl.store(ACTS + base, r.to(ACTS.dtype.element_ty), mask=both)
-    tl.store(ACTS + base + H, zg.to(ACTS.dtype.element_ty), mask=both)
     tl.store(ACTS + base + 2 * H, nn.to(ACTS.dtype.element_ty), mask=both)
     units = rows * H + jc
     tl.store(GH_N + units, gh_n.to(GH_N.dtype.element_ty), mask=both)

@@ -85,6 +85,7 @@ def lstm_step_rows(
     i, fg, g, o = gate_row(act, k, 0), gate_row(act, k, 1), gate_row(act, k, 2), gate_row(act, k, 3)
     cp = tl.load(C_PREV + n * H + jj, mask=mj, other=0.0).to(ACC)
     c = fg * cp + i * g
+    tl.store(C_NEW + n * H + jj, tl.where(valid, c, cp).to(C_NEW.dtype.element_ty), mask=mj)
     if NORMED:
         gid = (jj // (H // G))[None, :]
         xc = group_norm_row(c[None, :], mj[None, :], gid, G, H // G, eps, STATS_C + n * G, keep)
@@ -95,7 +96,6 @@ def lstm_step_rows(
     else:
         y = c
     hp = o * tanh(y)
-    tl.store(C_NEW + n * H + jj, tl.where(valid, c, cp).to(C_NEW.dtype.element_ty), mask=mj)
     if PROJ:
         tl.store(HPRE + n * H + jj, (hp * keep).to(HPRE.dtype.element_ty), mask=mj)
     else:
