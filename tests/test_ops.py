@@ -520,3 +520,27 @@ def test_the_product_is_chosen_by_timing_both_unless_asked_for(monkeypatch):
         if choice:
             env["SEQNORM_CPU_PRODUCT"] = choice
         subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_the_large_products_run_on_onednn_when_asked_for():
+    """The products before and after the time loop (the input projection, dW_hh, dW_ih, dx) run
+    through oneDNN's matmul with SEQNORM_CPU_PRODUCT=packed and through at::mm with =mm: oneDNN's
+    verbose log (on stdout, from C) lists each product it runs, with its shapes."""
+    script = (
+        "import torch, seqnorm; m = seqnorm.LSTM(8, 64, norm='layer'); m.backend = 'cpp'; "
+        "x = torch.randn(3, 4, 8, requires_grad=True); m(x)[0].sum().backward(); "
+        "v = torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON); v.__enter__(); "
+        "m(x)[0].sum().backward(); v.__exit__(None, None, None)"
+    )
+    shapes = {}
+    for choice in ("packed", "mm"):
+        env = {**os.environ, "SEQNORM_CPU_PRODUCT": choice}
+        log = subprocess.run(
+            [sys.executable, "-c", script], env=env, check=True, timeout=300, capture_output=True
+        ).stdout.decode()
+        lines = [line for line in log.splitlines() if ",exec,cpu,matmul," in line]
+        shapes[choice] = sorted(line.split(",")[-2] for line in lines)  # then the time
+    # rows = 3 steps x 4 samples; 4H = 256 gate features, 8 inputs, 64 hidden
+    assert shapes["packed"] == ["12x256:256x8", "12x8:8x256", "256x12:12x64", "256x12:12x8"]
+    assert shapes["mm"] == []

@@ -6,6 +6,7 @@
 
 #include "buffer_cache.h"
 #include "norms.h"
+#include "products.h"
 
 namespace seqnorm {
 namespace {
@@ -24,21 +25,16 @@ struct InputRows {
   }
 };
 
-// x W^T (+ bias) for every step at once into a cached buffer: the same sgemm ATen runs (oneDNN's
-// packed product is a few percent faster, but only into a fresh output, which costs more in
-// page faults at large shapes).
+// x W^T (+ bias) for every step at once into a cached buffer (large_product: oneDNN's product
+// or ATen's sgemm, whichever is faster here).
 Tensor project(const Tensor& x, const Tensor& w, const OptTensor& bias) {
   TORCH_CHECK(x.dim() == 3 && w.dim() == 2 && x.size(2) == w.size(1),
               "x must be (steps, N, I) and w (F, I)");
   const int64_t steps = x.size(0), N = x.size(1), F = w.size(0);
   Tensor out = buffer({steps, N, F}, x.options());
   Tensor rows = out.view({steps * N, F});
-  const Tensor in = x.reshape({steps * N, x.size(2)});
-  if (present(bias)) {
-    at::addmm_out(rows, *bias, in, w.t());
-  } else {
-    at::mm_out(rows, in, w.t());
-  }
+  if (present(bias)) rows.copy_(bias->expand_as(rows));
+  large_product(rows, x.reshape({steps * N, x.size(2)}), w.t(), present(bias));
   return out;
 }
 
@@ -121,10 +117,11 @@ void InputGrad::done(int64_t t) {
     backward<scalar_t>(t, len, chunk.data_ptr<scalar_t>());
   });
   const Tensor rows = chunk.reshape({len * N_, F_});
-  if (dw.defined()) dw.addmm_(rows.t(), x_.narrow(0, t, len).reshape({len * N_, x_.size(2)}));
+  if (dw.defined()) {
+    large_product(dw, rows.t(), x_.narrow(0, t, len).reshape({len * N_, x_.size(2)}), true);
+  }
   if (dx.defined()) {
-    Tensor out = dx.narrow(0, t, len).view({len * N_, dx.size(2)});
-    at::mm_out(out, rows, w_ih_);
+    large_product(dx.narrow(0, t, len).view({len * N_, dx.size(2)}), rows, w_ih_, false);
   }
 }
 

@@ -1,6 +1,6 @@
 // The matrix products of the recurrence: the per-step product with a fixed weight (Product),
-// and the weight gradient summed over every step, one large product per chunk of steps
-// (WeightGrad).
+// the large products before and after the time loop (large_product), and the weight gradient
+// summed over every step, one large product per chunk of steps (WeightGrad).
 #pragma once
 
 #include "common.h"
@@ -13,7 +13,54 @@
 #include <map>
 #include <mutex>
 
+namespace at::native {
+// oneDNN's matrix product as ATen runs it (result = beta * result + alpha * mat1 mat2, any
+// strides), declared in ATen/native/mkldnn/Matmul.h, a header torch does not install. Weak: a
+// torch without it still loads this extension, and large_product then uses at::mm.
+__attribute__((weak)) void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2,
+                                         const Tensor& result, float beta, float alpha);
+}  // namespace at::native
+
 namespace seqnorm {
+
+// SEQNORM_CPU_PRODUCT: "packed" runs every float32 product on oneDNN, "mm" on at::mm; unset,
+// each shape times both once. For tests and for comparing the two on a machine.
+inline bool forced(const char* choice) {
+  const char* f = std::getenv("SEQNORM_CPU_PRODUCT");
+  return f && std::string(f) == choice;
+}
+
+// The median of five timed runs, after one untimed.
+template <typename Run>
+double median_ms(const Run& run) {
+  std::vector<double> times;
+  for (int k = 0; k < 6; ++k) {
+    const auto start = std::chrono::steady_clock::now();
+    run();
+    const std::chrono::duration<double, std::milli> took = std::chrono::steady_clock::now() - start;
+    if (k) times.push_back(took.count());
+  }
+  std::nth_element(times.begin(), times.begin() + 2, times.end());
+  return times[2];
+}
+
+// Remembers, for the process, which of two ways is faster per key: decide() answers the first
+// time a key is asked for.
+template <typename Key>
+class Choices {
+ public:
+  template <typename Decide>
+  bool get(const Key& key, const Decide& decide) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto found = decided_.find(key);
+    if (found != decided_.end()) return found->second;
+    return decided_[key] = decide();
+  }
+
+ private:
+  std::mutex mutex_;
+  std::map<Key, bool> decided_;
+};
 
 // The per-step product y = x W^T with a fixed W (out, in), as oneDNN's product on blocked
 // weights packed once per sequence (the kernels torch.nn.LSTM runs on CPU) or as at::mm with W^T
@@ -47,39 +94,22 @@ struct Product {
   static c10::OperatorHandle handle(const char* name) {
     return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
   }
-  // Times both products at this shape (the median of five runs each, after one) once per
-  // process and shape, and remembers which was faster.
+  // Times both products at this shape once per process and shape, and remembers which was
+  // faster.
   static bool packed_is_faster(const Tensor& w, int64_t batch) {
-    static std::mutex mutex;
-    static std::map<std::array<int64_t, 3>, bool> decided;
-    const std::array<int64_t, 3> key{w.size(0), w.size(1), batch};
-    std::lock_guard<std::mutex> lock(mutex);
-    const auto found = decided.find(key);
-    if (found != decided.end()) return found->second;
-    const char* forced = std::getenv("SEQNORM_CPU_PRODUCT");  // "packed" or "mm": for tests
-    if (forced && std::string(forced) == "packed") return true;
-    if (forced && std::string(forced) == "mm") return false;
-    const Tensor x = at::full({batch, w.size(1)}, 0.5, w.options());  // no RNG draw
-    Tensor out = at::empty({batch, w.size(0)}, w.options());
-    const Tensor wt = w.t().contiguous(), blocked = reorder().call(w.contiguous(), batch);
-    const auto median_ms = [](const auto& run) {
-      std::vector<double> times;
-      for (int k = 0; k < 6; ++k) {
-        const auto start = std::chrono::steady_clock::now();
-        run();
-        const std::chrono::duration<double, std::milli> took =
-            std::chrono::steady_clock::now() - start;
-        if (k) times.push_back(took.count());
-      }
-      std::nth_element(times.begin(), times.begin() + 2, times.end());
-      return times[2];
-    };
-    const double packed_ms = median_ms([&] {
-      (void)linear().call(x, blocked, std::nullopt, "none",
-                          c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+    if (forced("packed")) return true;
+    if (forced("mm")) return false;
+    static Choices<std::array<int64_t, 3>> choices;
+    return choices.get({w.size(0), w.size(1), batch}, [&] {
+      const Tensor x = at::full({batch, w.size(1)}, 0.5, w.options());  // no RNG draw
+      Tensor out = at::empty({batch, w.size(0)}, w.options());
+      const Tensor wt = w.t().contiguous(), blocked = reorder().call(w.contiguous(), batch);
+      const double packed_ms = median_ms([&] {
+        (void)linear().call(x, blocked, std::nullopt, "none",
+                            c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+      });
+      return packed_ms < median_ms([&] { at::mm_out(out, x, wt); });
     });
-    const double mm_ms = median_ms([&] { at::mm_out(out, x, wt); });
-    return decided[key] = packed_ms < mm_ms;
   }
   static bool onednn() {  // builds without oneDNN (or with a different schema) use at::mm
     static const bool ok = [] {
@@ -104,6 +134,41 @@ struct Product {
   }
 };
 
+// out = a b, or out += a b (accumulate): the products before and after the time loop (the input
+// projection of every step, the weight gradients, dx). at::mm runs the BLAS torch was built with
+// (MKL in the x86 wheels), whose float32 product took 2.3x the time of oneDNN's on an AMD CPU
+// with AVX-512 (a Zen 5: 2 cores, 512 rows, 1024 x 256 and 2048 x 512) and is a match on others;
+// so, as for Product, each float32 shape and layout times both once (on at most 512 rows of a)
+// and keeps the faster. out must be contiguous; a and b may be transposed views.
+inline void large_product(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {
+  const auto run = [&](bool onednn, const Tensor& y, const Tensor& x) {
+    if (onednn) {
+      at::native::mkldnn_matmul(x, b, y, accumulate ? 1.0f : 0.0f, 1.0f);
+    } else if (accumulate) {
+      y.addmm_(x, b);
+    } else {
+      at::mm_out(const_cast<Tensor&>(y), x, b);
+    }
+  };
+  const auto unit = [](const Tensor& t) { return t.stride(1) == 1 || t.stride(0) == 1; };
+  const bool possible = &at::native::mkldnn_matmul != nullptr && at::hasMKLDNN() &&
+                        out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
+                        b.scalar_type() == at::kFloat && out.numel() > 0 && a.size(1) > 0 &&
+                        out.is_contiguous() && unit(a) && unit(b);
+  const int64_t rows = std::min<int64_t>(a.size(0), 512);
+  const auto timed = [&] {  // on the first rows of a, into a scratch output
+    const Tensor x = a.narrow(0, 0, rows), y = at::zeros({rows, b.size(1)}, out.options());
+    const double aten_ms = median_ms([&] { run(false, y, x); });
+    return median_ms([&] { run(true, y, x); }) < aten_ms;
+  };
+  static Choices<std::array<int64_t, 5>> choices;
+  const bool onednn =
+      possible && !forced("mm") &&
+      (forced("packed") ||
+       choices.get({rows, a.size(1), b.size(1), a.stride(0) == 1, b.stride(0) == 1}, timed));
+  run(onednn, out, a);
+}
+
 // dW = sum_t dy_t^T x_t, as one matrix product per chunk of steps: the backward writes step t's
 // dy (N, out) into at(t) and calls done(t), walking t down from steps - 1. xs (steps + , N, in)
 // holds x_t at xs[t]. ring: a (K, N, out) buffer to share (an LSTM without norm, whose
@@ -120,8 +185,8 @@ struct WeightGrad {
   void done(int64_t t) {
     if (t % K) return;
     const int64_t len = std::min(K, steps - t);
-    dw.addmm_(ring.narrow(0, 0, len).reshape({len * N, out}).t(),
-              xs.narrow(0, t, len).reshape({len * N, in}));
+    large_product(dw, ring.narrow(0, 0, len).reshape({len * N, out}).t(),
+                  xs.narrow(0, t, len).reshape({len * N, in}), true);
   }
 };
 
