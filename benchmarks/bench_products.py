@@ -6,10 +6,13 @@
 The shapes of bench_rnn.py (A: batch 32, 100 steps, input 128, hidden 256; C: batch 64, 200 steps,
 input 256, hidden 512), float32, 2 threads: the input projection of every step at once, the
 per-step products with W_hh forward and backward (oneDNN's packed weights, as the fused kernel
-runs them) and the chunked products for dW_hh (512 rows a chunk, as the kernel does). The last
-line adds up the products of a training step: these, and dW_ih as many flop as the input
-projection at its speed (without dx, which seqnorm skips when the input needs no gradient). A
-2048-square sgemm shows what this machine's BLAS reaches. Median of 15 runs after one warm-up run.
+runs them) and the chunked products for dW_hh (512 rows a chunk, as the kernel does). The
+projection and dW_hh run twice: on at::mm (torch's BLAS) and as the kernel runs them (its
+large_product: at::mm or oneDNN's matmul, whichever it found faster here, or as
+SEQNORM_CPU_PRODUCT says). The last line adds up the products of a training step as the kernel
+runs them: these, and dW_ih as many flop as the input projection at its speed (without dx, which
+seqnorm skips when the input needs no gradient). A 2048-square sgemm shows what this machine's BLAS
+reaches. Median of 15 runs after one warm-up run.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import statistics
 import time
 
 import torch
+
+from seqnorm.ops import cpp
 
 SHAPES = {"A": (32, 100, 128, 256), "C": (64, 200, 256, 512)}  # batch, steps, input, hidden
 
@@ -71,10 +76,16 @@ def main(argv=None) -> dict[str, tuple[float, float]]:
     dw = torch.zeros(gates, hidden)
     square = torch.randn(2048, 2048), torch.randn(2048, 2048), torch.empty(2048, 2048)
     recurrent = 2 * rows * hidden * gates  # flop of one product with W_hh over every step
+    cpp.load()
+    large = torch.ops.seqnorm_cpp.large_product
     cases = {
-        "input projection x W_ih^T": (
+        "input projection x W_ih^T (at::mm)": (
             2 * rows * input_size * gates,
             lambda: torch.mm(x, w_ih.t(), out=out),
+        ),
+        "input projection x W_ih^T": (
+            2 * rows * input_size * gates,
+            lambda: large(out, x, w_ih.t(), False),
         ),
         "per step h W_hh^T (oneDNN)": (
             recurrent,
@@ -84,25 +95,30 @@ def main(argv=None) -> dict[str, tuple[float, float]]:
             recurrent,
             onednn_steps(torch.randn(batch, gates), w_hh.t().contiguous(), steps),
         ),
-        f"dW_hh, chunks of {chunk} steps": (
+        f"dW_hh, chunks of {chunk} steps (at::mm)": (
             recurrent,
             lambda: [dw.addmm_(dgh[: n * batch].t(), h[: n * batch]) for n in chunks],
+        ),
+        f"dW_hh, chunks of {chunk} steps": (
+            recurrent,
+            lambda: [large(dw, dgh[: n * batch].t(), h[: n * batch], True) for n in chunks],
         ),
     }
     results = {}
     for name, (flop, fn) in cases.items():
         took = seconds(fn)
         results[name] = (flop / took / 1e9, 1000 * took)
+    kernel = [name for name in cases if not name.endswith("(at::mm)")]
     input_ms = results["input projection x W_ih^T"][1]
-    step_ms = sum(ms for _, ms in results.values()) + input_ms  # dW_ih as the projection
-    step_flop = sum(flop for flop, _ in cases.values()) + cases["input projection x W_ih^T"][0]
+    step_ms = sum(results[name][1] for name in kernel) + input_ms  # dW_ih as the projection
+    step_flop = sum(cases[name][0] for name in kernel) + cases["input projection x W_ih^T"][0]
     square_s = seconds(lambda: torch.mm(*square[:2], out=square[2]))
     results["sgemm 2048 x 2048 x 2048"] = (2 * 2048**3 / square_s / 1e9, 1000 * square_s)
     print(f"shape {args.shape}, {args.threads} threads")
     for name, (rate, ms) in results.items():
-        print(f"{name:32s} {rate:6.1f} GFLOP/s {ms:8.1f} ms")
+        print(f"{name:42s} {rate:6.1f} GFLOP/s {ms:8.1f} ms")
     print(
-        f"{'products of a training step':32s} {step_flop / step_ms / 1e6:6.1f} GFLOP/s "
+        f"{'products of a training step':42s} {step_flop / step_ms / 1e6:6.1f} GFLOP/s "
         f"{step_ms:8.1f} ms ({step_flop / 1e9:.2f} GFLOP)"
     )
     return results

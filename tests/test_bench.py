@@ -279,7 +279,8 @@ def test_bench_products_times_every_product_of_a_step(monkeypatch, capsys):
     monkeypatch.setattr(products, "SHAPES", {"A": (4, 6, 8, 16)})
     results = products.main(["--shape", "A", "--threads", "1"])
     assert "dW_hh, chunks of 6 steps" in results  # 512 rows a chunk, at most every step
-    assert len(results) == 5 and all(rate > 0 and ms > 0 for rate, ms in results.values())
+    assert "dW_hh, chunks of 6 steps (at::mm)" in results
+    assert len(results) == 7 and all(rate > 0 and ms > 0 for rate, ms in results.values())
     assert "products of a training step" in capsys.readouterr().out
     # every step's gradient is in some chunk, 512 rows each but the last
     assert products.chunk_sizes(100, 32) == [16] * 6 + [4]

@@ -522,6 +522,29 @@ def test_the_product_is_chosen_by_timing_both_unless_asked_for(monkeypatch):
         subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
 
 
+@pytest.mark.parametrize("choice", ["packed", "mm", None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_product_against_float64(monkeypatch, choice, dtype):
+    """out = a b or out += a b, with a or b transposed views, on either library (or the timed
+    choice), against the float64 product."""
+    if choice is None:
+        monkeypatch.delenv("SEQNORM_CPU_PRODUCT", raising=False)
+    else:
+        monkeypatch.setenv("SEQNORM_CPU_PRODUCT", choice)
+    cpp.load()
+    a, b = torch.randn(40, 24, dtype=dtype), torch.randn(24, 16, dtype=dtype)
+    want = a.double() @ b.double()
+    tol = {"rtol": 0, "atol": 1e-5 if dtype == torch.float32 else 1e-12}
+    for x, y in ((a, b), (a.t().contiguous().t(), b), (a, b.t().contiguous().t())):
+        out = torch.full((40, 16), 0.5, dtype=dtype)
+        torch.ops.seqnorm_cpp.large_product(out, x, y, True)
+        assert_close(out.double(), want + 0.5, **tol)
+        torch.ops.seqnorm_cpp.large_product(out, x, y, False)
+        assert_close(out.double(), want, **tol)
+    with pytest.raises(RuntimeError, match=r"large_product: out \(M, N\) contiguous"):
+        torch.ops.seqnorm_cpp.large_product(torch.empty(40, 15, dtype=dtype), a, b, False)
+
+
 @pytest.mark.slow
 def test_the_large_products_run_on_onednn_when_asked_for():
     """The products before and after the time loop (the input projection, dW_hh, dW_ih, dx) run

@@ -5,6 +5,7 @@
 #include "buffer_cache.h"
 #include "input_half.h"
 #include "kernels.h"
+#include "products.h"
 
 TORCH_LIBRARY(seqnorm_cpp, m) {
   using namespace seqnorm;
@@ -37,6 +38,17 @@ TORCH_LIBRARY(seqnorm_cpp, m) {
       "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor batch, "
       "Tensor counts, float momentum) -> ()",
       &update_running_stats);
+  // the products before and after the time loop, as the kernels run them (for tests and
+  // benchmarks/bench_products.py)
+  m.def("large_product(Tensor(a!) out, Tensor a, Tensor b, bool accumulate) -> ()",
+        [](Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {
+          TORCH_CHECK(out.dim() == 2 && a.dim() == 2 && b.dim() == 2 &&
+                          out.size(0) == a.size(0) && a.size(1) == b.size(0) &&
+                          out.size(1) == b.size(1) && out.is_contiguous(),
+                      "large_product: out (M, N) contiguous, a (M, K) and b (K, N), got ",
+                      out.sizes(), ", ", a.sizes(), " and ", b.sizes());
+          large_product(out, a, b, accumulate);
+        });
   m.def("cache_info() -> int[]", [] { return BufferCache::get().info(); });
   m.def("set_cache_limit(int bytes) -> ()", [](int64_t bytes) {
     TORCH_CHECK(bytes >= 0, "set_cache_limit: bytes=", bytes, ", expected >= 0");
