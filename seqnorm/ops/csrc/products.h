@@ -136,8 +136,8 @@ struct Product {
 
 // out = a b, or out += a b (accumulate): the products before and after the time loop (the input
 // projection of every step, the weight gradients, dx). at::mm runs the BLAS torch was built with
-// (MKL in the x86 wheels), whose float32 product took 2.3x the time of oneDNN's on an AMD CPU
-// with AVX-512 (a Zen 5: 2 cores, 512 rows, 1024 x 256 and 2048 x 512) and is a match on others;
+// (MKL in the x86 wheels), whose float32 product took 2.1-2.4x the time of oneDNN's on a 2-core
+// AMD Zen 5 VM (at AVX2's rate there, oneDNN at AVX-512's); which is faster depends on the CPU,
 // so, as for Product, each float32 shape and layout times both once (on at most 512 rows of a)
 // and keeps the faster. out must be contiguous; a and b may be transposed views.
 inline void large_product(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {
