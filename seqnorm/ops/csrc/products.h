@@ -138,16 +138,16 @@ struct Product {
 // projection of every step, the weight gradients, dx). at::mm runs the BLAS torch was built with
 // (MKL in the x86 wheels), whose float32 product took 2.1-2.4x the time of oneDNN's on a 2-core
 // AMD Zen 5 VM (at AVX2's rate there, oneDNN at AVX-512's); which is faster depends on the CPU,
-// so, as for Product, each float32 shape and layout times both once (on at most 512 rows of a)
-// and keeps the faster. out must be contiguous; a and b may be transposed views.
+// so, as for Product, each float32 shape and layout times both once and keeps the faster. out
+// must be contiguous; a and b may be transposed views.
 inline void large_product(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {
-  const auto run = [&](bool onednn, const Tensor& y, const Tensor& x) {
+  const auto run = [&](bool onednn, const Tensor& y, const Tensor& x, const Tensor& w) {
     if (onednn) {
-      at::native::mkldnn_matmul(x, b, y, accumulate ? 1.0f : 0.0f, 1.0f);
+      at::native::mkldnn_matmul(x, w, y, accumulate ? 1.0f : 0.0f, 1.0f);
     } else if (accumulate) {
-      y.addmm_(x, b);
+      y.addmm_(x, w);
     } else {
-      at::mm_out(const_cast<Tensor&>(y), x, b);
+      at::mm_out(const_cast<Tensor&>(y), x, w);
     }
   };
   const auto unit = [](const Tensor& t) { return t.stride(1) == 1 || t.stride(0) == 1; };
@@ -155,18 +155,26 @@ inline void large_product(const Tensor& out, const Tensor& a, const Tensor& b, b
                         out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
                         b.scalar_type() == at::kFloat && out.numel() > 0 && a.size(1) > 0 &&
                         out.is_contiguous() && unit(a) && unit(b);
-  const int64_t rows = std::min<int64_t>(a.size(0), 512);
-  const auto timed = [&] {  // on the first rows of a, into a scratch output
-    const Tensor x = a.narrow(0, 0, rows), y = at::zeros({rows, b.size(1)}, out.options());
-    const double aten_ms = median_ms([&] { run(false, y, x); });
-    return median_ms([&] { run(true, y, x); }) < aten_ms;
-  };
+  if (!possible || forced("mm") || forced("packed")) {
+    run(possible && forced("packed"), out, a, b);
+    return;
+  }
+  // Timed on the shape itself, or within 2^27 multiply-adds: on fewer rows where a is row-major
+  // (the projection's rows are steps x batch, so one timing serves every length), on less of the
+  // inner dimension where a is transposed (a weight gradient's chunk: fewer of its rows made MKL
+  // look faster at shape A, where on all of them it took twice oneDNN's time).
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  const bool transposed = a.stride(1) != 1;
+  const int64_t fit = std::max<int64_t>(64, (int64_t(1) << 27) / ((transposed ? M : K) * N));
+  const int64_t m = transposed ? M : std::min(M, fit), k = transposed ? std::min(K, fit) : K;
   static Choices<std::array<int64_t, 5>> choices;
-  const bool onednn =
-      possible && !forced("mm") &&
-      (forced("packed") ||
-       choices.get({rows, a.size(1), b.size(1), a.stride(0) == 1, b.stride(0) == 1}, timed));
-  run(onednn, out, a);
+  const bool onednn = choices.get({m, k, N, transposed, b.stride(1) != 1}, [&] {
+    const Tensor x = a.narrow(0, 0, m).narrow(1, 0, k), w = b.narrow(0, 0, k);
+    const Tensor y = at::zeros({m, N}, out.options());
+    const double aten_ms = median_ms([&] { run(false, y, x, w); });
+    return median_ms([&] { run(true, y, x, w); }) < aten_ms;
+  });
+  run(onednn, out, a, b);
 }
 
 // dW = sum_t dy_t^T x_t, as one matrix product per chunk of steps: the backward writes step t's
