@@ -548,22 +548,36 @@ def test_large_product_against_float64(monkeypatch, choice, dtype):
 @pytest.mark.slow
 def test_the_large_products_run_on_onednn_when_asked_for():
     """The products before and after the time loop (the input projection, dW_hh, dW_ih, dx) run
-    through oneDNN's matmul with SEQNORM_CPU_PRODUCT=packed and through at::mm with =mm: oneDNN's
-    verbose log (on stdout, from C) lists each product it runs, with its shapes."""
+    through oneDNN's matmul with SEQNORM_CPU_PRODUCT=packed, through at::mm with =mm, and through
+    oneDNN without the variable under torch.use_deterministic_algorithms(True) (no timed choice,
+    which could differ between runs): oneDNN's verbose log (on stdout, from C) lists each product
+    it runs, with its shapes."""
     script = (
-        "import torch, seqnorm; m = seqnorm.LSTM(8, 64, norm='layer'); m.backend = 'cpp'; "
+        "import sys, torch, seqnorm; torch.use_deterministic_algorithms(sys.argv[1] == '1'); "
+        "m = seqnorm.LSTM(8, 64, norm='layer'); m.backend = 'cpp'; "
         "x = torch.randn(3, 4, 8, requires_grad=True); m(x)[0].sum().backward(); "
         "v = torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON); v.__enter__(); "
-        "m(x)[0].sum().backward(); v.__exit__(None, None, None)"
+        "m(x)[0].sum().backward(); v.__exit__(None, None, None); "
+        "print('timed', torch.ops.seqnorm_cpp.product_timings())"
     )
-    shapes = {}
-    for choice in ("packed", "mm"):
-        env = {**os.environ, "SEQNORM_CPU_PRODUCT": choice}
+    shapes, timed = {}, {}
+    for choice in ("packed", "mm", "deterministic", "timed"):
+        env = {k: v for k, v in os.environ.items() if k != "SEQNORM_CPU_PRODUCT"}
+        if choice in ("packed", "mm"):
+            env["SEQNORM_CPU_PRODUCT"] = choice
+        command = [sys.executable, "-c", script, "1" if choice == "deterministic" else "0"]
         log = subprocess.run(
-            [sys.executable, "-c", script], env=env, check=True, timeout=300, capture_output=True
+            command, env=env, check=True, timeout=300, capture_output=True
         ).stdout.decode()
         lines = [line for line in log.splitlines() if ",exec,cpu,matmul," in line]
         shapes[choice] = sorted(line.split(",")[-2] for line in lines)  # then the time
+        timed[choice] = int(log.rsplit("timed ", 1)[1])
     # rows = 3 steps x 4 samples; 4H = 256 gate features, 8 inputs, 64 hidden
-    assert shapes["packed"] == ["12x256:256x8", "12x8:8x256", "256x12:12x64", "256x12:12x8"]
-    assert shapes["mm"] == []
+    every = ["12x256:256x8", "12x8:8x256", "256x12:12x64", "256x12:12x8"]
+    assert {k: shapes[k] for k in ("packed", "mm", "deterministic")} == {
+        "packed": every,
+        "mm": [],
+        "deterministic": every,
+    }
+    # only the unforced, non-deterministic run times anything: each large product's shape once
+    assert timed == {"packed": 0, "mm": 0, "deterministic": 0, "timed": 4}

@@ -5,9 +5,11 @@
 
 #include "common.h"
 
+#include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <map>
@@ -23,11 +25,16 @@ __attribute__((weak)) void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2,
 
 namespace seqnorm {
 
-// SEQNORM_CPU_PRODUCT: "packed" runs every float32 product on oneDNN, "mm" on at::mm; unset,
-// each shape times both once. For tests and for comparing the two on a machine.
-inline bool forced(const char* choice) {
-  const char* f = std::getenv("SEQNORM_CPU_PRODUCT");
-  return f && std::string(f) == choice;
+// Which library runs the float32 products: SEQNORM_CPU_PRODUCT=packed asks for oneDNN, =mm for
+// at::mm; unset, each shape times both once (timed), except under
+// torch.use_deterministic_algorithms(True), where oneDNN runs them all: a timed choice can differ
+// from one run to the next, and the rounding with it.
+enum class Library { timed, onednn, aten };
+inline Library chosen_library() {
+  const char* forced = std::getenv("SEQNORM_CPU_PRODUCT");
+  if (forced && std::string(forced) == "packed") return Library::onednn;
+  if (forced && std::string(forced) == "mm") return Library::aten;
+  return at::globalContext().deterministicAlgorithms() ? Library::onednn : Library::timed;
 }
 
 // The median of five timed runs, after one untimed.
@@ -44,8 +51,14 @@ double median_ms(const Run& run) {
   return times[2];
 }
 
-// Remembers, for the process, which of two ways is faster per key: decide() answers the first
-// time a key is asked for.
+// How many products this process has timed (each shape once; for tests).
+inline std::atomic<int64_t>& timings() {
+  static std::atomic<int64_t> count{0};
+  return count;
+}
+
+// Remembers, for the process, which of two ways is faster per key: decide() times them the
+// first time a key is asked for.
 template <typename Key>
 class Choices {
  public:
@@ -54,6 +67,7 @@ class Choices {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto found = decided_.find(key);
     if (found != decided_.end()) return found->second;
+    ++timings();
     return decided_[key] = decide();
   }
 
@@ -67,8 +81,8 @@ class Choices {
 // made contiguous once. Which one is faster depends on the CPU (on an AVX2 machine the packed
 // weights lost 2x at batch 1 and won from batch 8 on at 1 MiB; on an AVX-512 one they won at
 // batch 32 and 256 KiB), so for every float32 weight shape and batch the two are timed once on
-// this machine and the faster one is remembered for the process (SEQNORM_CPU_PRODUCT=packed or
-// =mm decides instead). float64 uses at::mm.
+// this machine and the faster one is remembered for the process (chosen_library: the
+// environment or deterministic algorithms may decide instead). float64 uses at::mm.
 struct Product {
   Tensor wt, packed;
   Product(const Tensor& w, int64_t batch) {
@@ -97,8 +111,8 @@ struct Product {
   // Times both products at this shape once per process and shape, and remembers which was
   // faster.
   static bool packed_is_faster(const Tensor& w, int64_t batch) {
-    if (forced("packed")) return true;
-    if (forced("mm")) return false;
+    const Library library = chosen_library();
+    if (library != Library::timed) return library == Library::onednn;
     static Choices<std::array<int64_t, 3>> choices;
     return choices.get({w.size(0), w.size(1), batch}, [&] {
       const Tensor x = at::full({batch, w.size(1)}, 0.5, w.options());  // no RNG draw
@@ -155,8 +169,9 @@ inline void large_product(const Tensor& out, const Tensor& a, const Tensor& b, b
                         out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
                         b.scalar_type() == at::kFloat && out.numel() > 0 && a.size(1) > 0 &&
                         out.is_contiguous() && unit(a) && unit(b);
-  if (!possible || forced("mm") || forced("packed")) {
-    run(possible && forced("packed"), out, a, b);
+  const Library library = chosen_library();
+  if (!possible || library != Library::timed) {
+    run(possible && library == Library::onednn, out, a, b);
     return;
   }
   // Timed on the shape itself, or within 2^27 multiply-adds: on fewer rows where a is row-major

@@ -49,6 +49,7 @@ TORCH_LIBRARY(seqnorm_cpp, m) {
                       out.sizes(), ", ", a.sizes(), " and ", b.sizes());
           large_product(out, a, b, accumulate);
         });
+  m.def("product_timings() -> int", [] { return timings().load(); });
   m.def("cache_info() -> int[]", [] { return BufferCache::get().info(); });
   m.def("set_cache_limit(int bytes) -> ()", [](int64_t bytes) {
     TORCH_CHECK(bytes >= 0, "set_cache_limit: bytes=", bytes, ", expected >= 0");
