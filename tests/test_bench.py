@@ -286,3 +286,27 @@ def test_bench_products_times_every_product_of_a_step(monkeypatch, capsys):
     assert products.chunk_sizes(100, 32) == [16] * 6 + [4]
     assert products.chunk_sizes(200, 64) == [8] * 25
     assert products.chunk_sizes(5, 1024) == [1] * 5
+
+
+def test_the_gpu_session_script_runs_each_step_into_out(tmp_path):
+    """benchmarks/gpu_session.sh, with `echo` standing for the GPU machine's python: every step
+    runs its command, writes its output to $OUT and its exit status to status.txt."""
+    script = BENCH.with_name("gpu_session.sh")
+    env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path), "PYTHON": "echo"}
+    subprocess.run(["bash", str(script)], env=env, check=True, timeout=60, capture_output=True)
+    steps = ["device", "pytest_cuda", "bench_rnn_cuda", "bench_rnn_cuda_bf16"]
+    status = (tmp_path / "status.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in status] == steps
+    assert all(": exit 0 after" in line for line in status)
+    assert (tmp_path / "pytest_cuda.txt").read_text().split() == [
+        "-m",
+        "pytest",
+        "-m",
+        "cuda",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+    ]
+    bench = (tmp_path / "bench_rnn_cuda_bf16.txt").read_text().split()
+    assert bench[:4] == ["benchmarks/bench_rnn.py", "--device", "cuda", "--autocast"]
+    assert bench[-2:] == ["--json", str(tmp_path / "bench_rnn_cuda_bf16.json")]
