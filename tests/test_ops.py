@@ -545,6 +545,21 @@ def test_large_product_against_float64(monkeypatch, choice, dtype):
         torch.ops.seqnorm_cpp.large_product(torch.empty(40, 15, dtype=dtype), a, b, False)
 
 
+def test_large_product_times_a_shape_once_for_every_length(monkeypatch):
+    """The timed choice of a row-major product (the input projection: steps x batch rows) is made
+    once for all row counts up to the same power of two, not again for every sequence length."""
+    monkeypatch.delenv("SEQNORM_CPU_PRODUCT", raising=False)
+    cpp.load()
+    b = torch.randn(13, 37)  # a shape no other test times
+    timings = torch.ops.seqnorm_cpp.product_timings
+    before = timings()
+    for rows in (100, 101, 120, 128):
+        torch.ops.seqnorm_cpp.large_product(torch.empty(rows, 37), torch.randn(rows, 13), b, False)
+    assert timings() - before == 1
+    torch.ops.seqnorm_cpp.large_product(torch.empty(129, 37), torch.randn(129, 13), b, False)
+    assert timings() - before == 2
+
+
 @pytest.mark.slow
 def test_the_large_products_run_on_onednn_when_asked_for():
     """The products before and after the time loop (the input projection, dW_hh, dW_ih, dx) run

@@ -174,16 +174,21 @@ inline void large_product(const Tensor& out, const Tensor& a, const Tensor& b, b
     run(possible && library == Library::onednn, out, a, b);
     return;
   }
-  // Timed on the shape itself, or within 2^27 multiply-adds: on fewer rows where a is row-major
-  // (the projection's rows are steps x batch, so one timing serves every length), on less of the
-  // inner dimension where a is transposed (a weight gradient's chunk: fewer of its rows made MKL
-  // look faster at shape A, where on all of them it took twice oneDNN's time).
+  // Timed on the shape itself, or within 2^27 multiply-adds: on fewer rows where a is row-major,
+  // on less of the inner dimension where a is transposed (a weight gradient's chunk: fewer of its
+  // rows made MKL look faster at shape A, where on all of them it took twice oneDNN's time). A
+  // row-major a's rows are steps x batch, which change with every sequence length: one timing
+  // serves all row counts up to the same power of two.
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   const bool transposed = a.stride(1) != 1;
   const int64_t fit = std::max<int64_t>(64, (int64_t(1) << 27) / ((transposed ? M : K) * N));
   const int64_t m = transposed ? M : std::min(M, fit), k = transposed ? std::min(K, fit) : K;
+  int64_t rows = m;  // the key's row count
+  if (!transposed) {
+    for (rows = 1; rows < m;) rows <<= 1;
+  }
   static Choices<std::array<int64_t, 5>> choices;
-  const bool onednn = choices.get({m, k, N, transposed, b.stride(1) != 1}, [&] {
+  const bool onednn = choices.get({rows, k, N, transposed, b.stride(1) != 1}, [&] {
     const Tensor x = a.narrow(0, 0, m).narrow(1, 0, k), w = b.narrow(0, 0, k);
     const Tensor y = at::zeros({m, N}, out.options());
     const double aten_ms = median_ms([&] { run(false, y, x, w); });
