@@ -51,6 +51,16 @@ def test_build_directory_is_keyed_on_the_instruction_set(monkeypatch):
     assert cpp.build_directory().name.startswith("x86-64-v3-")
 
 
+def test_loops_vectorize_as_wide_as_the_target_allows(monkeypatch):
+    """16 floats wide where the compiler targets AVX-512, else 8 (GCC would pick 4 for some AMD
+    virtual CPUs); the width is one of the flags the build directory is keyed on."""
+    monkeypatch.setattr(cpp.platform, "machine", lambda: "x86_64")
+    avx512 = cpp.flags("native", ["-march=znver3", "-mavx2", "-mavx512f"])
+    avx2 = cpp.flags("native", ["-march=znver3", "-mavx2", "-mno-avx512f"])
+    assert "-mprefer-vector-width=512" in avx512 and "-mprefer-vector-width=256" in avx2
+    assert len(avx512) == len(avx2) == 5
+
+
 def test_target_options_come_from_the_compiler():
     options = cpp.target_options("native")
     assert any(o.startswith("-march=") for o in options) and len(options) > 1

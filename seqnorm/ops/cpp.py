@@ -42,12 +42,19 @@ class BuildError(RuntimeError):
     """The C++ kernels could not be built or loaded here."""
 
 
-def flags(arch: str) -> list[str]:
+def flags(arch: str, options: list[str]) -> list[str]:
+    """The compiler flags of a build for ``-march=arch``, whose resolved target options
+    (:func:`target_options`) are ``options``."""
     cflags = ["-O3", f"-march={arch}", "-fno-trapping-math", "-fopenmp"]
     if platform.machine().lower() in ("x86_64", "amd64"):
-        # GCC tunes some AMD virtual CPUs as Zen 1 and then vectorizes 4 floats wide; 8 wide is
-        # a few percent faster on the benchmark machine (and AVX-512 gains nothing more there).
-        cflags.append("-mprefer-vector-width=256")
+        # GCC tunes some AMD virtual CPUs as Zen 1 and then vectorizes 4 floats wide, and AVX-512
+        # CPUs 8 wide. 8 wide was a few percent faster than 4 on an earlier benchmark VM, where 16
+        # gained nothing more; where the target has AVX-512, 16 wide took 4-7% off the LSTMs'
+        # training step at shape A on a Zen 5 VM, whose AVX-512 units are full width
+        # (docs/kernels.md). oneDNN's products run 16 wide there anyway, so a CPU that lowers its
+        # clock for AVX-512 does so already.
+        width = 512 if "-mavx512f" in options else 256
+        cflags.append(f"-mprefer-vector-width={width}")
     return cflags
 
 
@@ -83,7 +90,7 @@ def build_directory() -> Path:
     digest = hashlib.sha256()
     for source in sorted(CSRC.iterdir()):
         digest.update(source.name.encode() + source.read_bytes())
-    for part in (*flags(arch), *options, _compiler(), torch.__version__, sys.version):
+    for part in (*flags(arch, options), *options, _compiler(), torch.__version__, sys.version):
         digest.update(part.encode())
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
     return Path(root) / "seqnorm" / f"{resolved}-{digest.hexdigest()[:16]}"
@@ -163,7 +170,7 @@ def _build(directory: Path) -> None:
         jit_load(
             NAME,
             sorted(sources),
-            extra_cflags=flags(arch),
+            extra_cflags=flags(arch, target_options(arch)),
             extra_ldflags=["-lgomp"],  # the libgomp.so.1 torch itself loads
             build_directory=str(directory),
             is_python_module=False,
