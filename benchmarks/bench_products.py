@@ -12,7 +12,9 @@ large_product: at::mm or oneDNN's matmul, whichever it found faster here, or as
 SEQNORM_CPU_PRODUCT says). The last line adds up the products of a training step as the kernel
 runs them: these, and dW_ih as many flop as the input projection at its speed (without dx, which
 seqnorm skips when the input needs no gradient). A 2048-square sgemm shows what this machine's BLAS
-reaches. Median of 15 runs after one warm-up run.
+reaches, and a per-step product of one row by a 16 x 16 weight what a call to oneDNN costs beyond
+its arithmetic (its ATen wrapper's time, on the calling thread). Median of 15 runs after one
+warm-up run.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from seqnorm.ops import cpp
 
 SHAPES = {"A": (32, 100, 128, 256), "C": (64, 200, 256, 512)}  # batch, steps, input, hidden
+CALL = "per step 1 x 16 x 16 (oneDNN)"  # the cost of a call
 
 
 def seconds(fn, repeats: int = 15) -> float:
@@ -114,6 +117,7 @@ def main(argv=None) -> dict[str, tuple[float, float]]:
     step_flop = sum(cases[name][0] for name in kernel) + cases["input projection x W_ih^T"][0]
     square_s = seconds(lambda: torch.mm(*square[:2], out=square[2]))
     results["sgemm 2048 x 2048 x 2048"] = (2 * 2048**3 / square_s / 1e9, 1000 * square_s)
+    call_s = seconds(onednn_steps(torch.randn(1, 16), torch.randn(16, 16), steps)) / steps
     print(f"shape {args.shape}, {args.threads} threads")
     for name, (rate, ms) in results.items():
         print(f"{name:42s} {rate:6.1f} GFLOP/s {ms:8.1f} ms")
@@ -121,6 +125,8 @@ def main(argv=None) -> dict[str, tuple[float, float]]:
         f"{'products of a training step':42s} {step_flop / step_ms / 1e6:6.1f} GFLOP/s "
         f"{step_ms:8.1f} ms ({step_flop / 1e9:.2f} GFLOP)"
     )
+    results[CALL] = (2 * 16 * 16 / call_s / 1e9, 1000 * call_s)
+    print(f"{CALL:42s} {1e6 * call_s:6.1f} us a call")
     return results
 
 

@@ -280,8 +280,10 @@ def test_bench_products_times_every_product_of_a_step(monkeypatch, capsys):
     results = products.main(["--shape", "A", "--threads", "1"])
     assert "dW_hh, chunks of 6 steps" in results  # 512 rows a chunk, at most every step
     assert "dW_hh, chunks of 6 steps (at::mm)" in results
-    assert len(results) == 7 and all(rate > 0 and ms > 0 for rate, ms in results.values())
-    assert "products of a training step" in capsys.readouterr().out
+    assert len(results) == 8 and all(rate > 0 and ms > 0 for rate, ms in results.values())
+    assert products.CALL in results
+    printed = capsys.readouterr().out
+    assert "products of a training step" in printed and " us a call" in printed
     # every step's gradient is in some chunk, 512 rows each but the last
     assert products.chunk_sizes(100, 32) == [16] * 6 + [4]
     assert products.chunk_sizes(200, 64) == [8] * 25
