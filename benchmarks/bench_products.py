@@ -43,9 +43,10 @@ def seconds(fn, repeats: int = 15) -> float:
 
 
 def chunk_sizes(steps: int, batch: int) -> list[int]:
-    """The steps of each chunk of the dW_hh products, as the kernel's chunk_steps: 512 rows a
-    chunk (at least one step, at most all), the last chunk what is left."""
-    chunk = max(1, min(512 // batch, steps))
+    """The steps of each chunk of the dW_hh products, as the kernel splits them (its chunk_steps:
+    about 512 rows a chunk), the last chunk what is left."""
+    cpp.load()
+    chunk = torch.ops.seqnorm_cpp.chunk_steps(steps, batch)
     return [chunk] * (steps // chunk) + ([steps % chunk] if steps % chunk else [])
 
 

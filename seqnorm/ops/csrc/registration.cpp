@@ -50,6 +50,9 @@ TORCH_LIBRARY(seqnorm_cpp, m) {
           large_product(out, a, b, accumulate);
         });
   m.def("product_timings() -> int", [] { return timings().load(); });
+  m.def("chunk_steps(int steps, int batch) -> int", [](int64_t steps, int64_t batch) {
+    return chunk_steps(steps, batch);  // the steps of a chunk of the backward's large products
+  });
   m.def("cache_info() -> int[]", [] { return BufferCache::get().info(); });
   m.def("set_cache_limit(int bytes) -> ()", [](int64_t bytes) {
     TORCH_CHECK(bytes >= 0, "set_cache_limit: bytes=", bytes, ", expected >= 0");
