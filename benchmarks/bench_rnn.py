@@ -344,7 +344,12 @@ def main(argv=None):
         choices=list(IMPLEMENTATIONS),
         help="default: all (on CPU without the Python-loop rows)",
     )
-    p.add_argument("--autocast", default="none", choices=list(AUTOCAST), help="CUDA autocast dtype")
+    p.add_argument(
+        "--autocast",
+        default="none",
+        choices=list(AUTOCAST),
+        help="autocast dtype (on CPU the C++ kernel computes in float32 under it)",
+    )
     p.add_argument(
         "--tf32", action="store_true", help="let CUDA products use TF32 (off by default)"
     )

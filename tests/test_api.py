@@ -104,18 +104,23 @@ def test_trains_at_batch_size_one(cls, norm):
     assert last < 0.75 * first, (first, last)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "python"])
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
 @pytest.mark.parametrize("norm", ["none", "layer", "group", "batch"])
-def test_bf16_autocast_runs_with_float32_statistics(cls, norm):
-    model = make(cls, norm, dtype=torch.float32)
+def test_bf16_autocast_runs_with_float32_statistics(cls, norm, backend):
+    """Under CPU autocast the Python loop's products run in bfloat16, the C++ kernel computes in
+    float32 (asked for, it would raise if it could not run); both take a bfloat16 input (an
+    autocast layer's output) and return float32."""
+    model = make(cls, norm, dtype=torch.float32, backend=backend)
     x = torch.randn(6, 4, 5)
     want, _ = model(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got, _ = model(x)
+        got, _ = model(x.to(torch.bfloat16).requires_grad_())
     got.float().sum().backward()
-    if norm != "none":
+    if norm != "none" or backend == "cpp":
         assert got.dtype == torch.float32  # normalized in float32, not bfloat16
     assert_close(got.float(), want, atol=5e-2, rtol=5e-2)
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
 
 
 def _compile_counter():
@@ -249,20 +254,26 @@ HALF = [torch.float16, torch.bfloat16]
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
 @pytest.mark.parametrize("norm", ["none", "layer", "group", "batch"])
-def test_half_precision_parameters(cls, norm, dtype):
+@pytest.mark.parametrize("backend", ["cpp", "python"])
+def test_half_precision_parameters(cls, norm, dtype, backend):
     """After .to(float16/bfloat16): parameters, outputs and states in that dtype (statistics in
-    float32 or better inside), over several steps, near the float32 model's outputs."""
+    float32 or better inside; the C++ kernel computes all in float32), over several steps, near
+    the float32 model's outputs, batch norm's running statistics too."""
     model = make(cls, norm, dtype=torch.float32, bidirectional=True, num_layers=2)
     half = copy.deepcopy(model).to(dtype)
+    half.backend = backend
     x, lengths = torch.randn(6, 4, 5), torch.tensor([6, 3, 5, 2])
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # the C++ kernel does not run in half
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback: the backend asked for runs
         out, state = half(x.to(dtype), lengths=lengths)
     states = state if isinstance(state, tuple) else (state,)
     assert all(t.dtype == dtype for t in (out, *states))
     assert all(b.dtype == dtype for b in half.buffers())
     want, _ = model(x, lengths=lengths)
     assert (out.float() - want).abs().mean() < 0.02  # half-precision rounding over 12 steps
+    for got, ref in zip(half.buffers(), model.buffers()):
+        if got.is_floating_point():
+            assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
     out.float().sum().backward()
     assert all(p.grad.dtype == dtype for p in half.parameters())
 

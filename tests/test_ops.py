@@ -471,23 +471,29 @@ def test_backend_environment_variable(monkeypatch):
 
 
 def test_auto_backend_falls_back_to_python_with_one_warning(monkeypatch):
+    """Forward-mode AD needs the differentiable loop: a warning once per reason. A backend asked
+    for that cannot run a call is an error that says why."""
+    import torch.autograd.forward_ad as fwAD
+
     monkeypatch.setattr(backends, "_warned", set())
-    lstm = seqnorm.LSTM(4, 8).half()
-    x = torch.randn(3, 2, 4).half()
-    with pytest.warns(
-        RuntimeWarning,
-        match="Python loop because the C\\+\\+ kernel runs in float32 and float64, got torch.float16",
-    ):
-        lstm(x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # once per reason
-        lstm(x)
-    lstm.backend = "cpp"  # asked for: an error that says why
-    with pytest.raises(
-        RuntimeError, match=r"backend='cpp' cannot run here: the C\+\+ kernel runs in float32"
-    ):
-        lstm(x)
+    lstm = seqnorm.LSTM(4, 8)
+    with fwAD.dual_level():
+        x = fwAD.make_dual(torch.randn(3, 2, 4), torch.randn(3, 2, 4))
+        with pytest.warns(RuntimeWarning, match="Python loop because forward-mode automatic"):
+            lstm(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per reason
+            lstm(x)
     assert ops.choose(None, torch.randn(3, 2, 4), [], False) == "cpp"
+    assert ops.choose(None, torch.randn(3, 2, 4, dtype=torch.bfloat16), [], False) == "cpp"
+    with pytest.raises(
+        RuntimeError,
+        match=r"backend='cpp' cannot run here: the C\+\+ kernel runs in float32 and float64 \(half",
+    ):
+        ops.choose("cpp", torch.zeros(3, 2, 4, dtype=torch.int32), [], False)
+    weights = [torch.zeros(8, 4, dtype=torch.float64)]  # one dtype, or float32 and half
+    with pytest.raises(RuntimeError, match=r"kernel needs the input and every parameter in one"):
+        ops.choose("cpp", torch.zeros(3, 2, 4), weights, False)
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):

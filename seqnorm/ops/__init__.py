@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import functional as SF
 from . import library, reference  # noqa: F401  (library registers the operators)
-from .backend import BACKENDS, choose
+from .backend import BACKENDS, HALF, choose, cpp_dtype
 from .types import GRUParams, LSTMParams, NormConfig, Running
 
 __all__ = [
@@ -72,14 +72,15 @@ def lstm(
         _update(running, stats)
         return out, (h, c)
     keep = _keep(x, h0, c0, *params)
-    x, params, autocast = _autocast(x, params, backend)
-    with autocast:
+    rows = _stacked_rows(running, x.shape[0])
+    p = _Precision(backend, x, (h0, c0, *rows), params)
+    with p.context:
         result = torch.ops.seqnorm.lstm_forward(
-            x, h0, c0, *params, *_stacked_rows(running, x.shape[0]), mask, *config, keep, backend
+            p.x, *p.tensors[:2], *p.params, *p.tensors[2:], mask, *config, keep, backend
         )
     if config.norm == "batch" and config.training:
         _update_op(running, result[3:6], result[-1])
-    return result[0], (result[1], result[2])
+    return p.back(result[0]), (p.back(result[1]), p.back(result[2]))
 
 
 def gru(
@@ -103,30 +104,56 @@ def gru(
         _update(running, stats)
         return out, h
     keep = _keep(x, h0, *params)
-    x, params, autocast = _autocast(x, params, backend)
-    with autocast:
+    rows = _stacked_rows(running, x.shape[0])
+    p = _Precision(backend, x, (h0, *rows), params)
+    with p.context:
         result = torch.ops.seqnorm.gru_forward(
-            x, h0, *params, *_stacked_rows(running, x.shape[0]), mask, *config, keep, backend
+            p.x, p.tensors[0], *p.params, *p.tensors[1:], mask, *config, keep, backend
         )
     if config.norm == "batch" and config.training:
         _update_op(running, result[2:4], result[-1])
-    return result[0], result[1]
+    return p.back(result[0]), p.back(result[1])
 
 
-def _autocast(x, params, backend):
-    """Under autocast the Triton kernels take the input and the weights in the autocast dtype
-    (the products run in half precision) and keep the norms' parameters and the state in theirs
-    (float32): the operator then runs with autocast off. Returns the inputs and the context."""
-    device = x.device.type
-    if backend != "triton" or not torch.is_autocast_enabled(device):
-        return x, params, contextlib.nullcontext()
-    dtype = torch.get_autocast_dtype(device)
-    cast = {
-        name: getattr(params, name).to(dtype)
-        for name in ("w_ih", "w_hh", "w_hr")
-        if getattr(params, name, None) is not None
-    }
-    return x.to(dtype), params._replace(**cast), torch.autocast(device, enabled=False)
+class _Precision:
+    """The operator's inputs in the dtypes its kernel takes, the context to run it in, and
+    ``back``, which returns a result in the dtype the caller expects.
+
+    Under autocast the Triton kernels take the input and the weights in the autocast dtype (the
+    products run in half precision) and keep the norms' parameters and the state in theirs
+    (float32). The C++ kernel computes in float32 or float64 (:func:`.backend.cpp_dtype`): half
+    precision (parameters converted with ``.to(torch.bfloat16)``, or inputs under CPU autocast)
+    is converted to float32 for it, and the results go back to the parameters' half dtype, or stay
+    float32 under autocast. The operator then runs with autocast off.
+
+    Args:
+        tensors: the state and the stacked running statistics (None where absent).
+    """
+
+    def __init__(self, backend: str, x: Tensor, tensors: tuple, params):
+        self.x, self.tensors, self.params = x, tensors, params
+        self.context, self.dtype = contextlib.nullcontext(), None  # dtype: that of the results
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device)
+        if backend == "triton" and autocast:
+            half = torch.get_autocast_dtype(device)
+            cast = {
+                name: getattr(params, name).to(half)
+                for name in ("w_ih", "w_hh", "w_hr")
+                if getattr(params, name, None) is not None
+            }
+            self.x, self.params = x.to(half), params._replace(**cast)
+        elif backend == "cpp" and (autocast or x.dtype in HALF):
+            dtype = cpp_dtype(x, [t for t in (*tensors, *params) if t is not None])
+            self.dtype = None if autocast else x.dtype
+            self.x = x.to(dtype)
+            self.tensors = tuple(None if t is None else t.to(dtype) for t in tensors)
+            self.params = params._make(None if t is None else t.to(dtype) for t in params)
+        if autocast:
+            self.context = torch.autocast(device, enabled=False)
+
+    def back(self, result: Tensor) -> Tensor:
+        return result if self.dtype is None else result.to(self.dtype)
 
 
 def _keep(*tensors: Tensor | None) -> bool:

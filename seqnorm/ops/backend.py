@@ -83,6 +83,24 @@ def choose(
     return "python"
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
+def cpp_dtype(x: Tensor, tensors: Iterable[Tensor]) -> torch.dtype | None:
+    """The dtype the C++ kernel computes a call in, or None if it cannot: the dtype of the input
+    and every state and parameter where they share float32 or float64; float32 where they share a
+    half-precision dtype (the results are rounded back to it), and under CPU autocast for any mix
+    of float32 and half precision."""
+    dtypes = {x.dtype, *(t.dtype for t in tensors)}
+    if len(dtypes) == 1 and x.dtype in (torch.float32, torch.float64):
+        return x.dtype
+    if len(dtypes) == 1 and x.dtype in HALF:
+        return torch.float32
+    if torch.is_autocast_enabled("cpu") and dtypes <= {torch.float32, *HALF}:
+        return torch.float32
+    return None
+
+
 def _native(x: Tensor) -> str:
     return "cpp" if x.device.type == "cpu" else "triton"
 
@@ -108,11 +126,12 @@ def _why_not(backend: str, x: Tensor, tensors: list[Tensor], hidden, norm, group
     if backend == "cpp":
         if device != "cpu":
             return f"the C++ kernel runs on CPU tensors, got {device}"
-        if torch.is_autocast_enabled("cpu"):
-            return "the C++ kernel does not run under CPU autocast"
-        if x.dtype not in (torch.float32, torch.float64):
-            return f"the C++ kernel runs in float32 and float64, got {x.dtype}"
-        if any(t.dtype != x.dtype for t in tensors):
+        if x.dtype not in (torch.float32, torch.float64, *HALF):
+            return (
+                "the C++ kernel runs in float32 and float64 (half precision in float32), "
+                f"got {x.dtype}"
+            )
+        if cpp_dtype(x, tensors) is None:
             return "the C++ kernel needs the input and every parameter in one dtype"
     if backend == "triton":
         if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
