@@ -51,8 +51,8 @@ def flags(arch: str, options: list[str]) -> list[str]:
         # CPUs 8 wide. 8 wide was a few percent faster than 4 on an earlier benchmark VM, where 16
         # gained nothing more; where the target has AVX-512, 16 wide took 4-7% off the LSTMs'
         # training step at shape A on a Zen 5 VM, whose AVX-512 units are full width
-        # (docs/kernels.md). oneDNN's products run 16 wide there anyway, so a CPU that lowers its
-        # clock for AVX-512 does so already.
+        # (benchmarks/README.md). oneDNN's products run 16 wide there anyway, so a CPU that
+        # lowers its clock for AVX-512 does so already.
         width = 512 if "-mavx512f" in options else 256
         cflags.append(f"-mprefer-vector-width={width}")
     return cflags
