@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as SF
-from .checks import NORMS, ShapeError, check_cell_args
+from .checks import NORMS, ShapeError, check_cell_args, check_dtype
 from .norms import at_step, step_norm, uses_batch_statistics
 
 
@@ -175,12 +175,7 @@ class _CellBase(NormRecord, nn.Module):
                 f"{self.input_size} (argument `input` of {name}({self.input_size}, "
                 f"{self.hidden_size}) must be (N, {self.input_size}) or ({self.input_size},))"
             )
-        if input.dtype != self.weight_ih.dtype and not torch.is_autocast_enabled(input.device.type):
-            raise ValueError(
-                f"{name} input dtype ({input.dtype}) does not match weight dtype "
-                f"({self.weight_ih.dtype}). Convert input: input.to({self.weight_ih.dtype}), or "
-                f"convert model: model.to({input.dtype})"
-            )
+        check_dtype(input, self.weight_ih, name)
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
         if self.norm == "batch" and x.shape[0] < 2 and uses_batch_statistics(self):

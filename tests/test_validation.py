@@ -334,3 +334,24 @@ def test_cell_forward(cls):
         ValueError, match=r"input dtype \(torch.float64\) does not match weight dtype"
     ):
         cell(torch.randn(3, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "LSTMCell", "GRUCell"])
+def test_autocast_mixes_float32_and_half_precision_but_not_float64(cls):
+    """Under CPU autocast a bfloat16 input (an autocast layer's output) meets float32 weights, as
+    in torch.nn; float64 against float32 stays an error that says which dtypes, where torch.nn
+    fails inside its kernel."""
+    module = getattr(seqnorm, cls)(4, 8)
+    shape = (3, 2, 4) if cls in ("LSTM", "GRU") else (2, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        module(torch.randn(*shape, dtype=torch.bfloat16))
+        with pytest.raises(
+            ValueError,
+            match=r"input dtype \(torch.float64\) does not match weight dtype \(torch.float32",
+        ):
+            module(torch.randn(*shape, dtype=torch.float64))
+        with pytest.raises(
+            ValueError,
+            match=r"input dtype \(torch.float32\) does not match weight dtype \(torch.float64",
+        ):
+            module.double()(torch.randn(*shape))
