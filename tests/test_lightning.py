@@ -125,6 +125,25 @@ def test_lm_recipe_fast_dev_run(text_file, tmp_path):
     assert torch.isfinite(cli.trainer.callback_metrics["train_loss_step"])
 
 
+def test_bf16_mixed_precision_on_cpu_runs_the_cpp_kernel(text_file, tmp_path, monkeypatch):
+    """Lightning's precision="bf16-mixed" on a CPU is CPU autocast: the C++ kernel runs it (in
+    float32), with no fallback to the Python loop (its warning, once per reason, is an error)."""
+    import warnings
+
+    from seqnorm.ops import backend
+
+    monkeypatch.setattr(backend, "_warned", set())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="seqnorm runs the per-step Python loop")
+        cli = train_lm.main(
+            lm_args(
+                text_file, tmp_path, "--trainer.fast_dev_run=true", "--trainer.precision=bf16-mixed"
+            )
+        )
+    assert cli.trainer.precision == "bf16-mixed" and cli.trainer.global_step == 1
+    assert torch.isfinite(cli.trainer.callback_metrics["train_loss_step"])
+
+
 @pytest.mark.slow
 def test_local_lm_config_trains_on_a_small_file(text_file, tmp_path, monkeypatch):
     """The README's own-text command, config as shipped: a file of a few dozen batches validates and
