@@ -107,14 +107,14 @@ def check_proj_size(proj_size, hidden_size: int) -> None:
         )
 
 
-_AUTOCAST_MIX = (torch.float32, torch.float16, torch.bfloat16)
+_AUTOCAST_MIX = frozenset((torch.float32, torch.float16, torch.bfloat16))
 
 
 def check_dtype(input: Tensor, weight: Tensor, what: str = "RNN") -> None:
     """The input's floating dtype must be the weights', as in ``torch.nn``; under autocast, float32
     and half precision may meet (an autocast layer's half-precision output feeds float32
     weights), but float64 still needs float64."""
-    mixed = torch.is_autocast_enabled(input.device.type) and {input.dtype, weight.dtype} <= set(
+    mixed = torch.is_autocast_enabled(input.device.type) and {input.dtype, weight.dtype} <= (
         _AUTOCAST_MIX
     )
     if input.dtype != weight.dtype and not mixed:

@@ -120,7 +120,7 @@ def test_bf16_autocast_runs_with_float32_statistics(cls, norm, backend):
     if norm != "none" or backend == "cpp":
         assert got.dtype == torch.float32  # normalized in float32, not bfloat16
     assert_close(got.float(), want, atol=5e-2, rtol=5e-2)
-    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
 
 
 def _compile_counter():
