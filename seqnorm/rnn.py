@@ -345,6 +345,7 @@ class LSTM(_RNNBase):
         (torch.Size([5, 3, 20]), torch.Size([2, 3, 20]))
     """
 
+    mode = "LSTM"  # torch.nn.LSTM's attribute, read by code that handles several RNN kinds
     _gates, _cell_norm, _num_states = 4, True, 2
 
     def forward(
@@ -401,6 +402,7 @@ class GRU(_RNNBase):
         (torch.Size([5, 3, 40]), torch.Size([2, 3, 20]))
     """
 
+    mode = "GRU"
     _gates, _cell_norm, _num_states = 3, False, 1
 
     def __init__(

@@ -601,6 +601,7 @@ def test_all_weights(impl, cls):
     for name, p in src.named_parameters():
         assert torch.equal(getattr(dst, name), p)
     assert dst._flat_weights_names == src._flat_weights_names
+    assert dst.mode == src.mode == cls
 
 
 @pytest.mark.parametrize("impl", ["torch", "none", "layer", "group"])
