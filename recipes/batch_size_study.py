@@ -342,7 +342,7 @@ class Study:
             "metric": "bits per character" if self.lm else "error %",
             "sweep": asdict(self.sweep),
             "base_lr": self.base_lr,
-            "config": self.cli.parser.dump(self.config, skip_check=True),
+            "config": self.cli.parser.dump(self.config, skip_validation=True),
         }
 
 
