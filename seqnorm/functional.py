@@ -15,6 +15,7 @@ parameters share it, float32 under autocast, where the parameters stay float32).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -37,6 +38,17 @@ def _result_dtype(x: Tensor, *params: Tensor | None) -> torch.dtype:
         if p is not None:
             dtype = torch.promote_types(dtype, p.dtype)
     return dtype
+
+
+def _channels(x: Tensor) -> int:
+    """``x.shape[1]`` as a Python int: under ``torch.jit.trace`` a constant of the graph, as
+    ``nn.LayerNorm``'s normalized shape is, rather than a traced size (which TorchScript's ONNX
+    exporter cannot turn into a norm's shape once the batch or time axis is dynamic)."""
+    if not torch.jit.is_tracing():
+        return x.shape[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return int(x.shape[1])
 
 
 def _affine(x_hat: Tensor, weight: Tensor | None, bias: Tensor | None, channel_dim: int) -> Tensor:
@@ -77,9 +89,10 @@ def group_norm(
     xs = x.to(_stats_dtype(x))
     cast = lambda p: None if p is None else p.to(xs.dtype)
     if x.dim() == 2:  # the same statistics; ATen's layer norm is the faster kernel
+        channels = _channels(x)
         if groups == 1:
-            return F.layer_norm(xs, xs.shape[1:], cast(weight), cast(bias), eps).to(out)
-        x_hat = F.layer_norm(xs.reshape(x.shape[0], groups, -1), (x.shape[1] // groups,), eps=eps)
+            return F.layer_norm(xs, (channels,), cast(weight), cast(bias), eps).to(out)
+        x_hat = F.layer_norm(xs.reshape(x.shape[0], groups, -1), (channels // groups,), eps=eps)
         return _affine(x_hat.reshape(x.shape), cast(weight), cast(bias), channel_dim=1).to(out)
     return F.group_norm(xs, groups, cast(weight), cast(bias), eps).to(out)
 

@@ -169,8 +169,11 @@ class _RNNBase(NormRecord, nn.Module):
                 f"size {n}: there are no batch statistics. Use norm='layer' or 'group', or .eval()"
             )
         mask = reverse = None
-        compiling = torch.compiler.is_compiling()
-        if lengths is not None and (compiling or bool((lengths < steps).any())):
+        if ops.backend.unrolled_export():
+            x = ops.backend.pin_length(x)
+        # A traced or compiled graph keeps the mask whatever the example's lengths were.
+        graph = torch.jit.is_tracing() or torch.compiler.is_compiling()
+        if lengths is not None and (graph or bool((lengths < steps).any())):
             t = torch.arange(steps, device=x.device).unsqueeze(1)  # (T, 1)
             lengths = lengths.to(x.device)
             mask = t < lengths  # (T, N)

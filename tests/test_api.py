@@ -193,14 +193,27 @@ def test_torch_export_with_a_dynamic_sequence_length(cls, norm):
 
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
 def test_jit_trace_at_one_length_runs_at_another(cls):
-    """As torch.nn.LSTM: the traced graph holds one operator per direction, not a loop of steps."""
+    """As torch.nn.LSTM: the traced graph holds one operator per direction, not a loop of steps,
+    and passes torch.jit.trace's check (which reruns it without gradients)."""
     model = make(cls, "layer", dtype=torch.float32, bidirectional=True).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        traced = torch.jit.trace(model, (torch.randn(6, 3, 5),), check_trace=False)
+        traced = torch.jit.trace(model, (torch.randn(6, 3, 5),))
     for length in (2, 11):
         x = torch.randn(length, 3, 5)
         assert_close(traced(x)[0], model(x)[0])
+
+
+@pytest.mark.parametrize("norm", ["none", "layer", "batch"])
+def test_jit_trace_keeps_lengths_of_a_full_example(norm):
+    """An example whose samples are all full length still traces the padding mask."""
+    model = make("LSTM", norm, dtype=torch.float32, bidirectional=True).eval()
+    example = {"input": torch.randn(6, 3, 5), "lengths": torch.tensor([6, 6, 6])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, example_kwarg_inputs=example)
+    x, lengths = torch.randn(6, 3, 5), torch.tensor([6, 2, 4])
+    assert_close(traced(x, lengths=lengths)[0], model(x, lengths=lengths)[0])
 
 
 @pytest.mark.cuda

@@ -1,7 +1,7 @@
 """ONNX export: the exported model, run by onnxruntime, gives eager's outputs. The
 torch.export-based exporter (torch.onnx.export's default) records each direction as an ONNX Scan
 whose length follows the input's; TorchScript's exporter (dynamo=False) unrolls the loop at the
-example's length, as it does for any Python loop."""
+example's length, as it does for any Python loop, into a model that refuses other lengths."""
 
 import logging
 import warnings
@@ -98,10 +98,40 @@ def test_export_with_lengths(cls, norm, tmp_path):
 
 @pytest.mark.parametrize(("cls", "norm"), CASES)
 def test_torchscript_exporter_at_the_traced_length(cls, norm, tmp_path):
+    """TorchScript's exporter unrolls the loop at the example's length: the model it writes runs
+    at that length, for any batch size, and refuses every other length loudly, even with the time
+    axis declared dynamic (where the unrolled steps would run T steps of a longer input)."""
     model = _model(cls, norm)
-    x = torch.randn(6, 3, 5)
-    torch.onnx.export(model, (x,), str(tmp_path / "model.onnx"), dynamo=False, input_names=["x"])
-    got = _run(tmp_path / "model.onnx", {"x": x})[0]
+    path = str(tmp_path / "model.onnx")
+    dynamic = {"x": {0: "steps", 1: "batch"}}
+    with pytest.warns(UserWarning, match=r"unrolls seqnorm's time loop at the example's sequence length \(6 steps\)"):
+        torch.onnx.export(
+            model, (torch.randn(6, 3, 5),), path, dynamo=False, input_names=["x"], dynamic_axes=dynamic
+        )
+    for batch in (3, 4):
+        x = torch.randn(6, batch, 5)
+        assert_close(
+            torch.from_numpy(_run(path, {"x": x})[0]), model(x)[0].detach(), atol=1e-4, rtol=1e-4
+        )  # float32, tanh and sigmoid as ORT computes them
+    for length in (4, 9):
+        with pytest.raises(Exception, match=r"cannot be reshaped.*\{6,3,5\}"):
+            _run(path, {"x": torch.randn(length, 3, 5)})
+
+
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_torchscript_exporter_keeps_lengths(norm, tmp_path):
+    """An example whose samples are all full length still exports the padding mask."""
+    model = _model("LSTM", norm)
+    path = str(tmp_path / "model.onnx")
+    torch.onnx.export(
+        model,
+        (torch.randn(6, 3, 5), None, torch.tensor([6, 6, 6])),
+        path,
+        dynamo=False,
+        input_names=["x", "lengths"],
+    )
+    x, lengths = torch.randn(6, 3, 5), torch.tensor([6, 2, 4])
+    got = _run(path, {"x": x, "lengths": lengths})[0]
     assert_close(
-        torch.from_numpy(got), model(x)[0].detach(), atol=1e-4, rtol=1e-4
+        torch.from_numpy(got), model(x, lengths=lengths)[0].detach(), atol=1e-4, rtol=1e-4
     )  # float32, tanh and sigmoid as ORT computes them

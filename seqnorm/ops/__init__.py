@@ -157,7 +157,11 @@ class _Precision:
 
 
 def _keep(*tensors: Tensor | None) -> bool:
-    """Whether a backward can follow, so that the forward must keep what it needs."""
+    """Whether a backward can follow, so that the forward must keep what it needs. Always under
+    ``torch.jit.trace``: its graph serves training and inference alike (and its check reruns the
+    graph without gradients, which must record the same call)."""
+    if torch.jit.is_tracing():
+        return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 

@@ -62,7 +62,7 @@ def choose(
     if torch.onnx.is_in_onnx_export():
         # ONNX has no seqnorm operator: the exporter records the reference's steps, as a Scan
         # (torch.export-based exporter), or unrolled at the example's length (TorchScript's).
-        return "python" if torch.jit.is_tracing() else "scan"
+        return "python" if unrolled_export() else "scan"
     if requested == "python":
         return "python"
     tensors = [t for t in tensors if t is not None]
@@ -81,6 +81,31 @@ def choose(
             f"seqnorm runs the per-step Python loop because {reason}", RuntimeWarning, stacklevel=4
         )
     return "python"
+
+
+def unrolled_export() -> bool:
+    """Whether TorchScript's ONNX exporter (``torch.onnx.export(..., dynamo=False)``) is tracing:
+    it records the Python loop's steps, unrolled at the example's sequence length."""
+    return torch.onnx.is_in_onnx_export() and torch.jit.is_tracing()
+
+
+def pin_length(x: Tensor) -> Tensor:
+    """``x`` ``(T, N, H_in)`` for :func:`unrolled_export`: reshaped to the example's T as a
+    constant, so that the exported model fails at any other length (ONNX Runtime's Reshape
+    error, even with ``dynamic_axes`` on the time dimension) rather than running T steps of a
+    longer input, or reading past a shorter one. Warns at every such export."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # a constant is what we want
+        steps = int(x.shape[0])
+    warnings.warn(
+        f"TorchScript's ONNX exporter (dynamo=False) unrolls seqnorm's time loop at the example's "
+        f"sequence length ({steps} steps): the exported model runs at that length only and "
+        "refuses any other. torch.onnx.export's default exporter (dynamo=True) records the loop "
+        "for every length.",
+        UserWarning,
+        stacklevel=4,
+    )
+    return x.reshape(steps, *x.shape[1:])
 
 
 HALF = (torch.bfloat16, torch.float16)
