@@ -115,9 +115,21 @@ class NormRecord:
             missing.remove(prefix + "_extra_state")  # no record to check: the keys decide
 
 
+def refuse_script(module: nn.Module):
+    """``__prepare_scriptable__`` of the cells and layers: ``torch.jit.script`` cannot compile
+    their Python (norm dispatch, the operator's glue), so it gets a clear error instead of one
+    from deep inside."""
+    raise RuntimeError(
+        f"seqnorm.{type(module).__name__} cannot be compiled by torch.jit.script (TorchScript "
+        "compiles a subset of Python that seqnorm's layers do not keep to). Use torch.jit.trace, "
+        "torch.export.export or torch.compile: each runs seqnorm's operator at every length"
+    )
+
+
 class _CellBase(NormRecord, nn.Module):
     _gates: int
     _cell_norm: bool
+    __prepare_scriptable__ = refuse_script
 
     def __init__(
         self,

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import ops
-from .cells import NormRecord, add_cell_parameters, reset_cell_parameters
+from .cells import NormRecord, add_cell_parameters, refuse_script, reset_cell_parameters
 from .checks import (
     ShapeError,
     check_bool,
@@ -37,6 +37,7 @@ class _RNNBase(NormRecord, nn.Module):
     _gates: int
     _cell_norm: bool
     _num_states: int
+    __prepare_scriptable__ = refuse_script
     backend: str | None = None
     """Which implementation runs the recurrence (``"auto"``, ``"cpp"``, ``"triton"``,
     ``"python"``; see :mod:`seqnorm.ops.backend`); None follows ``SEQNORM_BACKEND``. Set it on an

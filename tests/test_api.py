@@ -204,6 +204,18 @@ def test_jit_trace_at_one_length_runs_at_another(cls):
         assert_close(traced(x)[0], model(x)[0])
 
 
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "LSTMCell", "GRUCell"])
+def test_jit_script_is_a_clear_error(cls):
+    """TorchScript cannot compile the layers: scripting a model that holds one names the layer
+    and the ways that work, instead of failing deep inside seqnorm's Python."""
+    model = torch.nn.Sequential(torch.nn.Identity(), getattr(seqnorm, cls)(5, 8))
+    with pytest.raises(
+        RuntimeError,
+        match=rf"seqnorm.{cls} cannot be compiled by torch.jit.script.*torch.jit.trace, torch.export.export or torch.compile",
+    ):
+        torch.jit.script(model)
+
+
 @pytest.mark.parametrize("norm", ["none", "layer", "batch"])
 def test_jit_trace_keeps_lengths_of_a_full_example(norm):
     """An example whose samples are all full length still traces the padding mask."""
