@@ -104,9 +104,17 @@ def test_torchscript_exporter_at_the_traced_length(cls, norm, tmp_path):
     model = _model(cls, norm)
     path = str(tmp_path / "model.onnx")
     dynamic = {"x": {0: "steps", 1: "batch"}}
-    with pytest.warns(UserWarning, match=r"unrolls seqnorm's time loop at the example's sequence length \(6 steps\)"):
+    with pytest.warns(
+        UserWarning,
+        match=r"unrolls seqnorm's time loop at the example's sequence length \(6 steps\)",
+    ):
         torch.onnx.export(
-            model, (torch.randn(6, 3, 5),), path, dynamo=False, input_names=["x"], dynamic_axes=dynamic
+            model,
+            (torch.randn(6, 3, 5),),
+            path,
+            dynamo=False,
+            input_names=["x"],
+            dynamic_axes=dynamic,
         )
     for batch in (3, 4):
         x = torch.randn(6, batch, 5)
