@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as SF
-from .checks import NORMS, ShapeError, check_cell_args, check_dtype
+from .checks import NORMS, ShapeError, check_cell_args, check_dtype, check_state_dtype
 from .norms import at_step, step_norm, uses_batch_statistics
 
 
@@ -209,6 +209,7 @@ class _CellBase(NormRecord, nn.Module):
                 f"Expected {torch_name} to be 1D or 2D, got {state.dim()}D instead (argument "
                 f"`{name}` of shape {tuple(state.shape)})"
             )
+        check_state_dtype(state, self.weight_hh, name)
         state = state if state.dim() == 2 else state.unsqueeze(0)
         if state.shape[0] != n:
             raise ShapeError(

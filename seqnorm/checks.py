@@ -110,17 +110,32 @@ def check_proj_size(proj_size, hidden_size: int) -> None:
 _AUTOCAST_MIX = frozenset((torch.float32, torch.float16, torch.bfloat16))
 
 
+def _dtypes_meet(value: Tensor, weight: Tensor) -> bool:
+    """The weights' dtype, or under autocast float32 and half precision in any mix (an autocast
+    layer's half-precision output feeds float32 weights); float64 needs float64."""
+    if value.dtype == weight.dtype:
+        return True
+    autocast = torch.is_autocast_enabled(value.device.type)
+    return autocast and {value.dtype, weight.dtype} <= _AUTOCAST_MIX
+
+
 def check_dtype(input: Tensor, weight: Tensor, what: str = "RNN") -> None:
-    """The input's floating dtype must be the weights', as in ``torch.nn``; under autocast, float32
-    and half precision may meet (an autocast layer's half-precision output feeds float32
-    weights), but float64 still needs float64."""
-    mixed = torch.is_autocast_enabled(input.device.type) and {input.dtype, weight.dtype} <= (
-        _AUTOCAST_MIX
-    )
-    if input.dtype != weight.dtype and not mixed:
+    """The input's floating dtype must be the weights', as in ``torch.nn`` (see
+    :func:`_dtypes_meet` for autocast)."""
+    if not _dtypes_meet(input, weight):
         raise ValueError(
             f"{what} input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
             f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})"
+        )
+
+
+def check_state_dtype(state: Tensor, weight: Tensor, name: str) -> None:
+    """An initial state's dtype must be the weights', as the input's (``torch.nn`` fails inside
+    its kernel instead)."""
+    if not _dtypes_meet(state, weight):
+        raise ValueError(
+            f"Expected argument `{name}` to have the weights' dtype ({weight.dtype}), got "
+            f"{state.dtype}: convert it with .to({weight.dtype})"
         )
 
 

@@ -27,6 +27,7 @@ from .checks import (
     check_int,
     check_lengths,
     check_proj_size,
+    check_state_dtype,
 )
 from .norms import RecurrentBatchNorm, all_reduce_sum, uses_batch_statistics
 
@@ -286,6 +287,7 @@ class _RNNBase(NormRecord, nn.Module):
                 raise TypeError(
                     f"Expected argument `{name}` to be a Tensor, got {type(part).__name__}"
                 )
+            check_state_dtype(part, self.weight_hh_l0, name)
         dims = [p.dim() for p in parts]
         want = 3 if batched else 2
         if any(d != want for d in dims):

@@ -230,6 +230,19 @@ FORWARD_ERRORS = [
         dict(hx=H), TypeError, r"`hx` to be a tuple \(h_0, c_0\), got Tensor", id="hx-tuple"
     ),
     pytest.param(
+        dict(hx=(H.double(), H)),
+        ValueError,
+        r"`hx\[0\] \(h_0\)` to have the weights' dtype \(torch.float32\), got torch.float64: "
+        r"convert it with .to\(torch.float32\)",
+        id="h0-dtype",
+    ),
+    pytest.param(
+        dict(hx=(H, H.long())),
+        ValueError,
+        r"`hx\[1\] \(c_0\)` to have the weights' dtype \(torch.float32\), got torch.int64",
+        id="c0-dtype",
+    ),
+    pytest.param(
         dict(lengths=torch.tensor([[5, 5, 5]])),
         ShapeError,
         r"`lengths` to be 1-D, got shape \(1, 3\)",
@@ -334,6 +347,13 @@ def test_cell_forward(cls):
         ValueError, match=r"input dtype \(torch.float64\) does not match weight dtype"
     ):
         cell(torch.randn(3, 4, dtype=torch.float64))
+    state = torch.zeros(3, 8, dtype=torch.float64)
+    which = r"hx\[0\]" if lstm else "hx"
+    with pytest.raises(
+        ValueError,
+        match=rf"`{which}` to have the weights' dtype \(torch.float32\), got torch.float64",
+    ):
+        cell(torch.randn(3, 4), (state, state.float()) if lstm else state)
 
 
 @pytest.mark.parametrize("cls", ["LSTM", "GRU", "LSTMCell", "GRUCell"])
@@ -343,8 +363,17 @@ def test_autocast_mixes_float32_and_half_precision_but_not_float64(cls):
     fails inside its kernel."""
     module = getattr(seqnorm, cls)(4, 8)
     shape = (3, 2, 4) if cls in ("LSTM", "GRU") else (2, 4)
+    lstm = cls in ("LSTM", "LSTMCell")
+    state = lambda dtype: torch.zeros((1, 2, 8) if cls in ("LSTM", "GRU") else (2, 8), dtype=dtype)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         module(torch.randn(*shape, dtype=torch.bfloat16))
+        h = state(torch.bfloat16)  # a half-precision state with float32 weights
+        module(torch.randn(*shape), (h, h.float()) if lstm else h)
+        h = state(torch.float64)
+        with pytest.raises(
+            ValueError, match=r"weights' dtype \(torch.float32\), got torch.float64"
+        ):
+            module(torch.randn(*shape), (h, h) if lstm else h)
         with pytest.raises(
             ValueError,
             match=r"input dtype \(torch.float64\) does not match weight dtype \(torch.float32",
