@@ -101,6 +101,21 @@ def test_every_config_resolves_with_its_command_and_print_config(config, capsys)
     assert "model:" in printed and "data:" in printed and "trainer:" in printed
 
 
+@pytest.mark.parametrize("recipe", [train_lm, train_classifier], ids=["lm", "classifier"])
+def test_the_command_line_offers_the_subcommands_the_data_serves(recipe, capsys):
+    """fit, validate and test; predict, which the DataModules have no split for, is refused by
+    the parser (Lightning's error would come after building the model and data)."""
+    with pytest.raises(SystemExit) as exit_:
+        recipe.main(["--help"])
+    assert exit_.value.code == 0
+    usage = capsys.readouterr().out
+    assert "{fit,validate,test}" in usage
+    with pytest.raises(SystemExit) as exit_:
+        recipe.main(["predict"])
+    assert exit_.value.code != 0
+    assert "predict" in capsys.readouterr().err
+
+
 def lm_args(text_file, tmp_path, *extra):
     return [
         "fit",

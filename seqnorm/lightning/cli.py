@@ -14,7 +14,15 @@ from .models import LanguageModel, SequenceClassifier, check_checkpoint
 
 
 class _CheckedCLI(LightningCLI):
-    """A LightningCLI that refuses a bad ``--ckpt_path`` before anything is built or trained."""
+    """A LightningCLI that refuses a bad ``--ckpt_path`` before anything is built or trained, and
+    offers the subcommands the recipes' DataModules serve."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's, less ``predict``: the DataModules have no prediction split (sample text
+        from a language model with ``recipes/generate.py``; a classifier predicts from Python,
+        ``trainer.predict(model, dataloader)``)."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
 
     def parse_arguments(self, parser, args):
         super().parse_arguments(parser, args)
