@@ -32,7 +32,10 @@ def _stats_dtype(x: Tensor) -> torch.dtype:
 
 
 def _result_dtype(x: Tensor, *params: Tensor | None) -> torch.dtype:
-    """The dtype of ``x * gamma + beta``: the input's, promoted by the parameters'."""
+    """The dtype of ``x * gamma + beta``: the input's, promoted by the parameters'. ``x`` must be
+    floating point: normalized integers would be rounded back to a few integers."""
+    if not x.is_floating_point():
+        raise TypeError(f"Expected argument `x` to be a floating-point tensor, got dtype {x.dtype}")
     dtype = x.dtype
     for p in params:
         if p is not None:
@@ -86,10 +89,17 @@ def group_norm(
         True
     """
     out = _result_dtype(x, weight, bias)
+    if x.dim() < 2:
+        raise ValueError(f"Expected argument `x` of shape (N, C, *), got shape {tuple(x.shape)}")
+    channels = _channels(x)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or channels % groups:
+        raise ValueError(
+            f"Expected argument `groups` to be a positive integer that divides the channels C of "
+            f"x (N, C, *), got groups={groups!r} for x of shape {tuple(x.shape)}"
+        )
     xs = x.to(_stats_dtype(x))
     cast = lambda p: None if p is None else p.to(xs.dtype)
     if x.dim() == 2:  # the same statistics; ATen's layer norm is the faster kernel
-        channels = _channels(x)
         if groups == 1:
             return F.layer_norm(xs, (channels,), cast(weight), cast(bias), eps).to(out)
         x_hat = F.layer_norm(xs.reshape(x.shape[0], groups, -1), (channels // groups,), eps=eps)

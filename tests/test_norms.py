@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from seqnorm import functional as SF
 from seqnorm import norms
 
 
@@ -108,6 +109,30 @@ def test_bad_input():
         norms.InstanceNorm(8)(torch.randn(2, 8))
     with pytest.raises(ValueError, match="more than one value per channel"):
         norms.BatchNorm(8)(torch.randn(1, 8))
+
+
+def test_bad_input_to_the_functions():
+    """The functions check what the modules check: integers would normalize to a few rounded
+    values, and a group count that does not divide the channels failed inside a reshape."""
+    ints = torch.arange(16).reshape(2, 8)
+    for call in (
+        lambda: SF.group_norm(ints, 2),
+        lambda: SF.layer_norm(ints),
+        lambda: SF.batch_norm(ints, None, None),
+        lambda: SF.recurrent_batch_norm(ints.unsqueeze(0), torch.zeros(1, 8), torch.ones(1, 8)),
+    ):
+        with pytest.raises(
+            TypeError, match=r"`x` to be a floating-point tensor, got dtype torch\.int64"
+        ):
+            call()
+    for groups in (0, 3, 2.0, True):
+        with pytest.raises(
+            ValueError,
+            match=rf"divides the channels C.*got groups={groups!r} for x of shape \(2, 8\)",
+        ):
+            SF.group_norm(torch.randn(2, 8), groups)
+    with pytest.raises(ValueError, match=r"`x` of shape \(N, C, \*\), got shape \(8,\)"):
+        SF.layer_norm(torch.randn(8))
 
 
 class TestRecurrentBatchNorm:
