@@ -36,6 +36,27 @@ def check_int(value, name: str, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be {what}, got {value}")
 
 
+def check_step(step) -> None:
+    """A time step (the first of the input's, for batch norm's statistics): a non-negative int,
+    or an integer tensor of one element, whose value is not read (that would wait for the
+    device)."""
+    if isinstance(step, Tensor):
+        if (
+            step.numel() != 1
+            or step.is_floating_point()
+            or step.is_complex()
+            or step.dtype == torch.bool
+        ):
+            raise TypeError(
+                f"Expected argument `step` to be an integer, got a tensor of dtype {step.dtype} "
+                f"and shape {tuple(step.shape)}"
+            )
+        return
+    if isinstance(step, torch.SymInt):  # an int that torch.compile made dynamic
+        return
+    check_int(step, "step", 0)
+
+
 def check_norm(norm) -> None:
     """Reject anything a recurrent cell cannot use, saying what it can."""
     choices = ", ".join(map(repr, NORMS))

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as SF
-from .checks import check_groups, check_int
+from .checks import check_groups, check_int, check_step
 
 
 class _ChannelNorm(nn.Module):
@@ -204,7 +204,12 @@ class RecurrentGroupNorm(GroupNorm):
     """
 
     def forward(self, x: Tensor, step: int = 0, mask: Tensor | None = None) -> Tensor:
-        y = SF.group_norm(x.flatten(0, -2), self.num_groups, self.weight, self.bias, self.eps)
+        if x.dim() < 1 or x.shape[-1] != self.num_channels:
+            raise ValueError(
+                f"Expected input of shape (*, {self.num_channels}), got {tuple(x.shape)}"
+            )
+        rows = x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)
+        y = SF.group_norm(rows, self.num_groups, self.weight, self.bias, self.eps)
         return y.reshape(x.shape)
 
 
@@ -257,6 +262,7 @@ class RecurrentBatchNorm(_ChannelNorm):
         self.running_var.fill_(1)
 
     def forward(self, x: Tensor, step: int = 0, mask: Tensor | None = None) -> Tensor:
+        check_step(step)
         one_step = x.dim() == 2
         if one_step:
             x = x.unsqueeze(0)

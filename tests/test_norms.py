@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+import seqnorm
 from seqnorm import functional as SF
 from seqnorm import norms
 
@@ -109,6 +110,35 @@ def test_bad_input():
         norms.InstanceNorm(8)(torch.randn(2, 8))
     with pytest.raises(ValueError, match="more than one value per channel"):
         norms.BatchNorm(8)(torch.randn(1, 8))
+
+
+def test_bad_input_to_the_recurrent_norms():
+    """A negative or fractional step read another step's running statistics or failed inside an
+    index; a feature count that is not the norm's failed with a message about groups."""
+    bn = norms.RecurrentBatchNorm(8, max_steps=5)
+    x = torch.randn(4, 8)
+    for step, error, match in [
+        (-1, ValueError, "step must be non-negative, got -1"),
+        (1.5, TypeError, "step should be of type int, got: float 1.5"),
+        (True, TypeError, "step should be of type int, got: bool True"),
+        (
+            torch.tensor(1.0),
+            TypeError,
+            r"`step` to be an integer, got a tensor of dtype torch\.float32",
+        ),
+        (torch.tensor([1, 2]), TypeError, r"got a tensor of dtype torch\.int64 and shape \(2,\)"),
+    ]:
+        with pytest.raises(error, match=match):
+            bn(x, step)
+    bn.eval()
+    assert_close(bn(x, torch.tensor(2)), bn(x, 2))
+    cell = seqnorm.LSTMCell(4, 8, norm="batch")
+    with pytest.raises(ValueError, match="step must be non-negative, got -3"):
+        cell(torch.randn(3, 4), step=-3)
+    gn = norms.RecurrentGroupNorm(2, 8)
+    with pytest.raises(ValueError, match=r"Expected input of shape \(\*, 8\), got \(4, 7\)"):
+        gn(torch.randn(4, 7))
+    assert_close(gn(x[0]), gn(x[:1])[0])  # one sample, unbatched
 
 
 def test_bad_input_to_the_functions():
