@@ -249,6 +249,15 @@ class RecurrentBatchNorm(_ChannelNorm):
     ):
         super().__init__(num_features, eps, True, bias, device, dtype)
         check_int(max_steps, "max_steps")
+        if (
+            isinstance(momentum, bool)
+            or not isinstance(momentum, (int, float))
+            or not 0 <= momentum <= 1
+        ):
+            raise ValueError(
+                f"Expected argument `momentum` to be a number in [0, 1], got {momentum!r} (torch's "
+                "momentum=None, a cumulative average, has no per-step form here)"
+            )
         self.max_steps, self.momentum, self.sync = max_steps, momentum, sync
         self.gain_init = 0.1
         kw = {"device": device, "dtype": dtype}
@@ -263,14 +272,21 @@ class RecurrentBatchNorm(_ChannelNorm):
 
     def forward(self, x: Tensor, step: int = 0, mask: Tensor | None = None) -> Tensor:
         check_step(step)
+        if x.dim() not in (2, 3) or x.shape[-1] != self.num_channels:
+            raise ValueError(
+                f"Expected input of shape (T, N, {self.num_channels}) or (N, {self.num_channels}),"
+                f" got {tuple(x.shape)}"
+            )
+        if mask is not None and (mask.dtype != torch.bool or mask.shape != x.shape[:-1]):
+            raise ValueError(
+                f"Expected argument `mask` to be a bool tensor of shape {tuple(x.shape[:-1])}, "
+                f"True where a sample is valid, got dtype {mask.dtype} and shape "
+                f"{tuple(mask.shape)}"
+            )
         one_step = x.dim() == 2
         if one_step:
             x = x.unsqueeze(0)
             mask = None if mask is None else mask.unsqueeze(0)
-        if x.dim() != 3 or x.shape[-1] != self.num_channels:
-            raise ValueError(
-                f"Expected input of shape (T, N, {self.num_channels}), got {tuple(x.shape)}"
-            )
         if self.training and x.shape[1] < 2 and not self.synchronized:
             raise ValueError(
                 "Expected a batch of more than one sample for batch norm in training, got batch "
