@@ -36,6 +36,19 @@ def check_int(value, name: str, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be {what}, got {value}")
 
 
+def check_momentum(momentum) -> None:
+    """A running statistics' momentum: a number in [0, 1]."""
+    if (
+        isinstance(momentum, bool)
+        or not isinstance(momentum, (int, float))
+        or not 0 <= momentum <= 1
+    ):
+        raise ValueError(
+            f"Expected argument `momentum` to be a number in [0, 1], got {momentum!r} (torch's "
+            "momentum=None, a cumulative average, has no per-step form here)"
+        )
+
+
 def check_step(step) -> None:
     """A time step (the first of the input's, for batch norm's statistics): a non-negative int,
     or an integer tensor of one element, whose value is not read (that would wait for the

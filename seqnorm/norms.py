@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as SF
-from .checks import check_groups, check_int, check_step
+from .checks import check_groups, check_int, check_momentum, check_step
 
 
 class _ChannelNorm(nn.Module):
@@ -158,6 +158,7 @@ class BatchNorm(_ChannelNorm):
         dtype=None,
     ):
         super().__init__(num_channels, eps, affine, bias, device, dtype)
+        check_momentum(momentum)
         self.momentum = momentum
         kw = {"device": device, "dtype": dtype}
         if track_running_stats:
@@ -249,15 +250,7 @@ class RecurrentBatchNorm(_ChannelNorm):
     ):
         super().__init__(num_features, eps, True, bias, device, dtype)
         check_int(max_steps, "max_steps")
-        if (
-            isinstance(momentum, bool)
-            or not isinstance(momentum, (int, float))
-            or not 0 <= momentum <= 1
-        ):
-            raise ValueError(
-                f"Expected argument `momentum` to be a number in [0, 1], got {momentum!r} (torch's "
-                "momentum=None, a cumulative average, has no per-step form here)"
-            )
+        check_momentum(momentum)
         self.max_steps, self.momentum, self.sync = max_steps, momentum, sync
         self.gain_init = 0.1
         kw = {"device": device, "dtype": dtype}

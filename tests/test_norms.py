@@ -136,10 +136,11 @@ def test_bad_input_to_the_recurrent_norms():
     with pytest.raises(ValueError, match=r"input of shape \(T, N, 8\) or \(N, 8\), got \(8,\)"):
         bn(x[0])
     for momentum in (None, -0.1, 1.5):
-        with pytest.raises(
-            ValueError, match=rf"`momentum` to be a number in \[0, 1\], got {momentum}"
-        ):
-            norms.RecurrentBatchNorm(8, momentum=momentum)
+        for cls in (norms.RecurrentBatchNorm, norms.BatchNorm):
+            with pytest.raises(
+                ValueError, match=rf"`momentum` to be a number in \[0, 1\], got {momentum}"
+            ):
+                cls(8, momentum=momentum)
     bn.eval()
     assert_close(bn(x, torch.tensor(2)), bn(x, 2))
     cell = seqnorm.LSTMCell(4, 8, norm="batch")
