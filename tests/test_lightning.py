@@ -377,6 +377,39 @@ def test_bad_config_fails_before_training(arg, match, text_file, tmp_path, capsy
     assert not glob.glob(str(tmp_path / "**" / "*.ckpt"), recursive=True)
 
 
+@pytest.mark.parametrize("model", [LanguageModel, SequenceClassifier])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        pytest.param({"lr": 0}, r"`lr` to be a positive number, got 0", id="lr-0"),
+        pytest.param({"lr": -1e-3}, r"`lr` to be a positive number, got -0\.001", id="lr-negative"),
+        pytest.param(
+            {"optimizer": "sgd", "momentum": 1.0},
+            r"`momentum` to be a number in \[0, 1\), got 1\.0",
+            id="momentum-1",
+        ),
+        pytest.param(
+            {"momentum": 0.9},
+            r"momentum=0 with optimizer='adam' \(momentum is plain SGD's\), got momentum=0\.9",
+            id="momentum-adam",
+        ),
+        pytest.param(
+            {"dropout": 1.5}, r"dropout should be a number in range \[0, 1\]", id="dropout"
+        ),
+    ],
+)
+def test_bad_training_arguments_fail_when_the_model_is_built(model, kwargs, match):
+    """Not when training starts (torch.optim's checks), or never (momentum 1 with SGD; momentum
+    with Adam, which has none; dropout 1.5 with one layer, which was dropped unchecked)."""
+    with pytest.raises(ValueError, match=match):
+        model(list("abcdefgh"), **kwargs)
+
+
+def test_dropout_with_one_layer_warns_as_in_torch():
+    with pytest.warns(UserWarning, match="non-zero dropout expects num_layers greater than 1"):
+        LanguageModel(list("abcdefgh"), dropout=0.3)
+
+
 def test_the_checkpoint_file_holds_the_vocabulary(text_file, tmp_path):
     dm = CharLMDataModule(path=text_file, batch_size=2, bptt=10)
     model = LanguageModel(dm.vocab, hidden_size=8, embedding_dim=4)

@@ -38,7 +38,7 @@ def build_rnn(
         )
     kw = {
         "num_layers": num_layers,
-        "dropout": dropout if num_layers > 1 else 0.0,
+        "dropout": dropout,  # between stacked layers: the RNN warns about it with one layer
         "bidirectional": bidirectional,
         "batch_first": True,
     }
@@ -54,6 +54,27 @@ def sync_batch_norm(module: nn.Module, sync: bool = True) -> None:
     for m in module.modules():
         if isinstance(m, RecurrentBatchNorm):
             m.sync = sync
+
+
+def check_optimizer(optimizer: str, lr: float, momentum: float) -> None:
+    """The optimizer's arguments, checked when the model is built rather than when training
+    starts (torch.optim takes a negative rate as an error, and a momentum of 1 or more, which
+    never forgets a gradient, without one)."""
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"Expected argument `optimizer` to be 'adam' or 'sgd', got {optimizer!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"Expected argument `lr` to be a positive number, got {lr!r}")
+    if (
+        isinstance(momentum, bool)
+        or not isinstance(momentum, (int, float))
+        or not 0 <= momentum < 1
+    ):
+        raise ValueError(f"Expected argument `momentum` to be a number in [0, 1), got {momentum!r}")
+    if momentum and optimizer != "sgd":
+        raise ValueError(
+            f"Expected momentum=0 with optimizer={optimizer!r} (momentum is plain SGD's), got "
+            f"momentum={momentum!r}"
+        )
 
 
 def make_optimizer(parameters, hparams) -> torch.optim.Optimizer:
@@ -129,8 +150,9 @@ class LanguageModel(L.LightningModule):
         vocab: the tokens (linked from the DataModule; saved with the checkpoint).
         level: ``"char"`` or ``"word"``.
         cell: ``"lstm"`` or ``"gru"``; implementation: ``"seqnorm"`` or ``"torch"`` (baseline).
-        norm, groups: as in :class:`seqnorm.LSTM`.
-        optimizer: a callable that takes the parameters (``torch.optim.Adam`` by default).
+        norm, groups: as in :class:`seqnorm.LSTM`; dropout: between stacked layers, as there.
+        optimizer: ``"adam"`` or ``"sgd"`` (plain SGD, with ``momentum``, 0 by default: pure
+            SGD at batch size 1); lr: its learning rate.
     """
 
     def __init__(
@@ -152,10 +174,7 @@ class LanguageModel(L.LightningModule):
         super().__init__()
         if level not in ("char", "word"):
             raise ValueError(f"Expected argument `level` to be 'char' or 'word', got {level!r}")
-        if optimizer not in ("adam", "sgd"):
-            raise ValueError(
-                f"Expected argument `optimizer` to be 'adam' or 'sgd', got {optimizer!r}"
-            )
+        check_optimizer(optimizer, lr, momentum)
         self.save_hyperparameters()
         self.vocab = list(vocab)
         self.embedding = nn.Embedding(len(vocab), embedding_dim)
@@ -276,7 +295,9 @@ class SequenceClassifier(L.LightningModule):
         vocab: the tokens (linked from the DataModule).
         num_classes: linked from the DataModule.
         label_names: each class's name (linked from the DataModule; saved with the checkpoint,
-            and what ``predict`` returns).
+            and what ``predict_step`` returns).
+        bidirectional: as in :class:`seqnorm.LSTM`; the other arguments as in
+            :class:`LanguageModel`.
     """
 
     def __init__(
@@ -298,10 +319,7 @@ class SequenceClassifier(L.LightningModule):
         optimizer: str = "adam",
     ):
         super().__init__()
-        if optimizer not in ("adam", "sgd"):
-            raise ValueError(
-                f"Expected argument `optimizer` to be 'adam' or 'sgd', got {optimizer!r}"
-            )
+        check_optimizer(optimizer, lr, momentum)
         if label_names is not None and len(label_names) != num_classes:
             raise ValueError(
                 f"Expected {num_classes} label names (num_classes={num_classes}), got {label_names!r}"
