@@ -498,6 +498,36 @@ def test_bad_labels_are_named(labels, match):
         label_classes(labels, None, None, "label", "reviews.tsv")
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        pytest.param({"batch_size": 0}, r"`batch_size` to be at least 1, got 0", id="batch"),
+        pytest.param({"val_fraction": 0}, r"val_fraction=0 and test_fraction=0\.1", id="val-0"),
+        pytest.param(
+            {"test_fraction": 0.95}, r"val_fraction=0\.1 and test_fraction=0\.95", id="sum"
+        ),
+        pytest.param({"max_length": 0}, r"`max_length` to be at least 1, got 0", id="length"),
+    ],
+)
+def test_bad_classifier_data_arguments_are_named(kwargs, match, tsv_file):
+    """When the data module is built (a zero val_fraction failed inside datasets' split with a
+    message about test_size; max_length 0 cut every sentence to nothing)."""
+    with pytest.raises(ValueError, match=match):
+        TextClassificationDataModule(path=tsv_file, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        pytest.param({"bptt": 0}, r"`bptt` to be at least 1, got 0", id="bptt"),
+        pytest.param({"val_fraction": 1.2}, r"val_fraction=1\.2 and test_fraction=0\.05", id="val"),
+    ],
+)
+def test_bad_lm_data_arguments_are_named(kwargs, match, text_file):
+    with pytest.raises(ValueError, match=match):
+        CharLMDataModule(path=text_file, **kwargs)
+
+
 def test_class_label_names_and_whole_numbers():
     from seqnorm.lightning.data import label_classes
 

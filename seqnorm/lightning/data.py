@@ -28,6 +28,22 @@ LOCAL_FORMATS = {
 }
 
 
+def check_sizes(**sizes: int) -> None:
+    """Each of ``sizes`` (batch size, window or length) is a whole number of at least 1."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"Expected argument `{name}` to be at least 1, got {value!r}")
+
+
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """The held-out shares of a file: each in (0, 1), together under 1."""
+    if not (val_fraction > 0 and test_fraction > 0 and val_fraction + test_fraction < 1):
+        raise ValueError(
+            "Expected `val_fraction` and `test_fraction` in (0, 1) with sum < 1, got "
+            f"val_fraction={val_fraction!r} and test_fraction={test_fraction!r}"
+        )
+
+
 def load_local(path: str, encoding: str = "utf-8", column_names: list[str] | None = None, **kwargs):
     """A local file as a ``datasets.Dataset`` (its single ``train`` split), checked first.
 
@@ -185,11 +201,8 @@ class LMDataModule(L.LightningDataModule):
         super().__init__()
         if path is not None and hub is not None:
             raise ValueError(f"Expected one of `path` or `hub`, got path={path!r} and hub={hub!r}")
-        for name, value in (("batch_size", batch_size), ("bptt", bptt)):
-            if value < 1:
-                raise ValueError(f"Expected argument `{name}` to be at least 1, got {value}")
-        if not (val_fraction > 0 and test_fraction > 0 and val_fraction + test_fraction < 1):
-            raise ValueError("Expected `val_fraction` and `test_fraction` in (0, 1) with sum < 1")
+        check_sizes(batch_size=batch_size, bptt=bptt)
+        check_fractions(val_fraction, test_fraction)
         self.path, self.hub, self.hub_config, self.text_field = path, hub, hub_config, text_field
         self.batch_size, self.bptt = batch_size, bptt
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
@@ -405,8 +418,8 @@ class TextClassificationDataModule(L.LightningDataModule):
             raise ValueError(
                 f"Expected exactly one of `path` or `hub`, got path={path!r}, hub={hub!r}"
             )
-        if batch_size < 1:
-            raise ValueError(f"Expected argument `batch_size` to be at least 1, got {batch_size}")
+        check_sizes(batch_size=batch_size, max_length=max_length)
+        check_fractions(val_fraction, test_fraction)
         if num_classes is not None and num_classes < 2:
             raise ValueError(f"Expected argument `num_classes` to be at least 2, got {num_classes}")
         self.path, self.hub, self.hub_config = path, hub, hub_config
