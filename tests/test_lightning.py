@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import datasets
 import pytest
@@ -244,6 +245,25 @@ def test_resume_mid_epoch_continues_the_same_run(text_file, tmp_path, norm):
     (checkpoint,) = glob.glob(str(tmp_path / "broken" / "*step=7.ckpt"))
     resumed = fit(tmp_path / "resumed", 12, checkpoint)
     assert_close(resumed.state_dict(), straight.state_dict(), rtol=0, atol=0)
+
+
+def test_resuming_with_another_cut_of_the_stream_warns(text_file, tmp_path):
+    """The loader's saved position counts windows of the checkpoint's layout: with another batch
+    size the run goes on elsewhere in the data, which it says; with the same one it says nothing."""
+    steps = ("--trainer.max_steps=2", "--trainer.limit_val_batches=0")
+    cli = train_lm.main(lm_args(text_file, tmp_path, *steps))
+    path = str(tmp_path / "model.ckpt")
+    cli.trainer.save_checkpoint(path)
+    resume = lm_args(text_file, tmp_path, "--trainer.max_steps=3", steps[1], f"--ckpt_path={path}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_lm.main(resume)
+    assert not [w for w in caught if "another cut" in str(w.message)]
+    resume[resume.index("--data.init_args.batch_size=4")] = "--data.init_args.batch_size=2"
+    with pytest.warns(
+        UserWarning, match=r"another cut of the training stream \(batch_size=4 then, 2 now\)"
+    ):
+        train_lm.main(resume)
 
 
 @pytest.mark.slow

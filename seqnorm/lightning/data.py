@@ -12,6 +12,7 @@ import codecs
 import collections
 import os
 import re
+import warnings
 
 import lightning as L
 import torch
@@ -273,6 +274,28 @@ class LMDataModule(L.LightningDataModule):
                     f"batch of batch_size={self.batch_size} streams ({error}). Use a smaller "
                     "batch_size, a larger file, or (for val/test) a larger val_fraction/test_fraction"
                 ) from None
+
+    def state_dict(self) -> dict:
+        """How the training stream is cut into batches, saved in checkpoints: the loader's saved
+        position counts windows of that layout."""
+        world = self.trainer.world_size if self.trainer else 1
+        return {"batch_size": self.batch_size, "bptt": self.bptt, "world_size": world}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Warns when a run resumes with another layout: it then goes on from another place in
+        the data, with a fresh hidden state, rather than where it stopped."""
+        now = self.state_dict()
+        changed = [
+            f"{k}={state[k]} then, {now[k]} now" for k in now if state.get(k, now[k]) != now[k]
+        ]
+        if changed:
+            warnings.warn(
+                f"Resuming with another cut of the training stream ({'; '.join(changed)}): the run "
+                "goes on from another place in the data, with a fresh hidden state, not from where "
+                "the checkpoint stopped",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _loader(self, split: str) -> StatefulDataLoader:
         # batch_size=None: each item is already a batch; order is fixed to carry the hidden state.

@@ -143,7 +143,8 @@ class LanguageModel(L.LightningModule):
 
     Consecutive batches continue each other (see ``StreamBatches``), so the hidden state is
     carried across them, detached, and reset at each epoch start. It is saved in checkpoints, so
-    a run resumed mid-epoch goes on exactly where it stopped. Logs loss and bits per character
+    a run resumed mid-epoch goes on exactly where it stopped (with another batch size or
+    window it warns: the data module's ``load_state_dict``). Logs loss and bits per character
     (``level="char"``) or perplexity (``level="word"``).
 
     Args:
