@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checks import check_groups
+
 Norm = Callable[[Tensor], Tensor]
 """A normalization already bound to its parameters (and, for batch norm, to its time step)."""
 
@@ -43,15 +45,15 @@ def _result_dtype(x: Tensor, *params: Tensor | None) -> torch.dtype:
     return dtype
 
 
-def _channels(x: Tensor) -> int:
-    """``x.shape[1]`` as a Python int: under ``torch.jit.trace`` a constant of the graph, as
-    ``nn.LayerNorm``'s normalized shape is, rather than a traced size (which TorchScript's ONNX
-    exporter cannot turn into a norm's shape once the batch or time axis is dynamic)."""
+def static_size(x: Tensor, dim: int) -> int:
+    """``x.shape[dim]`` as a Python int: under ``torch.jit.trace`` a constant of the graph (as
+    ``nn.LayerNorm``'s normalized shape is) rather than a traced size, which TorchScript's ONNX
+    exporter cannot turn into a norm's shape once the batch or time axis is dynamic."""
     if not torch.jit.is_tracing():
-        return x.shape[1]
+        return x.shape[dim]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        return int(x.shape[1])
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # a constant is what we want
+        return int(x.shape[dim])
 
 
 def _affine(x_hat: Tensor, weight: Tensor | None, bias: Tensor | None, channel_dim: int) -> Tensor:
@@ -91,12 +93,8 @@ def group_norm(
     out = _result_dtype(x, weight, bias)
     if x.dim() < 2:
         raise ValueError(f"Expected argument `x` of shape (N, C, *), got shape {tuple(x.shape)}")
-    channels = _channels(x)
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or channels % groups:
-        raise ValueError(
-            f"Expected argument `groups` to be a positive integer that divides the channels C of "
-            f"x (N, C, *), got groups={groups!r} for x of shape {tuple(x.shape)}"
-        )
+    channels = static_size(x, 1)
+    check_groups(groups, channels, "the channels of x (N, C, *), C")
     xs = x.to(_stats_dtype(x))
     cast = lambda p: None if p is None else p.to(xs.dtype)
     if x.dim() == 2:  # the same statistics; ATen's layer norm is the faster kernel

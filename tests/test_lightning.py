@@ -521,12 +521,12 @@ def test_bad_labels_are_named(labels, match):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        pytest.param({"batch_size": 0}, r"`batch_size` to be at least 1, got 0", id="batch"),
+        pytest.param({"batch_size": 0}, "batch_size must be greater than zero, got 0", id="batch"),
         pytest.param({"val_fraction": 0}, r"val_fraction=0 and test_fraction=0\.1", id="val-0"),
         pytest.param(
             {"test_fraction": 0.95}, r"val_fraction=0\.1 and test_fraction=0\.95", id="sum"
         ),
-        pytest.param({"max_length": 0}, r"`max_length` to be at least 1, got 0", id="length"),
+        pytest.param({"max_length": 0}, "max_length must be greater than zero, got 0", id="length"),
     ],
 )
 def test_bad_classifier_data_arguments_are_named(kwargs, match, tsv_file):
@@ -539,7 +539,7 @@ def test_bad_classifier_data_arguments_are_named(kwargs, match, tsv_file):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        pytest.param({"bptt": 0}, r"`bptt` to be at least 1, got 0", id="bptt"),
+        pytest.param({"bptt": 0}, "bptt must be greater than zero, got 0", id="bptt"),
         pytest.param({"val_fraction": 1.2}, r"val_fraction=1\.2 and test_fraction=0\.05", id="val"),
     ],
 )

@@ -166,11 +166,13 @@ def test_bad_input_to_the_functions():
             TypeError, match=r"`x` to be a floating-point tensor, got dtype torch\.int64"
         ):
             call()
-    for groups in (0, 3, 2.0, True):
-        with pytest.raises(
-            ValueError,
-            match=rf"divides the channels C.*got groups={groups!r} for x of shape \(2, 8\)",
-        ):
+    for groups, error, match in [
+        (3, ValueError, r"`groups` to divide the channels of x \(N, C, \*\), C=8, got groups=3"),
+        (0, ValueError, "groups must be greater than zero, got 0"),
+        (2.0, TypeError, "groups should be of type int, got: float 2.0"),
+        (True, TypeError, "groups should be of type int, got: bool True"),
+    ]:
+        with pytest.raises(error, match=match):
             SF.group_norm(torch.randn(2, 8), groups)
     with pytest.raises(ValueError, match=r"`x` of shape \(N, C, \*\), got shape \(8,\)"):
         SF.layer_norm(torch.randn(8))

@@ -19,6 +19,8 @@ import torch
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from ..checks import check_int
+
 LOCAL_FORMATS = {
     ".txt": "text",
     ".csv": "csv",
@@ -27,13 +29,6 @@ LOCAL_FORMATS = {
     ".jsonl": "json",
     ".parquet": "parquet",
 }
-
-
-def check_sizes(**sizes: int) -> None:
-    """Each of ``sizes`` (batch size, window or length) is a whole number of at least 1."""
-    for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"Expected argument `{name}` to be at least 1, got {value!r}")
 
 
 def check_fractions(val_fraction: float, test_fraction: float) -> None:
@@ -202,7 +197,8 @@ class LMDataModule(L.LightningDataModule):
         super().__init__()
         if path is not None and hub is not None:
             raise ValueError(f"Expected one of `path` or `hub`, got path={path!r} and hub={hub!r}")
-        check_sizes(batch_size=batch_size, bptt=bptt)
+        check_int(batch_size, "batch_size")
+        check_int(bptt, "bptt")
         check_fractions(val_fraction, test_fraction)
         self.path, self.hub, self.hub_config, self.text_field = path, hub, hub_config, text_field
         self.batch_size, self.bptt = batch_size, bptt
@@ -441,7 +437,8 @@ class TextClassificationDataModule(L.LightningDataModule):
             raise ValueError(
                 f"Expected exactly one of `path` or `hub`, got path={path!r}, hub={hub!r}"
             )
-        check_sizes(batch_size=batch_size, max_length=max_length)
+        check_int(batch_size, "batch_size")
+        check_int(max_length, "max_length")
         check_fractions(val_fraction, test_fraction)
         if num_classes is not None and num_classes < 2:
             raise ValueError(f"Expected argument `num_classes` to be at least 2, got {num_classes}")

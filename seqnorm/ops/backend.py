@@ -20,6 +20,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from ..functional import static_size
+
 BACKENDS = ("auto", "cpp", "triton", "python")
 _warned: set[str] = set()
 _unavailable: dict[str, str] = {}  # backend -> why it cannot run in this process
@@ -94,9 +96,7 @@ def pin_length(x: Tensor) -> Tensor:
     constant, so that the exported model fails at any other length (ONNX Runtime's Reshape
     error, even with ``dynamic_axes`` on the time dimension) rather than running T steps of a
     longer input, or reading past a shorter one. Warns at every such export."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # a constant is what we want
-        steps = int(x.shape[0])
+    steps = static_size(x, 0)
     warnings.warn(
         f"TorchScript's ONNX exporter (dynamo=False) unrolls seqnorm's time loop at the example's "
         f"sequence length ({steps} steps): the exported model runs at that length only and "
