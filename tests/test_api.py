@@ -300,7 +300,7 @@ def test_half_precision_parameters(cls, norm, dtype, backend):
         if got.is_floating_point():
             assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
     out.float().sum().backward()
-    assert all(p.grad.dtype == dtype for p in half.parameters())
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in half.parameters())
 
 
 @pytest.mark.parametrize("dtype", HALF)

@@ -144,8 +144,6 @@ def test_lm_recipe_fast_dev_run(text_file, tmp_path):
 def test_bf16_mixed_precision_on_cpu_runs_the_cpp_kernel(text_file, tmp_path, monkeypatch):
     """Lightning's precision="bf16-mixed" on a CPU is CPU autocast: the C++ kernel runs it (in
     float32), with no fallback to the Python loop (its warning, once per reason, is an error)."""
-    import warnings
-
     from seqnorm.ops import backend
 
     monkeypatch.setattr(backend, "_warned", set())
