@@ -261,7 +261,20 @@ def update_running(
     one call per step would: a step followed by ``k`` later updates of the same row keeps weight
     ``momentum * (1 - momentum) ** k``. Only the touched range of rows is read and written, so a
     one-step call costs O(F), not O(S F).
+
+    Raises:
+        RuntimeError: under ``torch.func.vmap``, if the batch statistics are batched (one per
+            vmapped input) and the running statistics are not: an in-place update cannot write
+            several results into one tensor.
     """
+    if not torch.compiler.is_compiling() and _batched(stats.mean) and not _batched(running_mean):
+        raise RuntimeError(
+            "Batch norm in training got batch statistics batched by torch.func.vmap, but the "
+            "running statistics (running_mean, running_var) that they move in place are not "
+            "batched. Call .eval() to normalize with the running statistics, or give each "
+            "vmapped input its own running statistics: torch.func.functional_call with the "
+            "module's buffers stacked along the vmapped dimension"
+        )
     rows_total = running_mean.shape[0]
     steps = stats.mean.shape[0]
     slot = (torch.arange(steps, device=running_mean.device) + start).clamp_(max=rows_total - 1)
@@ -284,6 +297,16 @@ def update_running(
             0, index, batch.to(rows.dtype) * weight.unsqueeze(1)
         )
         rows.copy_(rows * (keep**hits).unsqueeze(1) + moved)
+
+
+def _batched(t: Tensor) -> bool:
+    """Whether ``t`` is batched by ``torch.func.vmap`` (below any other transform's wrappers)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
 
 
 def lstm_input(

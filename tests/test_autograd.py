@@ -113,3 +113,36 @@ def test_a_transform_warns_once_that_it_runs_the_python_loop(monkeypatch):
     x = torch.randn(4, 2, 3)
     with pytest.warns(RuntimeWarning, match="torch.func transform"):
         torch.func.vmap(lambda x: model(x)[0], in_dims=1, out_dims=1)(x)
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "LSTMCell"])
+def test_vmap_of_batch_norm_in_training(cls):
+    """Under vmap, training batch norm's running statistics are one tensor for every vmapped
+    input: a clear error says what to do (not index_add_'s "out-of-place operators" from inside
+    the update). Each way it names works: eval mode equals the loop over the inputs, and running
+    statistics stacked per input (functional_call) move as each input's own model's do."""
+    model = make(cls, "batch", hidden_size=4, input_size=3)
+    xs = torch.randn(3, 5, 2, 3, dtype=torch.float64)
+    if cls.endswith("Cell"):
+        xs = xs[:, 0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(RuntimeError, match=r"vmap.*\.eval\(\).*functional_call"):
+            torch.func.vmap(lambda x: model(x)[0])(xs)
+        members = [copy.deepcopy(model) for _ in xs]
+        params = dict(model.named_parameters())
+        buffers = {k: torch.stack([b] * len(xs)) for k, b in model.named_buffers()}
+        got = torch.func.vmap(lambda b, x: torch.func.functional_call(model, (params, b), (x,))[0])(
+            buffers, xs
+        )
+        for k, (member, x) in enumerate(zip(members, xs)):
+            assert_close(got[k], member(x)[0])
+            moved = [
+                n for n, b in member.named_buffers() if not torch.equal(b, model.get_buffer(n))
+            ]
+            assert moved  # the running statistics moved, each input's in its own slice
+            for name, b in member.named_buffers():
+                assert_close(buffers[name][k], b)
+        model.eval()
+        got = torch.func.vmap(lambda x: model(x)[0])(xs)
+    assert_close(got, torch.stack([model(x)[0] for x in xs]))
