@@ -137,12 +137,14 @@ def test_cpp_float32_batch_statistics_of_offset_features(cls):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("way", ["packed", "brgemm"])
 @pytest.mark.parametrize("cls", CELLS)
 @pytest.mark.parametrize("norm", NORM_CASES)
-def test_cpp_float32_large_weights_are_accurate(cls, norm):
+def test_cpp_float32_large_weights_are_accurate(monkeypatch, cls, norm, way):
     """Hidden 512 in float32: the per-step products run on oneDNN's packed weights (where torch
-    has oneDNN; tests/conftest.py has SEQNORM_CPU_PRODUCT choose them over the timing),
-    still within float32 rounding of the float64 loop."""
+    has oneDNN; tests/conftest.py has SEQNORM_CPU_PRODUCT choose them over the timing) or on
+    oneDNN's brgemm kernel, still within float32 rounding of the float64 loop."""
+    monkeypatch.setenv("SEQNORM_CPU_PRODUCT", way)
     model = _make(cls, norm, hidden_size=512, input_size=8)
     x, lengths = torch.randn(4, 3, 8, dtype=torch.float64), torch.tensor([4, 2, 3])
     reference = copy.deepcopy(model)
@@ -159,7 +161,8 @@ def test_cpp_float32_large_weights_are_accurate(cls, norm):
     with torch.no_grad():  # the path that keeps no activations gives the same
         assert_close(fast(x.float(), lengths=lengths)[0], got_out, rtol=0, atol=0)
     if torch.backends.mkldnn.is_available() and cls != "LSTM-proj":  # W_hh (4H, 5) is small
-        assert "mkldnn::_linear_pointwise" in {e.name for e in prof.events()}
+        linear = "mkldnn::_linear_pointwise" in {e.name for e in prof.events()}
+        assert linear == (way == "packed")  # brgemm is no ATen operator: the profiler sees none
     pairs = [(got_out, want_out), *zip(got_state, want_state)]
     pairs += [(p.grad, q.grad) for p, q in zip(fast.parameters(), reference.parameters())]
     for g, w in pairs:
@@ -522,10 +525,56 @@ def test_the_product_is_chosen_by_timing_both_unless_asked_for(monkeypatch):
         "[torch.testing.assert_close(p.grad.double(), q.grad, rtol=0, atol=1e-3 * q.grad.abs().max().item()) for p, q in zip(m.parameters(), ref.parameters())]"
     )
     env = {k: v for k, v in os.environ.items() if k != "SEQNORM_CPU_PRODUCT"}
-    for choice in (None, "mm", "packed"):
+    for choice in (None, "mm", "packed", "brgemm"):
         if choice:
             env["SEQNORM_CPU_PRODUCT"] = choice
         subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_the_brgemm_product_splits_any_width(monkeypatch, threads, batch):
+    """The brgemm way splits W^T's 4H = 1200 columns into blocks per thread with a narrower last
+    block, at batch 1 and 5 and on 1 or 3 threads: outputs and gradients within float32
+    rounding of the float64 loop."""
+    monkeypatch.setenv("SEQNORM_CPU_PRODUCT", "brgemm")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = make("LSTM", "layer", hidden_size=300, input_size=4)
+        reference = copy.deepcopy(model)
+        reference.backend = "python"
+        fast = copy.deepcopy(model).float()
+        fast.backend = "cpp"
+        x = torch.randn(3, batch, 4, dtype=torch.float64)
+        got = fast(x.float())[0]
+        got.square().sum().backward()
+        want = reference(x)[0]
+        want.square().sum().backward()
+    finally:
+        torch.set_num_threads(before)
+    assert torch.ops.seqnorm_cpp.per_step_product(1200, 300, batch) == "brgemm"
+    assert_close(got.double(), want, rtol=0, atol=1e-5)
+    for p, q in zip(fast.parameters(), reference.parameters()):
+        assert_close(p.grad.double(), q.grad, rtol=0, atol=1e-4 * q.grad.abs().max().item())
+
+
+def test_the_per_step_product_is_the_one_asked_for_or_the_fastest(monkeypatch):
+    """SEQNORM_CPU_PRODUCT decides how the float32 per-step product runs; unset, one of the three
+    ways is timed fastest once per shape (a second ask times nothing); float32 weights under 2^16
+    values stay on at::mm. This torch has the brgemm kernel (CI must test that way)."""
+    cpp.load()
+    way = torch.ops.seqnorm_cpp.per_step_product
+    for choice in ("packed", "mm", "brgemm"):
+        monkeypatch.setenv("SEQNORM_CPU_PRODUCT", choice)
+        assert way(1024, 256, 4) == choice
+        assert way(64, 16, 4) == "mm"
+    monkeypatch.delenv("SEQNORM_CPU_PRODUCT")
+    timings = torch.ops.seqnorm_cpp.product_timings
+    before = timings()
+    chosen = way(1024, 96, 3)  # a shape no other test times
+    assert chosen in ("packed", "mm", "brgemm") and timings() == before + 1
+    assert way(1024, 96, 3) == chosen and timings() == before + 1
 
 
 @pytest.mark.parametrize("choice", ["packed", "mm", None])

@@ -7,6 +7,7 @@
 
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <array>
 #include <atomic>
@@ -26,14 +27,16 @@ __attribute__((weak)) void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2,
 namespace seqnorm {
 
 // Which library runs the float32 products: SEQNORM_CPU_PRODUCT=packed asks for oneDNN, =mm for
-// at::mm; unset, each shape times both once (timed), except under
-// torch.use_deterministic_algorithms(True), where oneDNN runs them all: a timed choice can differ
-// from one run to the next, and the rounding with it.
-enum class Library { timed, onednn, aten };
+// at::mm, =brgemm for oneDNN's small-matrix kernel in the per-step products (Product) and oneDNN
+// in the others; unset, each shape times the ways once (timed), except under
+// torch.use_deterministic_algorithms(True), where oneDNN's packed product runs them all: a timed
+// choice can differ from one run to the next, and the rounding with it.
+enum class Library { timed, onednn, aten, brgemm };
 inline Library chosen_library() {
   const char* forced = std::getenv("SEQNORM_CPU_PRODUCT");
   if (forced && std::string(forced) == "packed") return Library::onednn;
   if (forced && std::string(forced) == "mm") return Library::aten;
+  if (forced && std::string(forced) == "brgemm") return Library::brgemm;
   return at::globalContext().deterministicAlgorithms() ? Library::onednn : Library::timed;
 }
 
@@ -57,13 +60,13 @@ inline std::atomic<int64_t>& timings() {
   return count;
 }
 
-// Remembers, for the process, which of two ways is faster per key: decide() times them the
-// first time a key is asked for.
-template <typename Key>
+// Remembers, for the process, which way is fastest per key: decide() times them the first time
+// a key is asked for.
+template <typename Key, typename Value = bool>
 class Choices {
  public:
   template <typename Decide>
-  bool get(const Key& key, const Decide& decide) {
+  Value get(const Key& key, const Decide& decide) {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto found = decided_.find(key);
     if (found != decided_.end()) return found->second;
@@ -73,31 +76,80 @@ class Choices {
 
  private:
   std::mutex mutex_;
-  std::map<Key, bool> decided_;
+  std::map<Key, Value> decided_;
 };
 
-// The per-step product y = x W^T with a fixed W (out, in), as oneDNN's product on blocked
-// weights packed once per sequence (the kernels torch.nn.LSTM runs on CPU) or as at::mm with W^T
-// made contiguous once. Which one is faster depends on the CPU (on an AVX2 machine the packed
-// weights lost 2x at batch 1 and won from batch 8 on at 1 MiB; on an AVX-512 one they won at
-// batch 32 and 256 KiB), so for every float32 weight shape and batch the two are timed once on
-// this machine and the faster one is remembered for the process (chosen_library: the
+// y = x W^T with oneDNN's small-matrix kernel (brgemm, through ATen's cpublas) on W^T, one
+// block of W^T's columns (output features) after another, the blocks split over ATen's threads:
+// no call through the dispatcher and no tensor made per step, which at shape A took a tenth off
+// the per-step product. float32, where torch's cpublas has a float32 brgemm.
+struct BlockProduct {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  static bool available() { return true; }
+  static void run(const Tensor& x, const Tensor& wt, const Tensor& y) {
+    const Tensor rows = x.stride(1) == 1 ? x : x.contiguous();
+    const int64_t M = rows.size(0), K = rows.size(1), F = wt.size(1);
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    // about one block per thread, 64 to 256 features wide (a multiple of 16, a vector)
+    const int64_t width = std::clamp<int64_t>((F / threads + 15) / 16 * 16, 64, 256);
+    const float* a = rows.data_ptr<float>();
+    const float* b = wt.data_ptr<float>();
+    float* c = y.data_ptr<float>();
+    at::parallel_for(0, (F + width - 1) / width, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t j = lo; j < hi; ++j) {
+        const int64_t n = std::min(width, F - j * width);
+        at::native::cpublas::brgemm(M, n, K, rows.stride(0), F, F, false, a, b + j * width,
+                                    c + j * width, false);
+      }
+      at::native::cpublas::brgemm_release(false);
+    });
+  }
+#else
+  static bool available() { return false; }
+  static void run(const Tensor&, const Tensor&, const Tensor&) {
+    TORCH_CHECK(false, "this torch has no float32 brgemm");
+  }
+#endif
+};
+
+// The per-step product y = x W^T with a fixed W (out, in), in one of three ways: oneDNN's product
+// on blocked weights packed once per sequence (the kernels torch.nn.LSTM runs on CPU), at::mm
+// with W^T made contiguous once, or BlockProduct on that W^T. Which one is faster depends on the
+// CPU and the shape (on an AVX2 machine the packed weights lost 2x at batch 1 and won from batch
+// 8 on at 1 MiB; on a Zen 5 VM the block product took 39 us at shape A where the packed one took
+// 45, but lost at shape C), so for every float32 weight shape and batch the ways are timed once
+// on this machine and the fastest is remembered for the process (chosen_library: the
 // environment or deterministic algorithms may decide instead). float64 uses at::mm.
 struct Product {
+  enum class Way { mm, packed, blocks };
   Tensor wt, packed;
+  Way way = Way::mm;
   Product(const Tensor& w, int64_t batch) {
-    if (w.scalar_type() == at::kFloat && w.numel() >= (1 << 16) && onednn() &&
-        packed_is_faster(w, batch)) {
+    if (w.scalar_type() == at::kFloat && w.numel() >= (1 << 16)) way = fastest(w, batch);
+    if (way == Way::packed) {
       packed = reorder().call(w.contiguous(), batch);
     } else {
       wt = w.t().contiguous();
     }
   }
-  // x W^T: into out for at::mm, a new tensor from oneDNN (copying it into out would cost more).
+  // x W^T: into out for at::mm and the block product, a new tensor from oneDNN (copying it into
+  // out would cost more). x must be row-major (rows may be strided).
   Tensor operator()(const Tensor& x, const Tensor& out) const {
-    if (!packed.defined()) return at::mm_out(const_cast<Tensor&>(out), x, wt);
-    return linear().call(x, packed, std::nullopt, "none",
-                         c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+    switch (way) {
+      case Way::packed:
+        return linear().call(x, packed, std::nullopt, "none",
+                             c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+      case Way::blocks:
+        BlockProduct::run(x, wt, out);
+        return out;
+      default:
+        return at::mm_out(const_cast<Tensor&>(out), x, wt);
+    }
+  }
+  // The way a float32 weight (out, in) at this batch runs, by name (for tests and benchmarks).
+  static const char* name(int64_t out, int64_t in, int64_t batch) {
+    const Product p(at::zeros({out, in}), batch);
+    return p.way == Way::packed ? "packed" : p.way == Way::blocks ? "brgemm" : "mm";
   }
 
  private:
@@ -108,21 +160,36 @@ struct Product {
   static c10::OperatorHandle handle(const char* name) {
     return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
   }
-  // Times both products at this shape once per process and shape, and remembers which was
-  // faster.
-  static bool packed_is_faster(const Tensor& w, int64_t batch) {
+  // The way asked for, or the fastest at this shape, timed once per process and shape.
+  static Way fastest(const Tensor& w, int64_t batch) {
     const Library library = chosen_library();
-    if (library != Library::timed) return library == Library::onednn;
-    static Choices<std::array<int64_t, 3>> choices;
-    return choices.get({w.size(0), w.size(1), batch}, [&] {
+    if (library == Library::aten) return Way::mm;
+    if (library == Library::brgemm && BlockProduct::available()) return Way::blocks;
+    if (library != Library::timed) return onednn() ? Way::packed : Way::mm;
+    static Choices<std::array<int64_t, 4>, Way> choices;
+    return choices.get({w.size(0), w.size(1), batch, at::get_num_threads()}, [&] {
       const Tensor x = at::full({batch, w.size(1)}, 0.5, w.options());  // no RNG draw
       Tensor out = at::empty({batch, w.size(0)}, w.options());
-      const Tensor wt = w.t().contiguous(), blocked = reorder().call(w.contiguous(), batch);
-      const double packed_ms = median_ms([&] {
-        (void)linear().call(x, blocked, std::nullopt, "none",
-                            c10::List<std::optional<c10::Scalar>>(), std::nullopt);
-      });
-      return packed_ms < median_ms([&] { at::mm_out(out, x, wt); });
+      const Tensor wt = w.t().contiguous();
+      Way best = Way::mm;
+      double best_ms = median_ms([&] { at::mm_out(out, x, wt); });
+      const auto consider = [&](Way way, double ms) {
+        if (ms < best_ms) best = way, best_ms = ms;
+      };
+      if (onednn()) {
+        const Tensor blocked = reorder().call(w.contiguous(), batch);
+        consider(Way::packed, median_ms([&] {
+                   (void)linear().call(x, blocked, std::nullopt, "none",
+                                       c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+                 }));
+      }
+      if (BlockProduct::available()) {
+        try {
+          consider(Way::blocks, median_ms([&] { BlockProduct::run(x, wt, out); }));
+        } catch (const std::exception&) {  // a CPU or build without the kernel: not a way here
+        }
+      }
+      return best;
     });
   }
   static bool onednn() {  // builds without oneDNN (or with a different schema) use at::mm
@@ -171,7 +238,7 @@ inline void large_product(const Tensor& out, const Tensor& a, const Tensor& b, b
                         out.is_contiguous() && unit(a) && unit(b);
   const Library library = chosen_library();
   if (!possible || library != Library::timed) {
-    run(possible && library == Library::onednn, out, a, b);
+    run(possible && library != Library::aten, out, a, b);
     return;
   }
   // Timed on the shape itself, or within 2^27 multiply-adds: on fewer rows where a is row-major,

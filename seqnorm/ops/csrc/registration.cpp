@@ -50,6 +50,10 @@ TORCH_LIBRARY(seqnorm_cpp, m) {
           large_product(out, a, b, accumulate);
         });
   m.def("product_timings() -> int", [] { return timings().load(); });
+  m.def("per_step_product(int out_features, int in_features, int batch) -> str",
+        [](int64_t out, int64_t in, int64_t batch) {  // how x W^T runs at this float32 shape
+          return std::string(Product::name(out, in, batch));
+        });
   m.def("chunk_steps(int steps, int batch) -> int", [](int64_t steps, int64_t batch) {
     return chunk_steps(steps, batch);  // the steps of a chunk of the backward's large products
   });
