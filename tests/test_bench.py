@@ -280,7 +280,9 @@ def test_bench_products_times_every_product_of_a_step(monkeypatch, capsys):
     results = products.main(["--shape", "A", "--threads", "1"])
     assert "dW_hh, chunks of 6 steps" in results  # 512 rows a chunk, at most every step
     assert "dW_hh, chunks of 6 steps (at::mm)" in results
-    assert len(results) == 8 and all(rate > 0 and ms > 0 for rate, ms in results.values())
+    assert len(results) == 10 and all(rate > 0 and ms > 0 for rate, ms in results.values())
+    for way in ("oneDNN", "brgemm"):  # each way of each per-step product
+        assert {f"{p} ({way})" for p in products.PER_STEP} <= results.keys()
     assert products.CALL in results
     printed = capsys.readouterr().out
     assert "products of a training step" in printed and " us a call" in printed

@@ -531,6 +531,29 @@ def test_the_product_is_chosen_by_timing_both_unless_asked_for(monkeypatch):
         subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
 
 
+@pytest.mark.parametrize("way", ["packed", "brgemm", "mm", ""])
+def test_each_per_step_product_way_against_float64(way):
+    """x W^T as the time loop runs it, each way (or as chosen: ""), at widths the brgemm blocks
+    split with a narrower last block (1200 and 1040 features on 1 to 3 threads), a row-strided
+    x, and batch 1: within float32 rounding of the float64 product. Bad arguments are named."""
+    cpp.load()
+    before = torch.get_num_threads()
+    try:
+        for threads, (batch, inputs, features) in zip(
+            [1, 2, 3], [(5, 300, 1200), (1, 64, 1040), (3, 256, 1024)]
+        ):
+            torch.set_num_threads(threads)
+            x, w = torch.randn(batch, 2 * inputs)[:, :inputs], torch.randn(features, inputs)
+            got = torch.ops.seqnorm_cpp.step_products(x, w, way, 3)
+            assert_close(got.double(), x.double() @ w.double().T, rtol=0, atol=1e-4)
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(RuntimeError, match="way must be 'packed', 'brgemm' or 'mm', got 'fast'"):
+        torch.ops.seqnorm_cpp.step_products(x, w, "fast", 1)
+    with pytest.raises(RuntimeError, match="only float32"):
+        torch.ops.seqnorm_cpp.step_products(x.double(), w.double(), "brgemm", 1)
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("batch", [1, 5])
 def test_the_brgemm_product_splits_any_width(monkeypatch, threads, batch):

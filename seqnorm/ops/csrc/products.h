@@ -124,8 +124,19 @@ struct Product {
   enum class Way { mm, packed, blocks };
   Tensor wt, packed;
   Way way = Way::mm;
-  Product(const Tensor& w, int64_t batch) {
-    if (w.scalar_type() == at::kFloat && w.numel() >= (1 << 16)) way = fastest(w, batch);
+  Product(const Tensor& w, int64_t batch) : Product(w, batch, std::nullopt) {}
+  // With `forced`, that way (float32; for tests and benchmarks).
+  Product(const Tensor& w, int64_t batch, std::optional<Way> forced) {
+    if (forced) {
+      TORCH_CHECK(w.scalar_type() == at::kFloat || *forced == Way::mm,
+                  "only float32 products run on oneDNN or brgemm");
+      TORCH_CHECK(*forced != Way::packed || onednn(), "this torch has no oneDNN");
+      TORCH_CHECK(*forced != Way::blocks || BlockProduct::available(),
+                  "this torch has no float32 brgemm");
+      way = *forced;
+    } else if (w.scalar_type() == at::kFloat && w.numel() >= (1 << 16)) {
+      way = fastest(w, batch);
+    }
     if (way == Way::packed) {
       packed = reorder().call(w.contiguous(), batch);
     } else {
@@ -146,10 +157,14 @@ struct Product {
         return at::mm_out(const_cast<Tensor&>(out), x, wt);
     }
   }
-  // The way a float32 weight (out, in) at this batch runs, by name (for tests and benchmarks).
-  static const char* name(int64_t out, int64_t in, int64_t batch) {
-    const Product p(at::zeros({out, in}), batch);
-    return p.way == Way::packed ? "packed" : p.way == Way::blocks ? "brgemm" : "mm";
+  // The ways by name, as SEQNORM_CPU_PRODUCT spells them.
+  static const char* name(Way way) {
+    return way == Way::packed ? "packed" : way == Way::blocks ? "brgemm" : "mm";
+  }
+  static Way named(const std::string& name) {
+    for (Way way : {Way::mm, Way::packed, Way::blocks})
+      if (name == Product::name(way)) return way;
+    TORCH_CHECK(false, "way must be 'packed', 'brgemm' or 'mm', got '", name, "'");
   }
 
  private:

@@ -50,9 +50,24 @@ TORCH_LIBRARY(seqnorm_cpp, m) {
           large_product(out, a, b, accumulate);
         });
   m.def("product_timings() -> int", [] { return timings().load(); });
+  // how the per-step product x W^T runs at this float32 shape
   m.def("per_step_product(int out_features, int in_features, int batch) -> str",
-        [](int64_t out, int64_t in, int64_t batch) {  // how x W^T runs at this float32 shape
-          return std::string(Product::name(out, in, batch));
+        [](int64_t out, int64_t in, int64_t batch) {
+          return std::string(Product::name(Product(at::zeros({out, in}), batch).way));
+        });
+  // x W^T, `steps` times on the weights prepared once, as the time loop runs it, one way
+  // (packed, brgemm or mm), or as chosen (""); the last result
+  m.def("step_products(Tensor x, Tensor w, str way, int steps) -> Tensor",
+        [](const Tensor& x, const Tensor& w, const std::string& way, int64_t steps) {
+          TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && steps >= 1,
+                      "step_products: x (N, in), w (out, in), steps >= 1, got ", x.sizes(),
+                      ", ", w.sizes(), " and ", steps);
+          const auto forced = way.empty() ? std::nullopt : std::optional(Product::named(way));
+          const Product product(w, x.size(0), forced);
+          const Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
+          Tensor y;
+          for (int64_t t = 0; t < steps; ++t) y = product(x, out);
+          return y;
         });
   m.def("chunk_steps(int steps, int batch) -> int", [](int64_t steps, int64_t batch) {
     return chunk_steps(steps, batch);  // the steps of a chunk of the backward's large products
