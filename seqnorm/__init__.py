@@ -6,6 +6,7 @@
 from . import functional, norms, ops
 from .cells import GRUCell, LSTMCell
 from .checks import NORMS, ShapeError
+from .norms import update_bn
 from .rnn import GRU, LSTM
 
 SAFE_GLOBALS = [
@@ -34,5 +35,6 @@ __all__ = [
     "functional",
     "norms",
     "ops",
+    "update_bn",
 ]
 __version__ = "0.1.0"

@@ -15,6 +15,7 @@ parameters share it, float32 under autocast, where the parameters stay float32).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -267,6 +268,10 @@ def update_running(
             vmapped input) and the running statistics are not: an in-place update cannot write
             several results into one tensor.
     """
+    average = _average_of(running_mean)
+    if average is not None:  # seqnorm.update_bn is averaging instead
+        average.add(stats, start)
+        return
     if not torch.compiler.is_compiling() and _batched(stats.mean) and not _batched(running_mean):
         raise RuntimeError(
             "Batch norm in training got batch statistics batched by torch.func.vmap, but the "
@@ -297,6 +302,65 @@ def update_running(
             0, index, batch.to(rows.dtype) * weight.unsqueeze(1)
         )
         rows.copy_(rows * (keep**hits).unsqueeze(1) + moved)
+
+
+class RunningAverage:
+    """Equal-weight averages of the batch statistics that reach one recurrent batch norm's
+    running statistics ``(S, F)``, per row: step ``t`` of a call from ``start`` counts for row
+    ``min(start + t, S - 1)`` if it had at least two valid samples (the steps that would have
+    moved the row), with the unbiased variance. Sums in float64."""
+
+    def __init__(self, running_mean: Tensor):
+        kw = {"dtype": torch.float64, "device": running_mean.device}
+        self.mean = torch.zeros(running_mean.shape, **kw)
+        self.var = torch.zeros(running_mean.shape, **kw)
+        self.hits = torch.zeros(running_mean.shape[0], **kw)
+
+    def add(self, stats: BatchStats, start: int = 0) -> None:
+        rows, steps = self.hits.shape[0], stats.mean.shape[0]
+        slot = (torch.arange(steps, device=self.hits.device) + start).clamp_(max=rows - 1)
+        count = stats.count.to(self.hits.device, torch.float64)
+        used = (count >= 2).unsqueeze(1)  # the other steps' statistics may be NaN: never read
+        unbiased = stats.var.double() * (count / (count - 1).clamp(min=1)).unsqueeze(1)
+        self.hits.index_add_(0, slot, used.squeeze(1).double())
+        self.mean.index_add_(0, slot, torch.where(used, stats.mean.double(), 0.0))
+        self.var.index_add_(0, slot, torch.where(used, unbiased, 0.0))
+
+    def write(self, running_mean: Tensor, running_var: Tensor) -> None:
+        """The averages into the running statistics; a row no step reached gets mean 0 and
+        variance 1, as a reset batch norm has."""
+        hit = (self.hits > 0).unsqueeze(1)
+        hits = self.hits.clamp(min=1).unsqueeze(1)
+        running_mean.copy_(torch.where(hit, self.mean / hits, 0.0))
+        running_var.copy_(torch.where(hit, self.var / hits, 1.0))
+
+
+_averages: dict[int, tuple[Tensor, RunningAverage]] | None = None
+"""While ``seqnorm.update_bn`` runs: the average that takes each running mean's (by id) batch
+statistics instead of the running statistics moving."""
+
+
+@contextlib.contextmanager
+def averaging(running_means: list[Tensor]):
+    """Within, the batch statistics that would move these running statistics (each given by its
+    ``running_mean`` buffer) are averaged instead: yields ``{id(running_mean): RunningAverage}``.
+    For ``seqnorm.update_bn``."""
+    global _averages
+    if _averages is not None:
+        raise RuntimeError("seqnorm.update_bn is already running (it does not nest)")
+    _averages = {id(r): (r, RunningAverage(r)) for r in running_means}
+    try:
+        yield {k: average for k, (_, average) in _averages.items()}
+    finally:
+        _averages = None
+
+
+def _average_of(running_mean: Tensor) -> RunningAverage | None:
+    """The average taking ``running_mean``'s statistics while ``seqnorm.update_bn`` runs."""
+    if _averages is None:
+        return None
+    found = _averages.get(id(running_mean))
+    return found[1] if found is not None and found[0] is running_mean else None
 
 
 def _batched(t: Tensor) -> bool:

@@ -8,7 +8,8 @@ with a per-channel gain and shift (DESIGN.md §1). Inside a cell the vector at o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -314,6 +315,82 @@ class RecurrentBatchNorm(_ChannelNorm):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, max_steps={self.max_steps}, sync={self.sync}"
+
+
+@torch.no_grad()
+def update_bn(
+    loader: Iterable,
+    model: nn.Module,
+    device: torch.device | str | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+) -> None:
+    """Recompute the running statistics of every batch norm in ``model`` from one pass over
+    ``loader``, as ``torch.optim.swa_utils.update_bn`` does for torch's (which skips seqnorm's):
+    after averaging weights (SWA), or whenever the running statistics no longer fit the weights.
+
+    Each running statistic becomes the equal-weight average of the batch statistics that reach
+    it in the pass: per step for :class:`RecurrentBatchNorm` (in layers and cells; a step with
+    fewer than two valid samples counts for nothing, steps past ``max_steps`` all count for the
+    last row, and a row no step reached gets mean 0 and variance 1), per call for
+    :class:`BatchNorm` and torch's batch norms (``momentum=None``). The model runs in training
+    mode without gradients and gets its mode back; momenta are unchanged after.
+
+    Args:
+        loader: batches; as in torch's, the input is a batch's first element if it is a list or
+            tuple, else the batch.
+        model: the model (a ``torch.compile``'d one is run through its original module).
+        device: where each input goes first (None: where it is).
+        forward: ``forward(model, batch)`` runs the model on a batch instead (for inputs with
+            ``lengths``, for example); then ``device`` is not used.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(3, 3), BatchNorm(3))
+        >>> update_bn([torch.randn(4, 3) for _ in range(2)], model)
+    """
+    model = getattr(model, "_orig_mod", model)
+    recurrent = [m for m in model.modules() if isinstance(m, RecurrentBatchNorm)]
+    per_call = [
+        m for m in model.modules() if isinstance(m, BatchNorm) and m.running_mean is not None
+    ]
+    torch_bn = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    if not (recurrent or per_call or torch_bn):
+        return
+    momenta = {m: m.momentum for m in per_call + torch_bn}
+    calls = dict.fromkeys(per_call, 0)
+
+    def cumulative(module, args):  # the k-th call moves the statistics by 1/k: their mean
+        calls[module] += 1
+        module.momentum = 1.0 / calls[module]
+
+    for m in recurrent + per_call:  # as reset (steps with one valid sample normalize with them)
+        m.running_mean.zero_()
+        m.running_var.fill_(1)
+    for m in torch_bn:
+        m.reset_running_stats()
+        m.momentum = None
+    hooks = [m.register_forward_pre_hook(cumulative) for m in per_call]
+    was_training = model.training
+    model.train()
+    try:
+        with SF.averaging([m.running_mean for m in recurrent]) as averages:
+            for batch in loader:
+                if forward is not None:
+                    forward(model, batch)
+                    continue
+                x = batch[0] if isinstance(batch, (list, tuple)) else batch
+                model(x if device is None else x.to(device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for m, momentum in momenta.items():
+            m.momentum = momentum
+        model.train(was_training)
+    for m in recurrent:
+        averages[id(m.running_mean)].write(m.running_mean, m.running_var)
 
 
 def all_reduce_sum(x: Tensor) -> Tensor:

@@ -184,6 +184,10 @@ def _update(running, stats) -> None:
 @torch.no_grad()
 def _update_op(running, batches, counts) -> None:
     for r, batch in zip(running, batches):
+        average = SF._average_of(r.mean)
+        if average is not None:  # seqnorm.update_bn is averaging instead
+            average.add(SF.BatchStats(batch[0], batch[1], counts))
+            continue
         torch.ops.seqnorm.update_running_stats(r.mean, r.var, batch, counts, r.momentum)
 
 
