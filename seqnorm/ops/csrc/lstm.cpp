@@ -340,11 +340,15 @@ SEQNORM_SIMD
       if (batch)  // dL/dgates is dL/d(gamma x_hat + gx); the input half reads it unchanged
         batch_norm_backward(dgates, dz, xh, gam_hh, dgamma_hh.mine(), nullptr, N, F, valid,
                             stats_hh + F, s.uses_batch(count[t]), count[t]);
-      const Tensor dprev = recurrent(dgh_t, dprev_buf);  // (N, P)
-      const scalar_t* dp = dprev.data_ptr<scalar_t>();
-      for (int64_t n = 0; n < N; ++n) {
-        if (valid && !valid[n]) continue;  // the state passed through: dh stays
-        std::copy(dp + n * P, dp + (n + 1) * P, dhp + n * P);
+      // dh = dgh W_hh (N, P) for the valid rows; samples not valid passed their state through,
+      // and their dh stays. With every row valid at::mm and brgemm write it in place.
+      const Tensor dprev = recurrent(dgh_t, valid ? dprev_buf : dh);
+      if (!dprev.is_same(dh)) {
+        const scalar_t* dp = dprev.data_ptr<scalar_t>();
+        for (int64_t n = 0; n < N; ++n) {
+          if (valid && !valid[n]) continue;
+          std::copy(dp + n * P, dp + (n + 1) * P, dhp + n * P);
+        }
       }
       if (proj) wg_hr->done(t);
       wg.done(t);  // before ig.done(t), which overwrites a ring it may share

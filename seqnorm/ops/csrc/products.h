@@ -89,6 +89,8 @@ struct BlockProduct {
   static void run(const Tensor& x, const Tensor& wt, const Tensor& y) {
     const Tensor rows = x.stride(1) == 1 ? x : x.contiguous();
     const int64_t M = rows.size(0), K = rows.size(1), F = wt.size(1);
+    TORCH_CHECK(y.is_contiguous() && y.size(0) == M && y.size(1) == F,
+                "BlockProduct: y must be contiguous (", M, ", ", F, "), got ", y.sizes());
     const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
     // about one block per thread, 64 to 256 features wide (a multiple of 16, a vector)
     const int64_t width = std::clamp<int64_t>((F / threads + 15) / 16 * 16, 64, 256);
