@@ -645,3 +645,47 @@ def test_a_bad_checkpoint_gets_a_clear_error(kind, lm_checkpoint, tmp_path, text
     assert re.search(match, capsys.readouterr().err)
     with pytest.raises(ValueError, match=match):  # resuming from it fails before training
         train_lm.main(lm_args(text_file, tmp_path, "--trainer.max_steps=1", f"--ckpt_path={path}"))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_meets_data_with_another_vocabulary(text_file, tmp_path):
+    """Testing a checkpoint on data whose vocabulary (or class names) differs is an error naming
+    the first difference, before any weights load: with a vocabulary of the same size the
+    weights would have read every token as another one, silently (here another seed of the
+    split under max_vocab gives one); the same data loads."""
+    words = [f"w{k}" for k in range(12)]
+    rows = [
+        (i % 2, " ".join(words[(i * 7 + j * j) % 12] for j in range(i % 5 + 1))) for i in range(200)
+    ]
+    tsv_file = tsv(tmp_path, rows)
+    args = lambda *more: [
+        "--config",
+        os.path.join(ROOT, "configs", "cls_mr_polarity_ln_lstm.yaml"),
+        f"--data.path={tsv_file}",
+        "--data.max_vocab=8",
+        "--trainer.logger=false",
+        "--trainer.callbacks=[]",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--model.hidden_size=8",
+        *QUIET,
+        *more,
+    ]
+    cli = train_classifier.main(
+        ["fit", *args("--trainer.max_steps=1", "--trainer.limit_val_batches=0")]
+    )
+    cli.trainer.save_checkpoint(tmp_path / "model.ckpt")
+    ckpt = f"--ckpt_path={tmp_path / 'model.ckpt'}"
+    other = TextClassificationDataModule(path=tsv_file, max_vocab=8, seed=5)
+    assert len(other.vocab) == len(cli.model.vocab) and other.vocab != cli.model.vocab
+    with pytest.raises(ValueError, match=r"another `vocab`.*8 entries there, 8 here; entry \d+ is"):
+        train_classifier.main(["test", *args("--data.seed=5"), ckpt])
+    train_classifier.main(["test", *args(), ckpt])  # the data it was trained on
+    relabelled = tsv(
+        tmp_path, [("pos" if i % 2 else "neg", f"a film number {i}") for i in range(200)]
+    )
+    with pytest.raises(ValueError, match=r"another `vocab`|another `label_names`"):
+        train_classifier.main(["test", *args(f"--data.path={relabelled}"), ckpt])
+    lm = LanguageModel(CharLMDataModule(path=text_file).vocab, hidden_size=8, embedding_dim=4)
+    lm_ckpt = {"hyper_parameters": {"level": "char", "vocab": [*lm.vocab[:-1], "@"]}}
+    with pytest.raises(ValueError, match=r"another `vocab`.*'@' there"):
+        lm.on_load_checkpoint(lm_ckpt)

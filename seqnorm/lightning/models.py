@@ -134,6 +134,35 @@ def check_checkpoint(path, model_class: type[L.LightningModule]) -> None:
         raise ValueError(f"{str(path)!r} is a checkpoint of another kind of model, not of a {name}")
 
 
+def check_same_data(checkpoint: dict, model: L.LightningModule, fields: tuple[str, ...]) -> None:
+    """Raise a clear error if a checkpoint being loaded into ``model`` was trained with another
+    vocabulary (or other class names, or another level): its weights would read every token as
+    another one, silently where the sizes agree (a data module builds its vocabulary from its
+    training split, so another file, seed, split or size limit changes it)."""
+    saved = checkpoint.get("hyper_parameters") or {}
+    for field in fields:
+        theirs = saved.get(field)
+        ours = getattr(model, field) if hasattr(model, field) else model.hparams.get(field)
+        if theirs is None or theirs == ours:
+            continue
+        if isinstance(ours, list) and isinstance(theirs, list):
+            first = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), None)
+            where = (
+                f"entry {first} is {theirs[first]!r} there and {ours[first]!r} here"
+                if first is not None
+                else "one is a prefix of the other"
+            )
+            detail = f"{len(theirs)} entries there, {len(ours)} here; {where}"
+        else:
+            detail = f"{theirs!r} there, {ours!r} here"
+        raise ValueError(
+            f"The checkpoint was trained with another `{field}` than the data gives this model "
+            f"({detail}). The data module builds it from its training split: load the "
+            f"checkpoint with the data it was trained on (the same file or data set, seed, "
+            f"fractions, min_freq and max_vocab; the run's saved config.yaml has them)"
+        )
+
+
 def _detach(state):
     return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
 
@@ -254,6 +283,7 @@ class LanguageModel(L.LightningModule):
         checkpoint["rnn_state"] = self._state.get("train")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_same_data(checkpoint, self, ("level", "vocab"))
         if checkpoint.get("rnn_state") is not None:
             self._state["train"] = checkpoint["rnn_state"]
 
@@ -410,3 +440,6 @@ class SequenceClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         return make_optimizer(self.parameters(), self.hparams)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_same_data(checkpoint, self, ("vocab", "label_names"))
