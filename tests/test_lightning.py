@@ -102,19 +102,65 @@ def test_every_config_resolves_with_its_command_and_print_config(config, capsys)
     assert "model:" in printed and "data:" in printed and "trainer:" in printed
 
 
-@pytest.mark.parametrize("recipe", [train_lm, train_classifier], ids=["lm", "classifier"])
-def test_the_command_line_offers_the_subcommands_the_data_serves(recipe, capsys):
-    """fit, validate and test; predict, which the DataModules have no split for, is refused by
-    the parser (Lightning's error would come after building the model and data)."""
+@pytest.mark.parametrize(
+    "recipe, offered",
+    [(train_lm, "{fit,validate,test}"), (train_classifier, "{fit,validate,test,predict}")],
+    ids=["lm", "classifier"],
+)
+def test_the_command_line_offers_the_subcommands_the_data_serves(recipe, offered, capsys):
+    """fit, validate and test, and predict for the classifier; the language model's data has no
+    prediction split, so its parser refuses predict (Lightning's error would come after building
+    the model and data)."""
     with pytest.raises(SystemExit) as exit_:
         recipe.main(["--help"])
     assert exit_.value.code == 0
     usage = capsys.readouterr().out
-    assert "{fit,validate,test}" in usage
-    with pytest.raises(SystemExit) as exit_:
-        recipe.main(["predict"])
-    assert exit_.value.code != 0
-    assert "predict" in capsys.readouterr().err
+    assert offered in usage
+    if recipe is train_lm:
+        with pytest.raises(SystemExit) as exit_:
+            recipe.main(["predict"])
+        assert exit_.value.code != 0
+        assert "predict" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_classifier_predict_writes_each_document_with_its_label(tsv_file, tmp_path, capsys):
+    """predict on a trained checkpoint: predictions.tsv holds every line of predict_path, in
+    order, with the class the model gives it (against the model run from Python); without a
+    predict_path the error names the argument before anything runs."""
+    args = [
+        "--config",
+        os.path.join(ROOT, "configs", "cls_mr_polarity_ln_lstm.yaml"),
+        f"--data.path={tsv_file}",
+        "--trainer.logger=false",
+        "--trainer.callbacks=[]",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--model.hidden_size=8",
+        *QUIET,
+    ]
+    cli = train_classifier.main(
+        ["fit", *args, "--trainer.max_steps=3", "--trainer.limit_val_batches=0"]
+    )
+    ckpt = tmp_path / "model.ckpt"
+    cli.trainer.save_checkpoint(ckpt)
+    docs = ["a fine good film", "a dull bad film", "", "words never seen before", "bad bad bad"]
+    (tmp_path / "docs.txt").write_text("\n".join(docs) + "\n")
+    train_classifier.main(
+        ["predict", *args, f"--ckpt_path={ckpt}", f"--data.predict_path={tmp_path / 'docs.txt'}"]
+    )
+    assert f"predictions: {tmp_path / 'predictions.tsv'}" in capsys.readouterr().out
+    rows = [line.split("\t", 1) for line in (tmp_path / "predictions.tsv").read_text().splitlines()]
+    assert [doc for _, doc in rows] == docs
+    model = SequenceClassifier.load_from_checkpoint(ckpt).eval()
+    dm = TextClassificationDataModule(path=tsv_file, predict_path=str(tmp_path / "docs.txt"))
+    dm.setup()
+    with torch.no_grad():
+        want = [
+            label for batch in dm.predict_dataloader() for label in model.predict_step(batch, 0)
+        ]
+    assert [label for label, _ in rows] == want and set(want) <= {"0", "1"}
+    with pytest.raises(ValueError, match="Expected argument `predict_path`"):
+        train_classifier.main(["predict", *args, f"--ckpt_path={ckpt}"])
 
 
 def lm_args(text_file, tmp_path, *extra):

@@ -1,10 +1,13 @@
-"""Callbacks for the recipes: a sample after training, a smoothed learning curve, and
-evaluation of batch norm with batch statistics."""
+"""Callbacks for the recipes: a sample after training, a smoothed learning curve, evaluation of
+batch norm with batch statistics, and the classifier's predictions written to a file."""
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 
 from seqnorm.norms import RecurrentBatchNorm
 
@@ -100,3 +103,26 @@ class BatchStatistics(L.Callback):
 
     def on_test_end(self, trainer, pl_module) -> None:
         self._end(pl_module)
+
+
+class WritePredictions(BasePredictionWriter):
+    """After ``predict``: each document of the data module's ``predict_path`` with its predicted
+    class, ``label<TAB>document`` per line in the input's order, written to ``path`` (the
+    classifier's ``predict`` subcommand adds one writing ``predictions.tsv`` in the trainer's
+    ``default_root_dir`` unless the trainer has a prediction writer)."""
+
+    def __init__(self, path: str = "predictions.tsv"):
+        super().__init__(write_interval="epoch")
+        self.path = path
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        labels = [label for batch in predictions for label in batch]
+        documents = trainer.datamodule.predict_documents()
+        if len(labels) != len(documents):  # a sampler that split or padded them
+            raise RuntimeError(
+                f"Expected a prediction for each of the {len(documents)} documents, got "
+                f"{len(labels)}; predict on one device (--trainer.devices=1)"
+            )
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.writelines(f"{label}\t{doc}\n" for label, doc in zip(labels, documents))

@@ -7,8 +7,12 @@ YAML configs.
 
 from __future__ import annotations
 
+import os
+
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 
+from .callbacks import WritePredictions
 from .data import LMDataModule, TextClassificationDataModule
 from .models import LanguageModel, SequenceClassifier, check_checkpoint
 
@@ -19,9 +23,8 @@ class _CheckedCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        """Lightning's, less ``predict``: the DataModules have no prediction split (sample text
-        from a language model with ``recipes/generate.py``; a classifier predicts from Python,
-        ``trainer.predict(model, dataloader)``)."""
+        """Lightning's, less ``predict``, which the language model's data has no split for
+        (sample text from it with ``recipes/generate.py``); the classifier's CLI offers it."""
         return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
 
     def parse_arguments(self, parser, args):
@@ -55,7 +58,30 @@ class LMCLI(_CheckedCLI):
 
 class ClassifierCLI(_CheckedCLI):
     """A :class:`SequenceClassifier` on a :class:`TextClassificationDataModule`; the vocabulary,
-    the number of classes and their names are linked from the data."""
+    the number of classes and their names are linked from the data. ``predict`` classifies the
+    documents of ``--data.predict_path`` (one per line) and writes them with their labels to
+    ``predictions.tsv`` in the trainer's ``default_root_dir`` (:class:`WritePredictions`)."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return LightningCLI.subcommands()
+
+    def before_predict(self) -> None:
+        trainer = self.trainer
+        if trainer.world_size > 1:
+            raise ValueError(
+                "predict writes one file from one process: run it on one device "
+                f"(--trainer.devices=1), got {trainer.world_size} processes"
+            )
+        self.datamodule.predict_documents()  # a missing file is named before the model loads
+        if not any(isinstance(c, BasePredictionWriter) for c in trainer.callbacks):
+            path = os.path.join(trainer.default_root_dir, "predictions.tsv")
+            trainer.callbacks.append(WritePredictions(path))
+
+    def after_predict(self) -> None:
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, WritePredictions):
+                print(f"predictions: {callback.path}")
 
     def __init__(self, args=None, run: bool = True, **kwargs):
         super().__init__(

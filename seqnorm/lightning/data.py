@@ -411,7 +411,9 @@ class TextClassificationDataModule(L.LightningDataModule):
     ``num_classes`` is read from the data unless given. A csv/tsv file without a header row
     names its columns with ``column_names`` (for example ``[label, text]``).
 
-    Batches are ``(tokens (N, L), lengths (N,), labels (N,))``.
+    Batches are ``(tokens (N, L), lengths (N,), labels (N,))``. ``predict_path`` names a text
+    file of documents to classify, one per line, in ``encoding`` (the ``predict`` subcommand;
+    their labels are -1); the vocabulary still comes from the training split.
     """
 
     def __init__(
@@ -431,6 +433,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         seed: int = 0,
         encoding: str = "utf-8",
         column_names: list[str] | None = None,
+        predict_path: str | None = None,
     ):
         super().__init__()
         if (path is None) == (hub is None):
@@ -448,6 +451,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.min_freq, self.max_vocab, self.max_length = min_freq, max_vocab, max_length
         self.encoding, self.column_names = encoding, column_names
+        self.predict_path = predict_path
         self._num_classes = num_classes
         self._splits = None
         self._vocab: Vocabulary | None = None
@@ -554,3 +558,24 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     def test_dataloader(self):
         return self._loader("test", shuffle=False)
+
+    def predict_documents(self) -> list[str]:
+        """The lines of ``predict_path``, the documents to classify."""
+        if self.predict_path is None:
+            raise ValueError(
+                "Expected argument `predict_path` (a text file of documents to classify, one per "
+                "line) for predict, got None"
+            )
+        if not os.path.isfile(self.predict_path):
+            raise FileNotFoundError(
+                f"Expected argument `predict_path` to name a file, got {self.predict_path!r}"
+            )
+        check_encoding(self.predict_path, self.encoding)
+        with open(self.predict_path, encoding=self.encoding) as f:
+            return f.read().splitlines()
+
+    def predict_dataloader(self):
+        self._load()
+        docs = [words(t)[: self.max_length] or ["<unk>"] for t in self.predict_documents()]
+        items = [(torch.tensor(self._vocab.encode(doc)), -1) for doc in docs]
+        return StatefulDataLoader(items, batch_size=self.batch_size, collate_fn=self.collate)
