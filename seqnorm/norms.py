@@ -333,7 +333,7 @@ def update_bn(
     fewer than two valid samples counts for nothing, steps past ``max_steps`` all count for the
     last row, and a row no step reached gets mean 0 and variance 1), per call for
     :class:`BatchNorm` and torch's batch norms (``momentum=None``). The model runs in training
-    mode without gradients and gets its mode back; momenta are unchanged after.
+    mode without gradients; each module gets its mode back, and momenta are unchanged after.
 
     Args:
         loader: batches; as in torch's, the input is a batch's first element if it is a list or
@@ -373,7 +373,7 @@ def update_bn(
         m.reset_running_stats()
         m.momentum = None
     hooks = [m.register_forward_pre_hook(cumulative) for m in per_call]
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # each module's, frozen parts included
     model.train()
     try:
         with SF.averaging([m.running_mean for m in recurrent]) as averages:
@@ -388,7 +388,8 @@ def update_bn(
             hook.remove()
         for m, momentum in momenta.items():
             m.momentum = momentum
-        model.train(was_training)
+        for m, training in modes.items():
+            m.training = training
     for m in recurrent:
         averages[id(m.running_mean)].write(m.running_mean, m.running_var)
 

@@ -89,8 +89,9 @@ def test_update_bn_averages_each_steps_batch_statistics(cls, backend):
         m.running_mean.normal_()
         m.running_var.uniform_(2, 3)
     model.eval()
+    model.norm_ih_l0.train()  # a module in another mode than the model's keeps it
     seqnorm.update_bn(batches, torch.compile(model), forward=lambda m, b: m(b[0], lengths=b[1]))
-    assert not model.training
+    assert not model.training and model.norm_ih_l0.training and not model.norm_hh_l0.training
     assert all(m.momentum == 0.1 for m in _norms(model).values())
     sites = 3 if cls == "LSTM" else 2  # ih, hh (and the LSTM's c) for 2 layers x 2 directions
     assert want.keys() == _norms(model).keys() and len(want) == 4 * sites
