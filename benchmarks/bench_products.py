@@ -3,8 +3,8 @@
     python benchmarks/bench_products.py              # shape C
     python benchmarks/bench_products.py --shape A
 
-The shapes of bench_rnn.py (A: batch 32, 100 steps, input 128, hidden 256; C: batch 64, 200 steps,
-input 256, hidden 512), float32, 2 threads: the input projection of every step at once, the
+The shapes of bench_rnn.py (A: batch 32, 100 steps, input 128, hidden 256; B: A at batch 1; C:
+batch 64, 200 steps, input 256, hidden 512), float32, 2 threads: the input projection of every step at once, the
 per-step products with W_hh forward and backward (both ways the fused kernel times for them:
 oneDNN's product on packed weights, and oneDNN's brgemm kernel on column blocks; each run from
 C++ on weights prepared once, as the time loop runs them) and the chunked products for dW_hh (512
@@ -28,7 +28,11 @@ import torch
 
 from seqnorm.ops import cpp
 
-SHAPES = {"A": (32, 100, 128, 256), "C": (64, 200, 256, 512)}  # batch, steps, input, hidden
+SHAPES = {  # batch, steps, input, hidden
+    "A": (32, 100, 128, 256),
+    "B": (1, 100, 128, 256),
+    "C": (64, 200, 256, 512),
+}
 CALL = "per step 1 x 16 x 16 (oneDNN)"  # the cost of a call
 FORWARD, BACKWARD = "per step h W_hh^T", "per step dgh W_hh"
 PER_STEP = (FORWARD, BACKWARD)

@@ -406,12 +406,30 @@ def main(argv=None):
         "tf32": args.tf32,
         "malloc": args.malloc,
     }
+    if backend == "cpp":
+        machine["per_step_products"] = per_step_ways(args.shapes)
     print(f"\n{machine}\n")
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
             settings = {**vars(args), "device": str(args.device)}
             json.dump({"machine": machine, "args": settings, "rows": rows}, f, indent=2)
+
+
+def per_step_ways(shapes: list[str]) -> dict[str, dict[str, str]]:
+    """How the C++ kernel runs each per-step float32 product at each shape, as it chose on this
+    machine (packed, brgemm or mm; SEQNORM_CPU_PRODUCT may decide): h W_hh^T forward and
+    dgh W_hh backward, for the LSTM (4H gates) and the GRU (3H)."""
+    way = torch.ops.seqnorm_cpp.per_step_product
+    ways = {}
+    for shape in shapes:
+        batch, _, _, hidden = SHAPES[shape]
+        ways[shape] = {
+            f"{cell} {direction}": way(*dims, batch)
+            for cell, gates in (("LSTM", 4 * hidden), ("GRU", 3 * hidden))
+            for direction, dims in (("forward", (gates, hidden)), ("backward", (hidden, gates)))
+        }
+    return ways
 
 
 def _cpu_model() -> str:

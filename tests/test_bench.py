@@ -175,6 +175,9 @@ def test_main_writes_a_table_and_json(bench, tmp_path, monkeypatch, capsys):
     assert "| U | seqnorm BN-LSTM |" in table and "| U | naive BN-LSTM loop |" in table
     assert "n/a" in table and "| faults/step |" in table
     assert result["machine"]["malloc"] == "glibc"  # the default: malloc as it comes
+    ways = result["machine"]["per_step_products"]  # as the kernel chose them (or was told)
+    assert ways.keys() == {"T", "U"} and len(ways["T"]) == 4
+    assert set(ways["T"].values()) <= {"packed", "brgemm", "mm"}
 
 
 def test_malloc_steady_keeps_freed_memory_or_says_why_not(bench, monkeypatch, capsys):
