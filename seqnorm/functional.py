@@ -243,11 +243,24 @@ def _batch_norm_all_valid(xs, weight, bias, eps, out) -> tuple[Tensor, BatchStat
     return y.reshape(steps, f, n).permute(0, 2, 1).to(out), BatchStats(mean, var, count)
 
 
+def step_rows(start, steps: int, rows: int, device) -> Tensor:
+    """The row of ``rows`` running statistics that each of ``steps`` steps from ``start`` uses,
+    ``min(start + t, rows - 1)``: steps past the last row share it."""
+    return (torch.arange(steps, device=device) + start).clamp_(max=rows - 1)
+
+
+def unbiased_var(stats: BatchStats) -> tuple[Tensor, Tensor]:
+    """Each step's unbiased variance ``(T, F)`` (as ``torch.nn.BatchNorm1d`` moves its running
+    variance by) and whether the step had the two valid samples it needs ``(T, 1)``, in the
+    statistics' dtype."""
+    count = stats.count.to(stats.var.device, stats.var.dtype).unsqueeze(1)  # (T, 1)
+    return stats.var * count / (count - 1).clamp(min=1), count >= 2
+
+
 def running_rows(running: Tensor, start, steps) -> Tensor:
     """Rows ``start .. start + steps - 1`` of ``(S, F)`` running statistics, as ``(T, F)``:
     steps past the last row share it."""
-    slot = (torch.arange(steps, device=running.device) + start).clamp_(max=running.shape[0] - 1)
-    return running[slot]
+    return running[step_rows(start, steps, running.shape[0], running.device)]
 
 
 @torch.no_grad()
@@ -282,10 +295,9 @@ def update_running(
         )
     rows_total = running_mean.shape[0]
     steps = stats.mean.shape[0]
-    slot = (torch.arange(steps, device=running_mean.device) + start).clamp_(max=rows_total - 1)
-    count = stats.count.to(running_mean.device, stats.mean.dtype).unsqueeze(1)  # (T, 1)
-    used = (count >= 2).to(running_mean.dtype).squeeze(1)  # (T,)
-    unbiased = stats.var * count / (count - 1).clamp(min=1)
+    slot = step_rows(start, steps, rows_total, running_mean.device)
+    unbiased, used = unbiased_var(stats)
+    used = used.to(running_mean.device, running_mean.dtype).squeeze(1)  # (T,)
     lo = min(start, rows_total - 1)
     hi = min(start + steps - 1, rows_total - 1) + 1
     index = slot - lo
@@ -317,14 +329,12 @@ class RunningAverage:
         self.hits = torch.zeros(running_mean.shape[0], **kw)
 
     def add(self, stats: BatchStats, start: int = 0) -> None:
-        rows, steps = self.hits.shape[0], stats.mean.shape[0]
-        slot = (torch.arange(steps, device=self.hits.device) + start).clamp_(max=rows - 1)
-        count = stats.count.to(self.hits.device, torch.float64)
-        used = (count >= 2).unsqueeze(1)  # the other steps' statistics may be NaN: never read
-        unbiased = stats.var.double() * (count / (count - 1).clamp(min=1)).unsqueeze(1)
+        slot = step_rows(start, stats.mean.shape[0], self.hits.shape[0], self.hits.device)
+        unbiased, used = unbiased_var(stats)
+        used = used.to(self.hits.device)  # the other steps' statistics may be NaN: never read
         self.hits.index_add_(0, slot, used.squeeze(1).double())
         self.mean.index_add_(0, slot, torch.where(used, stats.mean.double(), 0.0))
-        self.var.index_add_(0, slot, torch.where(used, unbiased, 0.0))
+        self.var.index_add_(0, slot, torch.where(used, unbiased.double(), 0.0))
 
     def write(self, running_mean: Tensor, running_var: Tensor) -> None:
         """The averages into the running statistics; a row no step reached gets mean 0 and

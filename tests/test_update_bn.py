@@ -35,12 +35,14 @@ def _expected(model, batches, max_steps):
     statistics): its statistics per step; averaged per row of ``max_steps`` rows over the steps
     with at least two valid samples."""
     single = copy.deepcopy(model)
-    for m in _norms(single).values():
-        rows = max(t for t, _ in BATCHES)
+    rows = max(t for t, _ in BATCHES)
+    sums = {}  # name: (mean, var, hits) of each of max_steps rows
+    for name, m in _norms(single).items():
         m.running_mean = torch.zeros(rows, m.num_channels, dtype=torch.float64)
         m.running_var = torch.ones(rows, m.num_channels, dtype=torch.float64)
         m.momentum = 1.0
-    sums = {}
+        zeros = torch.zeros(max_steps, m.num_channels, dtype=torch.float64)
+        sums[name] = (zeros, zeros.clone(), torch.zeros(max_steps, 1, dtype=torch.float64))
     for x, lengths in batches:
         for m in _norms(single).values():
             m.running_mean.zero_()
@@ -49,14 +51,7 @@ def _expected(model, batches, max_steps):
         with torch.no_grad():
             single(x, lengths=lengths)
         for name, m in _norms(single).items():
-            mean, var, hits = sums.setdefault(
-                name,
-                (
-                    torch.zeros(max_steps, m.num_channels, dtype=torch.float64),
-                    torch.zeros(max_steps, m.num_channels, dtype=torch.float64),
-                    torch.zeros(max_steps, 1, dtype=torch.float64),
-                ),
-            )
+            mean, var, hits = sums[name]
             for t in range(x.shape[0]):
                 if (lengths > t).sum() >= 2:
                     row = min(t, max_steps - 1)

@@ -42,27 +42,14 @@ inline Library chosen_library() {
   return at::globalContext().deterministicAlgorithms() ? Library::onednn : Library::timed;
 }
 
-// The median of five timed runs, after one untimed.
-template <typename Run>
-double median_ms(const Run& run) {
-  std::vector<double> times;
-  for (int k = 0; k < 6; ++k) {
-    const auto start = std::chrono::steady_clock::now();
-    run();
-    const std::chrono::duration<double, std::milli> took = std::chrono::steady_clock::now() - start;
-    if (k) times.push_back(took.count());
-  }
-  std::nth_element(times.begin(), times.begin() + 2, times.end());
-  return times[2];
-}
-
 // Which of `runs` is fastest: in each of 7 rounds, after one untimed round, every run is timed
 // over `calls` calls in turn, and each is judged by its fastest round. A slow spell of the host
 // only adds time, and taking turns spreads it over all of them. Another run than `incumbent` is
 // taken only if it is at least 5% faster, so that close calls come out the same from one process
-// to the next (on the Zen 5 VM brgemm and the packed product of shape C's backward measured
-// within 2-20% of each other from process to process, where bench_products.py reads brgemm 30%
-// slower, and the median of five single calls of each had once chosen brgemm there).
+// to the next (on the Zen 5 VM brgemm and the packed product of shape C's backward came out
+// close in some processes and far apart in others, where bench_products.py reads brgemm a third
+// slower; the median of five single calls of each, one way after the other, had once chosen
+// brgemm there).
 inline size_t fastest_run(const std::vector<std::function<void()>>& runs, size_t incumbent,
                           int calls = 3) {
   std::vector<double> best(runs.size(), std::numeric_limits<double>::infinity());
@@ -262,8 +249,8 @@ struct Product {
 // projection of every step, the weight gradients, dx). at::mm runs the BLAS torch was built with
 // (MKL in the x86 wheels), whose float32 product took 2.1-2.4x the time of oneDNN's on a 2-core
 // AMD Zen 5 VM (at AVX2's rate there, oneDNN at AVX-512's); which is faster depends on the CPU,
-// so, as for Product, each float32 shape and layout times both once and keeps the faster. out
-// must be contiguous; a and b may be transposed views.
+// so, as for Product, each float32 shape and layout times both once (fastest_run: oneDNN
+// unless at::mm is 5% faster). out must be contiguous; a and b may be transposed views.
 inline void large_product(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {
   const auto run = [&](bool onednn, const Tensor& y, const Tensor& x, const Tensor& w) {
     if (onednn) {
@@ -301,8 +288,7 @@ inline void large_product(const Tensor& out, const Tensor& a, const Tensor& b, b
   const bool onednn = choices.get({rows, k, N, transposed, b.stride(1) != 1}, [&] {
     const Tensor x = a.narrow(0, 0, m).narrow(1, 0, k), w = b.narrow(0, 0, k);
     const Tensor y = at::zeros({m, N}, out.options());
-    const double aten_ms = median_ms([&] { run(false, y, x, w); });
-    return median_ms([&] { run(true, y, x, w); }) < aten_ms;
+    return fastest_run({[&] { run(true, y, x, w); }, [&] { run(false, y, x, w); }}, 0, 1) == 0;
   });
   run(onednn, out, a, b);
 }
