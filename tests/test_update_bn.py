@@ -144,3 +144,18 @@ def test_update_bn_without_batch_norm_runs_nothing():
         yield
 
     seqnorm.update_bn(never(), make("LSTM", "layer"))
+
+
+def test_update_bn_through_an_averaged_model():
+    """docs/compatibility.md: a torch.optim.swa_utils.AveragedModel is passed as it is, and its
+    averaged module gets the statistics the module itself would."""
+    from torch.optim.swa_utils import AveragedModel
+
+    model = make("LSTM", "batch", backend="cpp")
+    averaged = AveragedModel(copy.deepcopy(model))
+    batches = [x for x, _ in _batches()]
+    seqnorm.update_bn(batches, model)
+    seqnorm.update_bn(batches, averaged)
+    for (name, got), want in zip(averaged.module.named_buffers(), model.buffers()):
+        assert_close(got, want, msg=name)
+    assert (model.norm_hh_l0.running_var != 1).any()
