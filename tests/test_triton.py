@@ -51,6 +51,71 @@ def test_without_a_backward_and_in_eval_mode(cls, norm):
         assert_close(list(model.buffers()), list(reference.buffers()))
 
 
+class _Replay:
+    """A CUDA graph's work, emulated on CPU: captured on the graph's own copies of the inputs,
+    and replayed on them again, into the tensors the capture returned."""
+
+    def __init__(self, loop, static):
+        self.loop, self.static = loop, static
+        self.outputs = loop(static)
+
+    def replay(self):
+        for name, t in self.loop(self.static).items():
+            if t is not None:
+                self.outputs[name].copy_(t)
+
+
+def _emulated_capture(loop, inputs):
+    static = {name: None if t is None else t.clone() for name, t in inputs.items()}
+    graph = _Replay(loop, static)
+    return graph, static, graph.outputs
+
+
+@pytest.mark.parametrize("cls", CELLS)
+@pytest.mark.parametrize("norm", NORM_CASES)
+def test_the_time_loops_replayed_as_cuda_graphs(monkeypatch, cls, norm):
+    """graphs.run's capture and replay, emulated on CPU: three training steps of one shape (the
+    first runs the loops as they are, the second captures and replays them, the third replays)
+    give the float64 loop's outputs, states, gradients and running statistics, although a replay
+    writes only into the graph's copies of the inputs; a replay leaves the outputs of the step
+    before untouched; and the same in eval mode without gradients."""
+    from seqnorm.ops.triton_kernels import graphs
+
+    monkeypatch.setattr(graphs, "_applies", lambda device: True)
+    monkeypatch.setattr(graphs, "_capture", _emulated_capture)
+    graphs.clear()
+    model, reference = _pair(cls, norm, hidden_size=8)
+    lengths = torch.tensor([4, 2, 3])
+    before = None
+    try:
+        for _ in range(3):
+            x = torch.randn(4, 3, 5, dtype=torch.float64)
+            results = []
+            for m in (model, reference):
+                m.zero_grad()
+                xi = x.clone().requires_grad_()
+                out, state = m(xi, lengths=lengths)
+                states = state if isinstance(state, tuple) else (state,)
+                (out.square().sum() + sum(s.square().sum() for s in states)).backward()
+                grads = [xi.grad, *(p.grad for p in m.parameters())]
+                results.append([out, *states, *grads, *m.buffers()])
+            for got, want in zip(*results):
+                assert_close(got, want)
+            if before is not None:  # the earlier step's outputs and states, as they were
+                assert_close(before[0], [t.detach() for t in before[1]], rtol=0, atol=0)
+            outputs = results[0][: 1 + len(states)]
+            before = ([t.detach().clone() for t in outputs], outputs)
+        assert len(graphs._graphs) == 2  # the forward's loop and the backward's, replayed
+        model.eval(), reference.eval()
+        with torch.no_grad():  # the loop that keeps no activations, replayed in eval mode
+            for _ in range(3):
+                x = torch.randn(4, 3, 5, dtype=torch.float64)
+                assert_close(model(x, lengths=lengths), reference(x, lengths=lengths))
+        assert len(graphs._graphs) == 3
+    finally:
+        graphs.clear()
+
+
 GRADCHECK_MASK = torch.tensor([[1, 1], [1, 0], [0, 1]], dtype=torch.bool)
 
 

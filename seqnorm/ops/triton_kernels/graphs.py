@@ -6,6 +6,10 @@ one-off shapes never hold a graph's memory; the last ``SEQNORM_CUDA_GRAPHS`` gra
 (default 4; 0 turns graphs off). Replaying copies the inputs into the graph's own buffers and
 clones its outputs, which the next replay overwrites. Inside someone else's capture (for
 example ``torch.compile(mode="reduce-overhead")``) the loop simply runs: it is captured there.
+
+A loop must therefore hand back everything it writes as one of its results: a replay writes into
+the graph's copies of the inputs, never into the caller's tensors (tests/test_triton.py replays
+the loops on CPU to check this).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ def clear() -> None:
 def run(key: tuple, loop: Callable[[Tensors], Tensors], inputs: Tensors) -> Tensors:
     """``loop(inputs)``, through a CUDA graph where one applies."""
     device = next(t.device for t in inputs.values() if t is not None)
-    if device.type != "cuda" or capacity() <= 0 or torch.cuda.is_current_stream_capturing():
+    if not _applies(device):
         return loop(inputs)
     signature = tuple(
         (name, None if t is None else (tuple(t.shape), t.dtype, t.stride()))
@@ -60,6 +64,10 @@ def run(key: tuple, loop: Callable[[Tensors], Tensors], inputs: Tensors) -> Tens
             static[name].copy_(t)
     graph.replay()
     return {name: None if t is None else t.clone() for name, t in outputs.items()}
+
+
+def _applies(device: torch.device) -> bool:
+    return device.type == "cuda" and capacity() > 0 and not torch.cuda.is_current_stream_capturing()
 
 
 def _capture(loop, inputs: Tensors):

@@ -268,7 +268,7 @@ def lstm_forward(
     saved = LSTMSaved(
         result["hs"],
         result["cs"],
-        gx,
+        result["acts"],
         result["xhat_hh"] if normed else _empty(gx),
         result["stats_hh"],
         result["xhat_c"] if normed else _empty(gx),
@@ -382,6 +382,7 @@ def _lstm_loop(s, norm, groups, eps, training, keep, steps, n, hidden, out_size)
         "c_n": cs[last].clone(),
         "hs": hs,
         "cs": cs,
+        "acts": acts if keep else None,  # gx itself: a replay writes the graph's copy of it
         "xhat_hh": xhat_hh,
         "stats_hh": stats_hh.view(-1),
         "xhat_c": xhat_c,
@@ -625,7 +626,7 @@ def gru_forward(
     normed = norm != "none"
     saved = GRUSaved(
         result["hs"],
-        gx,
+        result["acts"],
         result["gh_n"],
         result["xhat_hh"] if normed else _empty(gx),
         result["stats_hh"],
@@ -708,6 +709,7 @@ def _gru_loop(s, norm, groups, eps, training, keep, steps, n, hidden) -> dict:
         "out": out,
         "h_n": hs[last].clone(),
         "hs": hs,
+        "acts": acts if keep else None,  # gx itself: a replay writes the graph's copy of it
         "gh_n": gh_n,
         "xhat_hh": xhat_hh,
         "stats_hh": stats_hh.view(-1),
