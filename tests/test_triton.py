@@ -116,6 +116,37 @@ def test_the_time_loops_replayed_as_cuda_graphs(monkeypatch, cls, norm):
         graphs.clear()
 
 
+def test_the_cuda_kernels_run_with_their_inputs_device_current(monkeypatch):
+    """Triton launches on the current CUDA device: each operator's CUDA kernel makes its inputs'
+    device current around the Triton call (for a model on cuda:1 while cuda:0 is current; on a
+    machine with two GPUs test_a_model_on_the_second_gpu runs it)."""
+    from types import SimpleNamespace
+
+    from seqnorm.ops import library
+
+    current = []
+
+    class Device:  # stands for torch.cuda.device, recording what it makes current
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            current.append(self.device)
+
+        def __exit__(self, *exc):
+            current.append(None)
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    names = ("lstm_forward", "lstm_backward", "gru_forward", "gru_backward")
+    triton = SimpleNamespace(**{n: lambda *args, n=n: (n, current[-1], args) for n in names})
+    monkeypatch.setattr(library, "_triton", lambda: triton)
+    x = torch.empty(2, 3, device="meta")
+    for name in names:
+        current.clear()
+        assert library._on_cuda(name)(None, x, 1.0) == (name, x.device, (None, x, 1.0))
+        assert current == [x.device, None]
+
+
 GRADCHECK_MASK = torch.tensor([[1, 1], [1, 0], [0, 1]], dtype=torch.bool)
 
 
@@ -256,3 +287,27 @@ def test_cuda_half_precision(cls, norm, dtype):
     out = half(x.to(dtype))[0]
     assert out.dtype == dtype and (out.float() - want).abs().mean() < 0.03
     out.float().sum().backward()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+def test_a_model_on_the_second_gpu(cls):
+    """A model on cuda:1 while cuda:0 is current: outputs and gradients are the float64 loop's
+    (Triton would launch on cuda:0 without the operators' device guard)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = _make(cls, "layer", "python", hidden_size=32)
+    x = torch.randn(6, 4, 5, dtype=torch.float64)
+    want = model(x)[0]
+    want.square().sum().backward()
+    gpu = copy.deepcopy(model).float().to("cuda:1")
+    gpu.backend = "triton"
+    gpu.zero_grad()
+    torch.cuda.set_device(0)
+    for _ in range(3):  # the third replays a CUDA graph, captured on cuda:1
+        got = gpu(x.float().to("cuda:1"))[0]
+    got.square().sum().backward()
+    assert got.device == torch.device("cuda:1")
+    assert_close(got.double().cpu(), want, atol=2e-4, rtol=2e-3)
+    for p, q in zip(gpu.parameters(), model.parameters()):
+        assert_close(p.grad.double().cpu(), q.grad, atol=2e-4, rtol=2e-3)

@@ -656,6 +656,20 @@ def _triton():
     return triton_kernels
 
 
+def _on_cuda(name: str):
+    """The Triton implementation of operator ``name``, run with its inputs' device current:
+    Triton launches on the current device, so a model on cuda:1 while cuda:0 is current would
+    otherwise run its kernels on the wrong GPU (an error, or wrong values where the GPUs can read
+    each other's memory)."""
+
+    def kernel(*args):
+        device = next(a.device for a in args if isinstance(a, Tensor))
+        with torch.cuda.device(device):
+            return getattr(_triton(), name)(*args)
+
+    return kernel
+
+
 # On CUDA the Triton kernels, whatever the backend argument says (it is "triton" there).
 for _op, _name in (
     (lstm_forward, "lstm_forward"),
@@ -663,7 +677,7 @@ for _op, _name in (
     (gru_forward, "gru_forward"),
     (gru_backward, "gru_backward"),
 ):
-    _op.register_kernel("cuda")(lambda *args, _name=_name: getattr(_triton(), _name)(*args))
+    _op.register_kernel("cuda")(_on_cuda(_name))
 
 
 @torch.library.custom_op(
