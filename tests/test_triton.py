@@ -116,6 +116,50 @@ def test_the_time_loops_replayed_as_cuda_graphs(monkeypatch, cls, norm):
         graphs.clear()
 
 
+def test_graphs_are_kept_for_the_shapes_seen_most_often(monkeypatch):
+    """graphs.run captures a key at its second sighting while there is a free place, and then
+    only in place of the graph seen least often, if the key has been seen more often: ten shapes
+    taking turns with four places capture four graphs once (a least-recently-used cache would
+    capture at nearly every call, each capture running the loop twice more); a shape that then
+    comes to be seen more often than one of them takes its place; results are the loop's
+    throughout."""
+    from seqnorm.ops.triton_kernels import graphs
+
+    captured = []
+
+    def capture(loop, inputs):
+        captured.append(inputs["x"].shape[0])
+        return _emulated_capture(loop, inputs)
+
+    monkeypatch.setattr(graphs, "_applies", lambda device: True)
+    monkeypatch.setattr(graphs, "_capture", capture)
+    monkeypatch.setenv("SEQNORM_CUDA_GRAPHS", "4")
+    graphs.clear()
+
+    def double(s):
+        return {"y": s["x"] * 2}
+
+    def run(length):
+        x = torch.randn(length)
+        assert_close(graphs.run(("double",), double, {"x": x})["y"], 2 * x)
+
+    try:
+        for _ in range(5):
+            for length in range(1, 11):
+                run(length)
+        assert captured == [1, 2, 3, 4]  # in the second round
+        for calls in range(1, 7):  # seen 5 times each: a new shape's 6th sighting is its turn
+            run(20)
+            assert captured[-1] == (20 if calls == 6 else 4)
+        kept = [dict(signature)["x"][0][0] for _, _, signature in graphs._graphs]
+        assert kept == [2, 3, 4, 20]  # 1, the least recently used of the least seen, made room
+        monkeypatch.setenv("SEQNORM_CUDA_GRAPHS", "2")
+        run(20)
+        assert len(graphs._graphs) == 2
+    finally:
+        graphs.clear()
+
+
 def test_the_cuda_kernels_run_with_their_inputs_device_current(monkeypatch):
     """Triton launches on the current CUDA device: each operator's CUDA kernel makes its inputs'
     device current around the Triton call (for a model on cuda:1 while cuda:0 is current; on a

@@ -2,12 +2,16 @@
 shape and replayed, so that no step pays Python's launch overhead.
 
 A loop is captured the second time its key (shapes, dtypes, configuration) is seen, so that
-one-off shapes never hold a graph's memory; the last ``SEQNORM_CUDA_GRAPHS`` graphs are kept
-(default 4; 0 turns graphs off). Replaying copies the inputs into the graph's own buffers and
-clones its outputs, which the next replay overwrites. Inside someone else's capture (for
-example ``torch.compile(mode="reduce-overhead")``) the loop simply runs: it is captured there.
+one-off shapes never hold a graph's memory, into one of ``SEQNORM_CUDA_GRAPHS`` places (default
+4; 0 turns graphs off). When they are taken, a key is captured only in place of the graph seen
+least often, and only if it has been seen more often than that one: with more shapes than places
+taking turns (a classifier's batches padded to their longest sentence), a least-recently-used
+cache would capture again at nearly every call, and a capture runs the loop twice. Replaying
+copies the inputs into the graph's own buffers and clones its outputs, which the next replay
+overwrites. Inside someone else's capture (for example ``torch.compile(mode="reduce-overhead")``)
+the loop simply runs: it is captured there.
 
-A loop must therefore hand back everything it writes as one of its results: a replay writes into
+A loop must hand back everything it writes as one of its results: a replay writes into
 the graph's copies of the inputs, never into the caller's tensors (tests/test_triton.py replays
 the loops on CPU to check this).
 """
@@ -23,8 +27,9 @@ from torch import Tensor
 
 Tensors = dict[str, Tensor | None]
 
-_graphs: OrderedDict = OrderedDict()
-_seen: set = set()
+_graphs: OrderedDict = OrderedDict()  # key -> (graph, its inputs, its outputs), oldest use first
+_sightings: dict = {}  # key -> how often run has seen it
+_REMEMBERED = 4096  # keys counted; beyond, the counts of keys without a graph are forgotten
 
 
 def capacity() -> int:
@@ -34,7 +39,7 @@ def capacity() -> int:
 def clear() -> None:
     """Release every captured graph (and the memory its buffers hold)."""
     _graphs.clear()
-    _seen.clear()
+    _sightings.clear()
 
 
 def run(key: tuple, loop: Callable[[Tensors], Tensors], inputs: Tensors) -> Tensors:
@@ -47,15 +52,18 @@ def run(key: tuple, loop: Callable[[Tensors], Tensors], inputs: Tensors) -> Tens
         for name, t in inputs.items()
     )
     full_key = (key, device, signature)
+    while len(_graphs) > capacity():  # SEQNORM_CUDA_GRAPHS lowered since
+        _graphs.popitem(last=False)
+    if len(_sightings) >= _REMEMBERED:
+        for k in [k for k in _sightings if k not in _graphs]:
+            del _sightings[k]
+    seen = _sightings[full_key] = _sightings.get(full_key, 0) + 1
     entry = _graphs.get(full_key)
     if entry is None:
-        if full_key not in _seen:  # first sighting: run it as it is
-            _seen.add(full_key)
+        if not _admit(seen):
             return loop(inputs)
         entry = _capture(loop, inputs)
         _graphs[full_key] = entry
-        while len(_graphs) > capacity():
-            _graphs.popitem(last=False)
     else:
         _graphs.move_to_end(full_key)
     graph, static, outputs = entry
@@ -64,6 +72,19 @@ def run(key: tuple, loop: Callable[[Tensors], Tensors], inputs: Tensors) -> Tens
             static[name].copy_(t)
     graph.replay()
     return {name: None if t is None else t.clone() for name, t in outputs.items()}
+
+
+def _admit(seen: int) -> bool:
+    """Whether to capture a key seen ``seen`` times (this time included), making room for it."""
+    if seen < 2:
+        return False
+    if len(_graphs) < capacity():
+        return True
+    coldest = min(_graphs, key=_sightings.__getitem__)  # the least recently used of equals
+    if _sightings[coldest] >= seen:
+        return False
+    del _graphs[coldest]
+    return True
 
 
 def _applies(device: torch.device) -> bool:
