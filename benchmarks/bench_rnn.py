@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import platform
 import resource
 import statistics
@@ -252,6 +253,24 @@ def keep_freed_memory(nbytes: int = 2**30) -> None:
             raise RuntimeError(f"glibc's mallopt refused {name}={nbytes}")
 
 
+def steady_step(step, device: torch.device):
+    """A training step as it runs in a long job: on CUDA three steps (the first runs seqnorm's
+    loops as they are, the second captures them in CUDA graphs, the third replays them; every
+    implementation runs three), so that after release_graphs() the memory the graphs keep counts
+    in the step's peak; on CPU the step itself."""
+    if device.type != "cuda":
+        return step
+    return lambda: [step() for _ in range(3)]
+
+
+def release_graphs(device: torch.device) -> None:
+    """Release every CUDA graph seqnorm has captured (and the memory they hold)."""
+    if seqnorm.ops.choose(None, torch.zeros(1, 1, 1, device=device), [], False) == "triton":
+        from seqnorm.ops.triton_kernels import clear_graphs
+
+        clear_graphs()
+
+
 def synchronized(fn, device: torch.device):
     """``fn`` followed by waiting for the device, so that a timer sees its kernels finish."""
     if device.type != "cuda":
@@ -315,15 +334,18 @@ def measure_shape(shape: str, names: list[str], args) -> dict:
         model.zero_grad(set_to_none=True)
         trained = name in trainable
         # seqnorm's kernel keeps freed step buffers for reuse, and one kept by another model
-        # here may be larger than this one needs: measure this model's own
+        # here may be larger than this one needs: measure this model's own (on CUDA, its own
+        # graphs, captured within the measurement)
         if device.type == "cpu":
             seqnorm.ops.empty_cache()
+        else:
+            release_graphs(device)
         results[name] = {
             "fwd_ms": fwd[name].ms,
             "fwd_bwd_ms": fwd_bwd[name].ms if trained else None,
             "fwd_faults": fwd[name].faults,
             "fwd_bwd_faults": fwd_bwd[name].faults if trained else None,
-            "peak_mb": peak_mb(train_step(model), device) if trained else None,
+            "peak_mb": peak_mb(steady_step(train_step(model), device), device) if trained else None,
         }
     return results
 
@@ -364,8 +386,18 @@ def main(argv=None):
         help="glibc: the C library's malloc as it comes (default); steady: keep freed memory in "
         "the process, so that no implementation pays page faults for memory it allocates again",
     )
+    p.add_argument(
+        "--cuda-graphs",
+        type=int,
+        default=64,
+        help="places for seqnorm's CUDA graphs (SEQNORM_CUDA_GRAPHS) while benchmarking on CUDA: "
+        "enough for the loops of every model here, so that each replays its own graphs, as in a "
+        "job that trains one model (the default of 4 would hold the loops of two)",
+    )
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
+    if args.cuda_graphs < 0:
+        p.error(f"argument --cuda-graphs: expected a count >= 0, got {args.cuda_graphs}")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"argument --device: {args.device} was asked for, but CUDA is not available here")
     args.shapes = args.shapes or DEFAULT_SHAPES[args.device.type]
@@ -373,6 +405,8 @@ def main(argv=None):
         n for n in IMPLEMENTATIONS if args.device.type == "cuda" or n not in GPU_ONLY
     ]
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    if args.device.type == "cuda":
+        os.environ["SEQNORM_CUDA_GRAPHS"] = str(args.cuda_graphs)
     torch.set_num_threads(args.threads)
     if args.malloc == "steady":
         try:
@@ -406,6 +440,8 @@ def main(argv=None):
         "tf32": args.tf32,
         "malloc": args.malloc,
     }
+    if args.device.type == "cuda":
+        machine["cuda_graphs"] = args.cuda_graphs
     if backend == "cpp":
         machine["per_step_products"] = per_step_ways(args.shapes)
     print(f"\n{machine}\n")

@@ -5,6 +5,7 @@ count and ``--malloc steady`` see and remove the faults of memory allocated afre
 import importlib.util
 import json
 import mmap
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -175,6 +176,7 @@ def test_main_writes_a_table_and_json(bench, tmp_path, monkeypatch, capsys):
     assert "| U | seqnorm BN-LSTM |" in table and "| U | naive BN-LSTM loop |" in table
     assert "n/a" in table and "| faults/step |" in table
     assert result["machine"]["malloc"] == "glibc"  # the default: malloc as it comes
+    assert result["args"]["cuda_graphs"] == 64 and "cuda_graphs" not in result["machine"]
     ways = result["machine"]["per_step_products"]  # as the kernel chose them (or was told)
     assert ways.keys() == {"T", "U"} and len(ways["T"]) == 4
     assert set(ways["T"].values()) <= {"packed", "brgemm", "mm"}
@@ -212,6 +214,13 @@ def test_device_rejects_what_is_not_cpu_or_cuda(bench, monkeypatch, capsys, valu
     assert message in capsys.readouterr().err
 
 
+def test_cuda_graphs_must_be_a_count(bench, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_rnn.py", "--cuda-graphs", "-1"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "argument --cuda-graphs: expected a count >= 0, got -1" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tests the message on a machine without CUDA")
 def test_device_cuda_without_cuda_says_so(bench, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["bench_rnn.py", "--device", "cuda"])
@@ -236,6 +245,7 @@ def test_main_on_cuda(bench, tmp_path, monkeypatch):
         return torch.ones(2**19, device=device).sum()
 
     assert 4.0 <= bench.peak_mb(step, device) < 4.5
+    monkeypatch.setenv("SEQNORM_CUDA_GRAPHS", "4")  # restored after main sets it
     monkeypatch.setattr(bench, "SHAPES", {"T": (3, 4, 5, 8)})
     out = tmp_path / "bench.json"
     argv = ["bench_rnn.py", "--shapes", "T", "--warmup", "0", "--repeats", "1", "--device", "cuda"]
@@ -247,8 +257,11 @@ def test_main_on_cuda(bench, tmp_path, monkeypatch):
     assert result["machine"]["seqnorm_backend"] == "triton"
     assert len(result["rows"]) == len(bench.IMPLEMENTATIONS)  # the Python-loop rows too
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["peak_mb"] > 0 for r in result["rows"])
-    monkeypatch.setattr(sys, "argv", [*argv, "--autocast", "bf16"])
+    assert result["machine"]["cuda_graphs"] == 64
+    assert os.environ["SEQNORM_CUDA_GRAPHS"] == "64"  # a place for every loop of the run
+    monkeypatch.setattr(sys, "argv", [*argv, "--autocast", "bf16", "--cuda-graphs", "0"])
     bench.main()
+    assert os.environ["SEQNORM_CUDA_GRAPHS"] == "0"
 
 
 @pytest.mark.slow
