@@ -288,6 +288,8 @@ def measure_shape(shape: str, names: list[str], args) -> dict:
     of every implementation in ``names`` at ``shape``, timed in interleaved rounds."""
     batch, steps, input_size, hidden = SHAPES[shape]
     device = args.device
+    if device.type == "cuda":
+        release_graphs(device)  # the last shape's: theirs is memory this one may need
     seed = torch.Generator().manual_seed(0)
     x = torch.randn(steps, batch, input_size, generator=seed).to(device)
     models = {}
