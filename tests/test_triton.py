@@ -282,6 +282,42 @@ def test_every_kernel_compiles_for_ampere_and_hopper(tmp_path):
             assert row["shared_bytes"] <= 48 * 1024, row
 
 
+WIDE_INDEX_SCRIPT = """
+import json, re, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from seqnorm.ops.triton_kernels import resources
+wide = {}
+for name, kernel, constexprs, warps in resources.kernels(1024):
+    if not name.startswith("input_"):
+        continue
+    signature = {n: "constexpr" if n in constexprs else resources.SCALARS.get(n, "*i1" if n == "MASK" else "*fp32") for n in kernel.arg_names}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    ttir = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ttir"]
+    pid = re.search(r"(%\\w+) = tt.get_program_id x : i32", ttir).group(1)
+    wide[name] = re.search(rf"= arith.extsi {pid} : i32 to i64", ttir) is not None
+print(json.dumps(wide))
+"""
+
+
+def test_the_input_half_kernels_index_rows_in_64_bits():
+    """The input half's kernels run over the rows of every step at once, where row * features
+    passes 2^31 (a batch of 512 over 1,024 steps at hidden 1024: 4 GiB in bfloat16): their row
+    or step index is widened to 64 bits before it is multiplied, as the compiled TTIR shows (a
+    tensor that large does not fit a test)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-c", WIDE_INDEX_SCRIPT],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    ).stdout
+    wide = json.loads(out.splitlines()[-1])
+    assert len(wide) == 8 and all(wide.values()), wide  # 4 kernels, for the LSTM and the GRU
+
+
 # --- on a GPU -------------------------------------------------------------------------------
 
 cuda = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")

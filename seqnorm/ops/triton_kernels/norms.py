@@ -129,7 +129,7 @@ def input_forward_rows(
     ACC: tl.constexpr,
 ):
     """Layer or group norm of one row (one sample at one step) of the projection."""
-    r = tl.program_id(0)
+    r = tl.program_id(0).to(tl.int64)  # r * F passes 2^31 in long sequences of large batches
     f = tl.arange(0, BF)[None, :]
     m = f < F
     v = tl.load(PROJ + r * F + f, mask=m, other=0.0).to(ACC)
@@ -166,7 +166,7 @@ def input_forward_batch(
     """Batch norm of BJ features of one step over its valid samples (running statistics for a
     step with fewer than two, and in eval mode). Writes the statistics used ``(T, 2, F)`` (mean,
     rstd) and the batch ones ``(2, T, F)`` (mean, biased variance)."""
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)  # (t * N + rows) * F passes 2^31 likewise
     c = tl.program_id(1) * BJ + tl.arange(0, BJ)[None, :]
     rows = tl.arange(0, BN)[:, None]
     cols = c < F
@@ -214,7 +214,7 @@ def input_backward_rows(
     ACC: tl.constexpr,
 ):
     """dL/d(projection) of one row from dL/dy (gain, then the group norm's backward)."""
-    r = tl.program_id(0)
+    r = tl.program_id(0).to(tl.int64)  # r * F passes 2^31 in long sequences of large batches
     f = tl.arange(0, BF)[None, :]
     m = f < F
     d = tl.load(DY + r * F + f, mask=m, other=0.0).to(ACC)
@@ -240,7 +240,7 @@ def input_backward_batch(
     HAS_MASK: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)  # (t * N + rows) * F passes 2^31 likewise
     c = tl.program_id(1) * BJ + tl.arange(0, BJ)[None, :]
     rows = tl.arange(0, BN)[:, None]
     cols = c < F
