@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import warnings
+from types import SimpleNamespace
 
 import datasets
 import pytest
@@ -25,6 +26,7 @@ from seqnorm.lightning import (
     TextClassificationDataModule,
 )
 from seqnorm.lightning import data as data_module
+from seqnorm.lightning.callbacks import WritePredictions
 from seqnorm.norms import RecurrentBatchNorm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -161,6 +163,22 @@ def test_classifier_predict_writes_each_document_with_its_label(tsv_file, tmp_pa
     assert [label for label, _ in rows] == want and set(want) <= {"0", "1"}
     with pytest.raises(ValueError, match="Expected argument `predict_path`"):
         train_classifier.main(["predict", *args, f"--ckpt_path={ckpt}"])
+
+
+def test_predictions_are_written_beside_the_documents_the_loader_read(tsv_file, tmp_path):
+    """WritePredictions pairs each prediction with the document the predict loader read, not
+    with the file read again: a predict_path rewritten meanwhile (with as many lines) cannot put
+    the labels beside other documents."""
+    path = tmp_path / "docs.txt"
+    path.write_text("a fine film\na bad film\n")
+    dm = TextClassificationDataModule(path=tsv_file, predict_path=str(path))
+    dm.setup()
+    assert sum(len(batch[0]) for batch in dm.predict_dataloader()) == 2
+    path.write_text("other words\nmore words\n")
+    out = tmp_path / "predictions.tsv"
+    trainer = SimpleNamespace(datamodule=dm)
+    WritePredictions(str(out)).write_on_epoch_end(trainer, None, [["1", "0"]], None)
+    assert out.read_text() == "1\ta fine film\n0\ta bad film\n"
 
 
 def lm_args(text_file, tmp_path, *extra):

@@ -452,6 +452,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.min_freq, self.max_vocab, self.max_length = min_freq, max_vocab, max_length
         self.encoding, self.column_names = encoding, column_names
         self.predict_path = predict_path
+        self.predicted_documents: list[str] | None = None  # as the last predict loader read them
         self._num_classes = num_classes
         self._splits = None
         self._vocab: Vocabulary | None = None
@@ -576,6 +577,7 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     def predict_dataloader(self):
         self._load()
-        docs = [words(t)[: self.max_length] or ["<unk>"] for t in self.predict_documents()]
+        self.predicted_documents = self.predict_documents()  # what predictions are paired with
+        docs = [words(t)[: self.max_length] or ["<unk>"] for t in self.predicted_documents]
         items = [(torch.tensor(self._vocab.encode(doc)), -1) for doc in docs]
         return StatefulDataLoader(items, batch_size=self.batch_size, collate_fn=self.collate)
