@@ -71,20 +71,29 @@ def _emulated_capture(loop, inputs):
     return graph, static, graph.outputs
 
 
-@pytest.mark.parametrize("cls", CELLS)
-@pytest.mark.parametrize("norm", NORM_CASES)
-def test_the_time_loops_replayed_as_cuda_graphs(monkeypatch, cls, norm):
+STACKED = {"num_layers": 2, "bidirectional": True}  # four directions, one loop shape
+REPLAY_CASES = [
+    *(pytest.param(c, n, {}, id=f"{n}-{c}") for n in NORM_CASES for c in CELLS),
+    pytest.param("LSTM", "layer", STACKED, id="layer-LSTM-2-layers-bidirectional"),
+    pytest.param("GRU", "batch", STACKED, id="batch-GRU-2-layers-bidirectional"),
+]
+
+
+@pytest.mark.parametrize(("cls", "norm", "stack"), REPLAY_CASES)
+def test_the_time_loops_replayed_as_cuda_graphs(monkeypatch, cls, norm, stack):
     """graphs.run's capture and replay, emulated on CPU: three training steps of one shape (the
     first runs the loops as they are, the second captures and replays them, the third replays)
     give the float64 loop's outputs, states, gradients and running statistics, although a replay
     writes only into the graph's copies of the inputs; a replay leaves the outputs of the step
-    before untouched; and the same in eval mode without gradients."""
+    before untouched; and the same in eval mode without gradients. Stacked layers and both
+    directions share one graph per loop (their loops have one shape), replayed four times a
+    step."""
     from seqnorm.ops.triton_kernels import graphs
 
     monkeypatch.setattr(graphs, "_applies", lambda device: True)
     monkeypatch.setattr(graphs, "_capture", _emulated_capture)
     graphs.clear()
-    model, reference = _pair(cls, norm, hidden_size=8)
+    model, reference = _pair(cls, norm, hidden_size=8, **stack)
     lengths = torch.tensor([4, 2, 3])
     before = None
     try:
