@@ -168,15 +168,17 @@ def test_classifier_predict_writes_each_document_with_its_label(tsv_file, tmp_pa
 def test_predictions_are_written_beside_the_documents_the_loader_read(tsv_file, tmp_path):
     """WritePredictions pairs each prediction with the document the predict loader read, not
     with the file read again: a predict_path rewritten meanwhile (with as many lines) cannot put
-    the labels beside other documents."""
+    the labels beside other documents. Before the loader has read them, it says what it needs."""
     path = tmp_path / "docs.txt"
     path.write_text("a fine film\na bad film\n")
     dm = TextClassificationDataModule(path=tsv_file, predict_path=str(path))
     dm.setup()
-    assert sum(len(batch[0]) for batch in dm.predict_dataloader()) == 2
-    path.write_text("other words\nmore words\n")
     out = tmp_path / "predictions.tsv"
     trainer = SimpleNamespace(datamodule=dm)
+    with pytest.raises(RuntimeError, match="predict loader read: predict with that data module"):
+        WritePredictions(str(out)).write_on_epoch_end(trainer, None, [["1", "0"]], None)
+    assert sum(len(batch[0]) for batch in dm.predict_dataloader()) == 2
+    path.write_text("other words\nmore words\n")
     WritePredictions(str(out)).write_on_epoch_end(trainer, None, [["1", "0"]], None)
     assert out.read_text() == "1\ta fine film\n0\ta bad film\n"
 

@@ -108,9 +108,9 @@ class BatchStatistics(L.Callback):
 class WritePredictions(BasePredictionWriter):
     """After ``predict``: each document of the data module's ``predict_path``, as its predict
     loader read it, with its predicted class, ``label<TAB>document`` per line in the input's
-    order, written to ``path`` (the
-    classifier's ``predict`` subcommand adds one writing ``predictions.tsv`` in the trainer's
-    ``default_root_dir`` unless the trainer has a prediction writer)."""
+    order, written to ``path`` (the classifier's ``predict`` subcommand adds one writing
+    ``predictions.tsv`` in the trainer's ``default_root_dir`` unless the trainer has a
+    prediction writer)."""
 
     def __init__(self, path: str = "predictions.tsv"):
         super().__init__(write_interval="epoch")
@@ -118,7 +118,13 @@ class WritePredictions(BasePredictionWriter):
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         labels = [label for batch in predictions for label in batch]
-        documents = trainer.datamodule.predicted_documents  # as the loader read them
+        documents = getattr(trainer.datamodule, "predicted_documents", None)
+        if documents is None:
+            raise RuntimeError(
+                "WritePredictions writes the documents a TextClassificationDataModule's predict "
+                "loader read: predict with that data module (trainer.predict(model, "
+                "datamodule=...)), not with a dataloader of your own"
+            )
         if len(labels) != len(documents):  # a sampler that split or padded them
             raise RuntimeError(
                 f"Expected a prediction for each of the {len(documents)} documents, got "
