@@ -4,18 +4,19 @@
     python benchmarks/bench_products.py --shape A
 
 The shapes of bench_rnn.py (A: batch 32, 100 steps, input 128, hidden 256; B: A at batch 1; C:
-batch 64, 200 steps, input 256, hidden 512), float32, 2 threads: the input projection of every step at once, the
-per-step products with W_hh forward and backward (both ways the fused kernel times for them:
-oneDNN's product on packed weights, and oneDNN's brgemm kernel on column blocks; each run from
-C++ on weights prepared once, as the time loop runs them) and the chunked products for dW_hh (512
-rows a chunk, as the kernel does). The projection and dW_hh run twice: on at::mm (torch's BLAS)
-and as the kernel runs them (its large_product: at::mm or oneDNN's matmul, whichever it found
-faster here, or as SEQNORM_CPU_PRODUCT says). The last line adds up the products of a training
-step as the kernel runs them: these (the faster way of each per-step product), and dW_ih as many
-flop as the input projection at its speed (without dx, which seqnorm skips when the input needs
-no gradient). A 2048-square sgemm shows what this machine's BLAS reaches, and a per-step product
-of one row by a 16 x 16 weight what a call to oneDNN costs beyond its arithmetic (its ATen
-wrapper's time, on the calling thread). Median of 15 runs after one warm-up run.
+batch 64, 200 steps, input 256, hidden 512), float32, 2 threads: the input projection of every
+step at once, the per-step products with W_hh forward and backward (both ways the fused kernel
+times for them: oneDNN's product on packed weights, and oneDNN's brgemm kernel on column blocks;
+each run from C++ on weights prepared once, as the time loop runs them) and the chunked products
+for dW_hh (512 rows a chunk, as the kernel does). The projection and dW_hh run twice: on at::mm
+(torch's BLAS) and as the kernel runs them (its large_product: at::mm or oneDNN's matmul,
+whichever it found faster here, or as SEQNORM_CPU_PRODUCT says). The last line adds up the
+products of a training step as the kernel runs them: these (the faster way of each per-step
+product), and dW_ih as many flop as the input projection at its speed (without dx, which seqnorm
+skips when the input needs no gradient). A 2048-square sgemm shows what this machine's BLAS
+reaches, and a per-step product of one row by a 16 x 16 weight what a call to oneDNN costs beyond
+its arithmetic (its ATen wrapper's time, on the calling thread). Median of 15 runs after one
+warm-up run.
 """
 
 from __future__ import annotations

@@ -45,14 +45,15 @@ def clear() -> None:
 def run(key: tuple, loop: Callable[[Tensors], Tensors], inputs: Tensors) -> Tensors:
     """``loop(inputs)``, through a CUDA graph where one applies."""
     device = next(t.device for t in inputs.values() if t is not None)
-    if not _applies(device):
+    places = capacity()
+    if places <= 0 or not _applies(device):
         return loop(inputs)
     signature = tuple(
         (name, None if t is None else (tuple(t.shape), t.dtype, t.stride()))
         for name, t in inputs.items()
     )
     full_key = (key, device, signature)
-    while len(_graphs) > capacity():  # SEQNORM_CUDA_GRAPHS lowered since
+    while len(_graphs) > places:  # SEQNORM_CUDA_GRAPHS lowered since
         _graphs.popitem(last=False)
     if len(_sightings) >= _REMEMBERED:
         for k in [k for k in _sightings if k not in _graphs]:
@@ -60,7 +61,7 @@ def run(key: tuple, loop: Callable[[Tensors], Tensors], inputs: Tensors) -> Tens
     seen = _sightings[full_key] = _sightings.get(full_key, 0) + 1
     entry = _graphs.get(full_key)
     if entry is None:
-        if not _admit(seen):
+        if not _admit(seen, places):
             return loop(inputs)
         entry = _capture(loop, inputs)
         _graphs[full_key] = entry
@@ -74,11 +75,12 @@ def run(key: tuple, loop: Callable[[Tensors], Tensors], inputs: Tensors) -> Tens
     return {name: None if t is None else t.clone() for name, t in outputs.items()}
 
 
-def _admit(seen: int) -> bool:
-    """Whether to capture a key seen ``seen`` times (this time included), making room for it."""
+def _admit(seen: int, places: int) -> bool:
+    """Whether to capture a key seen ``seen`` times (this time included) into one of ``places``,
+    making room for it."""
     if seen < 2:
         return False
-    if len(_graphs) < capacity():
+    if len(_graphs) < places:
         return True
     coldest = min(_graphs, key=_sightings.__getitem__)  # the least recently used of equals
     if _sightings[coldest] >= seen:
@@ -88,7 +90,7 @@ def _admit(seen: int) -> bool:
 
 
 def _applies(device: torch.device) -> bool:
-    return device.type == "cuda" and capacity() > 0 and not torch.cuda.is_current_stream_capturing()
+    return device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
 
 
 def _capture(loop, inputs: Tensors):
