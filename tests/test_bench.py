@@ -314,7 +314,13 @@ def test_the_gpu_session_script_runs_each_step_into_out(tmp_path):
     script = BENCH.with_name("gpu_session.sh")
     env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path), "PYTHON": "echo"}
     subprocess.run(["bash", str(script)], env=env, check=True, timeout=60, capture_output=True)
-    steps = ["device", "pytest_cuda", "bench_rnn_cuda", "bench_rnn_cuda_bf16"]
+    steps = [
+        "device",
+        "pytest_cuda",
+        "bench_rnn_cuda",
+        "bench_rnn_cuda_bf16",
+        "bench_rnn_cuda_D_no_graphs",
+    ]
     status = (tmp_path / "status.txt").read_text().splitlines()
     assert [line.split(":")[0] for line in status] == steps
     assert all(": exit 0 after" in line for line in status)
@@ -326,6 +332,7 @@ def test_the_gpu_session_script_runs_each_step_into_out(tmp_path):
         "-q",
         "-p",
         "no:cacheprovider",
+        "--durations=12",
     ]
     bench = (tmp_path / "bench_rnn_cuda_bf16.txt").read_text().split()
     assert bench[:4] == ["benchmarks/bench_rnn.py", "--device", "cuda", "--autocast"]
