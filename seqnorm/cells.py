@@ -8,7 +8,14 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as SF
-from .checks import NORMS, ShapeError, check_cell_args, check_dtype, check_state_dtype
+from .checks import (
+    NORMS,
+    ShapeError,
+    check_cell_args,
+    check_device,
+    check_dtype,
+    check_state_dtype,
+)
 from .norms import at_step, step_norm, uses_batch_statistics
 
 
@@ -187,6 +194,7 @@ class _CellBase(NormRecord, nn.Module):
                 f"{self.input_size} (argument `input` of {name}({self.input_size}, "
                 f"{self.hidden_size}) must be (N, {self.input_size}) or ({self.input_size},))"
             )
+        check_device(input, self.weight_ih, "input")
         check_dtype(input, self.weight_ih, name)
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
@@ -209,6 +217,7 @@ class _CellBase(NormRecord, nn.Module):
                 f"Expected {torch_name} to be 1D or 2D, got {state.dim()}D instead (argument "
                 f"`{name}` of shape {tuple(state.shape)})"
             )
+        check_device(state, self.weight_hh, name)
         check_state_dtype(state, self.weight_hh, name)
         state = state if state.dim() == 2 else state.unsqueeze(0)
         if state.shape[0] != n:

@@ -173,6 +173,17 @@ def check_state_dtype(state: Tensor, weight: Tensor, name: str) -> None:
         )
 
 
+def check_device(value: Tensor, weight: Tensor, name: str) -> None:
+    """An input or initial state must be on the weights' device (a RuntimeError, as in
+    ``torch.nn``; the kernels would fail on it with a less clear message, or not at all)."""
+    if value.device != weight.device:
+        raise RuntimeError(
+            f"Expected argument `{name}` on the weights' device ({weight.device}), got it on "
+            f"{value.device}: move it with .to('{weight.device}'), or the model with "
+            f".to('{value.device}')"
+        )
+
+
 def check_lengths(lengths, n: int, steps: int, *, values: bool = True) -> Tensor:
     """``lengths`` as a 1-D int64 tensor of ``n`` entries in ``[1, steps]``.
 

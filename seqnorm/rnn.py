@@ -23,6 +23,7 @@ from .checks import (
     check_bool,
     check_cell_args,
     check_dropout,
+    check_device,
     check_dtype,
     check_int,
     check_lengths,
@@ -263,6 +264,7 @@ class _RNNBase(NormRecord, nn.Module):
                 f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got "
                 f"{x.shape[-1]} (argument `input` of shape {tuple(x.shape)})"
             )
+        check_device(x, self.weight_ih_l0, "input")
         check_dtype(x, self.weight_ih_l0)
 
     def _state_sizes(self) -> tuple[int, ...]:
@@ -287,6 +289,7 @@ class _RNNBase(NormRecord, nn.Module):
                 raise TypeError(
                     f"Expected argument `{name}` to be a Tensor, got {type(part).__name__}"
                 )
+            check_device(part, self.weight_hh_l0, name)
             check_state_dtype(part, self.weight_hh_l0, name)
         dims = [p.dim() for p in parts]
         want = 3 if batched else 2

@@ -203,6 +203,13 @@ FORWARD_ERRORS = [
         id="dtype",
     ),
     pytest.param(
+        dict(input=X.to("meta")),
+        RuntimeError,
+        r"Expected argument `input` on the weights' device \(cpu\), got it on meta: move it with "
+        r"\.to\('cpu'\), or the model with \.to\('meta'\)",
+        id="device",
+    ),
+    pytest.param(
         dict(input=[1, 2]),
         TypeError,
         r"`input` to be a Tensor or PackedSequence, got list",
@@ -235,6 +242,12 @@ FORWARD_ERRORS = [
         r"`hx\[0\] \(h_0\)` to have the weights' dtype \(torch.float32\), got torch.float64: "
         r"convert it with .to\(torch.float32\)",
         id="h0-dtype",
+    ),
+    pytest.param(
+        dict(hx=(H, H.to("meta"))),
+        RuntimeError,
+        r"Expected argument `hx\[1\] \(c_0\)` on the weights' device \(cpu\), got it on meta",
+        id="c0-device",
     ),
     pytest.param(
         dict(hx=(H, H.long())),
@@ -354,6 +367,11 @@ def test_cell_forward(cls):
         match=rf"`{which}` to have the weights' dtype \(torch.float32\), got torch.float64",
     ):
         cell(torch.randn(3, 4), (state, state.float()) if lstm else state)
+    with pytest.raises(RuntimeError, match=r"`input` on the weights' device \(cpu\), got it on meta"):
+        cell(torch.randn(3, 4, device="meta"))
+    state = torch.zeros(3, 8, device="meta")
+    with pytest.raises(RuntimeError, match=rf"`{which}` on the weights' device \(cpu\), got it on meta"):
+        cell(torch.randn(3, 4), (state, torch.zeros(3, 8)) if lstm else state)
 
 
 @pytest.mark.parametrize("cls", ["LSTM", "GRU", "LSTMCell", "GRUCell"])

@@ -663,7 +663,7 @@ def _on_cuda(name: str):
     each other's memory)."""
 
     def kernel(*args):
-        device = next(a.device for a in args if isinstance(a, Tensor))
+        device = next(a.device for a in args if isinstance(a, Tensor) and a.is_cuda)
         with torch.cuda.device(device):
             return getattr(_triton(), name)(*args)
 
