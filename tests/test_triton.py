@@ -193,10 +193,11 @@ def test_the_cuda_kernels_run_with_their_inputs_device_current(monkeypatch):
     names = ("lstm_forward", "lstm_backward", "gru_forward", "gru_backward")
     triton = SimpleNamespace(**{n: lambda *args, n=n: (n, current[-1], args) for n in names})
     monkeypatch.setattr(library, "_triton", lambda: triton)
-    x = torch.empty(2, 3, device="meta")
+    x, on_cpu = torch.empty(2, 3, device="meta"), torch.empty(2)  # a CPU tensor (counts) first
     for name in names:
         current.clear()
-        assert library._on_cuda(name)(None, x, 1.0) == (name, x.device, (None, x, 1.0))
+        got = library._on_cuda(name)(None, on_cpu, x, 1.0)
+        assert got == (name, x.device, (None, on_cpu, x, 1.0))
         assert current == [x.device, None]
 
 

@@ -657,13 +657,13 @@ def _triton():
 
 
 def _on_cuda(name: str):
-    """The Triton implementation of operator ``name``, run with its inputs' device current:
+    """The Triton implementation of operator ``name``, run with its GPU inputs' device current:
     Triton launches on the current device, so a model on cuda:1 while cuda:0 is current would
     otherwise run its kernels on the wrong GPU (an error, or wrong values where the GPUs can read
     each other's memory)."""
 
     def kernel(*args):
-        device = next(a.device for a in args if isinstance(a, Tensor) and a.is_cuda)
+        device = next(a.device for a in args if isinstance(a, Tensor) and a.device.type != "cpu")
         with torch.cuda.device(device):
             return getattr(_triton(), name)(*args)
 
