@@ -233,11 +233,13 @@ def test_jit_trace_keeps_lengths_of_a_full_example(norm):
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
 @pytest.mark.parametrize("norm", ["none", "layer", "group", "batch"])
 def test_cuda_matches_cpu(cls, norm):
-    model = make(cls, norm, bidirectional=True, num_layers=2, dtype=torch.float32)
-    x, lengths = torch.randn(6, 4, 5), torch.tensor([6, 2, 5, 3])
+    """In float64: in float32 batch norm over four samples amplifies rounding differences past
+    any tolerance that would still catch a fault (tests/test_triton.py bounds float32)."""
+    model = make(cls, norm, bidirectional=True, num_layers=2)
+    x, lengths = torch.randn(6, 4, 5, dtype=torch.float64), torch.tensor([6, 2, 5, 3])
     want, _ = model(x, lengths=lengths)
     got, _ = model.cuda()(x.cuda(), lengths=lengths)
-    assert_close(got.cpu(), want, atol=1e-5, rtol=1e-4)
+    assert_close(got.cpu(), want)
 
 
 @pytest.mark.parametrize("cls", ["LSTM", "GRU", "LSTMCell", "GRUCell"])

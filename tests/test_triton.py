@@ -375,29 +375,58 @@ def test_the_input_half_kernels_index_rows_in_64_bits():
 cuda = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
 
 
+def _training_step(model, x, lengths) -> list:
+    """Outputs, final states, the input's and every parameter's gradient, and the buffers after
+    one training step of ``model`` on ``x`` (its own copy)."""
+    model.zero_grad()
+    x = x.detach().requires_grad_()
+    out, state = model(x, lengths=lengths)
+    states = state if isinstance(state, tuple) else (state,)
+    (out.sum() + sum(s.square().sum() for s in states)).backward()
+    return [out, *states, x.grad, *(p.grad for p in model.parameters()), *model.buffers()]
+
+
 @pytest.mark.cuda
 @cuda
 @pytest.mark.parametrize("cls", CELLS)
 @pytest.mark.parametrize("norm", NORM_CASES)
 def test_cuda_matches_the_cpu_loop(cls, norm):
-    """float32 on the GPU (TF32 off) against the float64 loop on CPU: outputs, states, every
-    gradient and the running statistics; run three times (the third replays a CUDA graph)."""
-    torch.backends.cuda.matmul.allow_tf32 = False
+    """float64 on the GPU against the float64 loop on CPU, where only the order of sums differs:
+    outputs, states, every gradient and the running statistics, at three training steps (the
+    second captures CUDA graphs, the third replays them)."""
     model = _make(cls, norm, "python", hidden_size=32, bidirectional=True, num_layers=2)
     x, lengths = torch.randn(12, 6, 5, dtype=torch.float64), torch.tensor([12, 3, 7, 1, 12, 9])
-    reference = copy.deepcopy(model)
-    gpu = copy.deepcopy(model).float().cuda()
+    gpu = copy.deepcopy(model).cuda()
     gpu.backend = "triton"
     for _ in range(3):
-        for m, device, dtype in ((reference, "cpu", torch.float64), (gpu, "cuda", torch.float32)):
-            m.zero_grad()
-            xi = x.to(device, dtype).requires_grad_()
-            out, state = m(xi, lengths=lengths)
-            states = state if isinstance(state, tuple) else (state,)
-            (out.sum() + sum(s.square().sum() for s in states)).backward()
-            m.result = [out, *states, xi.grad, *(p.grad for p in m.parameters()), *m.buffers()]
-        for got, want in zip(gpu.result, reference.result):
-            assert_close(got.double().cpu(), want, atol=2e-4, rtol=2e-3)
+        want = _training_step(model, x, lengths)
+        got = _training_step(gpu, x.cuda(), lengths)
+        assert_close([t.cpu() for t in got], want)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("cls", CELLS)
+@pytest.mark.parametrize("norm", NORM_CASES)
+def test_cuda_float32_is_as_accurate_as_the_cpu_kernel(cls, norm):
+    """float32 on the GPU (TF32 off): for every result of a training step, its distance from the
+    float64 loop's (in norm) is at most 10 times the C++ kernel's float32 distance. A fixed
+    tolerance would not do: the normalized LSTMs amplify float32 rounding by up to 1e4 in some
+    gradients (batch norm over few samples most), so one that passes every case is loose enough to
+    let TF32 through."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = _make(cls, norm, "python", hidden_size=32, bidirectional=True, num_layers=2)
+    x, lengths = torch.randn(12, 6, 5, dtype=torch.float64), torch.tensor([12, 9, 12, 10, 11, 12])
+    want = _training_step(copy.deepcopy(model), x, lengths)
+    cpu, gpu = copy.deepcopy(model).float(), copy.deepcopy(model).float().cuda()
+    cpu.backend, gpu.backend = "cpp", "triton"
+    on_cpu = _training_step(cpu, x.float(), lengths)
+    for _ in range(3):  # run, capture, replay
+        on_gpu = _training_step(copy.deepcopy(gpu), x.float().cuda(), lengths)
+        for got, near, exact in zip(on_gpu, on_cpu, want):
+            error = (got.cpu().double() - exact).norm()
+            bound = 10 * (near.double() - exact).norm() + 1e-6 * exact.norm()
+            assert error <= bound, (error, bound)
 
 
 @pytest.mark.cuda

@@ -367,10 +367,14 @@ def test_cell_forward(cls):
         match=rf"`{which}` to have the weights' dtype \(torch.float32\), got torch.float64",
     ):
         cell(torch.randn(3, 4), (state, state.float()) if lstm else state)
-    with pytest.raises(RuntimeError, match=r"`input` on the weights' device \(cpu\), got it on meta"):
+    with pytest.raises(
+        RuntimeError, match=r"`input` on the weights' device \(cpu\), got it on meta"
+    ):
         cell(torch.randn(3, 4, device="meta"))
     state = torch.zeros(3, 8, device="meta")
-    with pytest.raises(RuntimeError, match=rf"`{which}` on the weights' device \(cpu\), got it on meta"):
+    with pytest.raises(
+        RuntimeError, match=rf"`{which}` on the weights' device \(cpu\), got it on meta"
+    ):
         cell(torch.randn(3, 4), (state, torch.zeros(3, 8)) if lstm else state)
 
 
