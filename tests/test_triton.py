@@ -169,6 +169,50 @@ def test_graphs_are_kept_for_the_shapes_seen_most_often(monkeypatch):
         graphs.clear()
 
 
+def test_every_capture_on_a_device_uses_one_stream(monkeypatch):
+    """graphs._capture warms up and captures on one side stream per device: cuBLAS keeps a
+    workspace for each stream it runs on for the life of the process, so a new stream per capture
+    (as before) left tens of MiB behind at every capture. torch.cuda's streams and graphs are
+    stood in for by recorders; the loop runs on CPU tensors."""
+    import contextlib
+
+    from seqnorm.ops.triton_kernels import graphs
+
+    made, used = [], []
+
+    class Stream:
+        def __init__(self, device=None):
+            made.append(self)
+
+        def wait_stream(self, other):
+            pass
+
+    @contextlib.contextmanager
+    def on(stream):
+        used.append(("warm-up", stream))
+        yield
+
+    @contextlib.contextmanager
+    def graph(g, stream=None):
+        used.append(("capture", stream))
+        yield
+
+    monkeypatch.setattr(graphs, "_streams", {})
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: "graph")
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    x = torch.randn(3)
+    for _ in range(3):
+        _, static, outputs = graphs._capture(lambda s: {"y": s["x"] * 2}, {"x": x})
+        assert_close(outputs["y"], 2 * x)
+        assert static["x"] is not x
+    side = graphs._streams[x.device]
+    assert used == [("warm-up", side), ("capture", side)] * 3
+    assert sum(s is side for s in made) == 1
+
+
 def test_the_cuda_kernels_run_with_their_inputs_device_current(monkeypatch):
     """Triton launches on the current CUDA device: each operator's CUDA kernel makes its inputs'
     device current around the Triton call (for a model on cuda:1 while cuda:0 is current; on a

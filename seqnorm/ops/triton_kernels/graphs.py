@@ -30,6 +30,7 @@ Tensors = dict[str, Tensor | None]
 _graphs: OrderedDict = OrderedDict()  # key -> (graph, its inputs, its outputs), oldest use first
 _sightings: dict = {}  # key -> how often run has seen it
 _REMEMBERED = 4096  # keys counted; beyond, the counts of keys without a graph are forgotten
+_streams: dict = {}  # device -> the side stream every capture on it warms up and captures on
 
 
 def capacity() -> int:
@@ -94,13 +95,19 @@ def _applies(device: torch.device) -> bool:
 
 
 def _capture(loop, inputs: Tensors):
+    """Warm up and capture on one side stream per device, the same for every capture: cuBLAS
+    keeps a workspace (tens of MiB) for each stream it has run on until the process ends, so a
+    new stream per capture would leave one behind per capture."""
     static = {name: None if t is None else t.clone() for name, t in inputs.items()}
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up outside the capture (cuBLAS handles, kernels)
+    device = next(t.device for t in static.values() if t is not None)
+    stream = _streams.get(device)
+    if stream is None:
+        stream = _streams[device] = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):  # warm-up outside the capture (cuBLAS workspace, kernels)
         loop(static)
-    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         outputs = loop(static)
     return graph, static, outputs
