@@ -308,32 +308,60 @@ def test_bench_products_times_every_product_of_a_step(monkeypatch, capsys):
     assert products.chunk_sizes(5, 1024) == [1] * 5
 
 
-def test_the_gpu_session_script_runs_each_step_into_out(tmp_path):
+GPU_BENCH_STEPS = [
+    "bench_rnn_cuda",
+    "bench_rnn_cuda_D",
+    "bench_rnn_cuda_bf16",
+    "bench_rnn_cuda_D_no_graphs",
+]
+
+
+@pytest.mark.parametrize(
+    ("what", "steps"),
+    [
+        ("tests", ["device", "pytest_cuda"]),
+        ("bench", ["device", *GPU_BENCH_STEPS]),
+        (None, ["device", "pytest_cuda", *GPU_BENCH_STEPS]),
+    ],
+)
+def test_the_gpu_session_script_runs_each_step_into_out(tmp_path, what, steps):
     """benchmarks/gpu_session.sh, with `echo` standing for the GPU machine's python: every step
-    runs its command, writes its output to $OUT and its exit status to status.txt."""
+    runs its command, writes its output to $OUT and its exit status to status.txt; the CUDA tests
+    are those of the files that have some (not the recipes', whose dependencies a GPU machine may
+    lack)."""
     script = BENCH.with_name("gpu_session.sh")
     env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path), "PYTHON": "echo"}
-    subprocess.run(["bash", str(script)], env=env, check=True, timeout=60, capture_output=True)
-    steps = [
-        "device",
-        "pytest_cuda",
-        "bench_rnn_cuda",
-        "bench_rnn_cuda_bf16",
-        "bench_rnn_cuda_D_no_graphs",
-    ]
+    argv = ["bash", str(script), *([what] if what else [])]
+    subprocess.run(argv, env=env, check=True, timeout=60, capture_output=True)
     status = (tmp_path / "status.txt").read_text().splitlines()
     assert [line.split(":")[0] for line in status] == steps
     assert all(": exit 0 after" in line for line in status)
-    assert (tmp_path / "pytest_cuda.txt").read_text().split() == [
-        "-m",
-        "pytest",
-        "-m",
-        "cuda",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "--durations=12",
-    ]
-    bench = (tmp_path / "bench_rnn_cuda_bf16.txt").read_text().split()
-    assert bench[:4] == ["benchmarks/bench_rnn.py", "--device", "cuda", "--autocast"]
-    assert bench[-2:] == ["--json", str(tmp_path / "bench_rnn_cuda_bf16.json")]
+    if "pytest_cuda" in steps:
+        words = (tmp_path / "pytest_cuda.txt").read_text().split()
+        assert words[:8] == [
+            "-m",
+            "pytest",
+            "-m",
+            "cuda",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--durations=12",
+        ]
+        files = {Path(w).name for w in words[8:]}
+        assert {"test_triton.py", "test_api.py", "test_torch_contract.py", "test_bench.py"} <= files
+        assert "test_lightning.py" not in files
+    if "bench_rnn_cuda_bf16" in steps:
+        bench = (tmp_path / "bench_rnn_cuda_bf16.txt").read_text().split()
+        assert bench[:4] == ["benchmarks/bench_rnn.py", "--device", "cuda", "--autocast"]
+        assert bench[-2:] == ["--json", str(tmp_path / "bench_rnn_cuda_bf16.json")]
+
+
+def test_the_gpu_session_script_refuses_an_unknown_part(tmp_path):
+    script = BENCH.with_name("gpu_session.sh")
+    env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path), "PYTHON": "echo"}
+    done = subprocess.run(
+        ["bash", str(script), "benchmark"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert "expected tests, bench or nothing (both), got 'benchmark'" in done.stderr
