@@ -44,7 +44,7 @@ def _scaled_moments(v, sel, count, eps):
     mu = _total(tl.where(sel, u, 0.0)) / count
     du = tl.where(sel, u - mu, 0.0)
     sd = s * tl.sqrt(_total(du * du) / count)
-    rstd = tl.where(sd > 1e18, 1.0 / sd, 1.0 / tl.sqrt(sd * sd + eps))
+    rstd = 1.0 / tl.where(sd > 1e18, sd, tl.sqrt(sd * sd + eps))  # sd may be 0: no 1/0
     return s * mu, rstd, du * (s * rstd)
 
 
@@ -90,7 +90,7 @@ def batch_norm_columns(
     mu = tl.sum(tl.where(sel, u, 0.0), axis=0)[None, :] / count
     du = tl.where(sel, u - mu, 0.0)
     sd = s * tl.sqrt(tl.sum(du * du, axis=0)[None, :] / count)
-    batch_rstd = tl.where(sd > 1e18, 1.0 / sd, 1.0 / tl.sqrt(sd * sd + eps))
+    batch_rstd = 1.0 / tl.where(sd > 1e18, sd, tl.sqrt(sd * sd + eps))
     batch_mean = s * mu
     run_mean = tl.load(run_mean_ptr, mask=cols, other=0.0).to(ACC)
     run_var = tl.load(run_var_ptr, mask=cols, other=1.0).to(ACC)
