@@ -101,7 +101,8 @@ def group_norm(
     if x.dim() == 2:  # the same statistics; ATen's layer norm is the faster kernel
         if groups == 1:
             return F.layer_norm(xs, (channels,), cast(weight), cast(bias), eps).to(out)
-        x_hat = F.layer_norm(xs.reshape(x.shape[0], groups, -1), (channels // groups,), eps=eps)
+        rows = xs.reshape(x.shape[0], groups, channels // groups)  # -1 is ambiguous at N = 0
+        x_hat = F.layer_norm(rows, (channels // groups,), eps=eps)
         return _affine(x_hat.reshape(x.shape), cast(weight), cast(bias), channel_dim=1).to(out)
     return F.group_norm(xs, groups, cast(weight), cast(bias), eps).to(out)
 

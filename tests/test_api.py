@@ -379,3 +379,28 @@ def test_batch_norm_follows_the_mode_of_its_norm_modules(cls, backend):
     for key, value in module.state_dict().items():
         assert_close(value, moved[key], msg=key)  # the running statistics moved as in training
     assert not torch.allclose(in_eval, in_training)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+@pytest.mark.parametrize("norm", ["none", "layer", "group", "batch"])
+def test_an_empty_batch_as_torch_nn(backend, cls, norm):
+    """A batch of 0 samples gives empty outputs and states, and empty gradients for the input
+    and the initial state, as torch.nn (the kernels' input half failed to reshape it, and the
+    operators handed back None for those gradients). Batch norm in eval mode: in training a batch
+    of 0 has no statistics, which is refused with a clear error elsewhere."""
+    model = make(cls, norm, backend=backend, num_layers=2, bidirectional=True).train(
+        norm != "batch"
+    )
+    want = getattr(torch.nn, cls)(5, 8, num_layers=2, bidirectional=True, dtype=torch.float64)
+    results = []
+    for m in (model, want):
+        x = torch.randn(4, 0, 5, dtype=torch.float64, requires_grad=True)
+        h0 = torch.randn(4, 0, 8, dtype=torch.float64, requires_grad=True)
+        out, state = m(x, (h0, h0) if cls == "LSTM" else h0)
+        h = state[0] if cls == "LSTM" else state
+        (out.sum() + h.sum()).backward()
+        results.append([out, h, x.grad, h0.grad])
+        assert all(p.grad is None or not p.grad.any() for p in m.parameters())
+    for got, expected in zip(*results):
+        assert got is not None and got.shape == expected.shape

@@ -390,9 +390,7 @@ def _lstm_backward(ctx, grad_out, grad_h, grad_c, *unused):
         )
         dbias = g[5] if needs[5] else None
         result = [*g[:5], dbias, dbias, *g[6:]]
-        result = [
-            r if need and r.numel() else None for r, need in zip(result, ctx.needs_input_grad)
-        ]
+        result = _asked(result, ctx.needs_input_grad, inputs)
     return (*result, *(None,) * (len(ctx.needs_input_grad) - len(result)))
 
 
@@ -603,7 +601,7 @@ def _gru_backward(ctx, grad_out, grad_h, *unused):
             needs,
             ctx.backend,
         )
-        result = [r if need and r.numel() else None for r, need in zip(g, needs)]
+        result = _asked(g, needs, inputs)
     return (*result, *(None,) * (len(ctx.needs_input_grad) - len(result)))
 
 
@@ -632,6 +630,19 @@ def _recompute(grads) -> bool:
 def _rows(running) -> tuple:
     """The (mean, var) rows per site from the forward's ``(2, T, F)`` running inputs."""
     return tuple(None if r is None else (r[0], r[1]) for r in running)
+
+
+def _asked(results, needs, inputs) -> list:
+    """The kernel's gradients that autograd asked for (the kernel returns an empty tensor for one
+    it did not compute). An input with no elements (a batch of 0 samples) gets an empty gradient
+    of its shape, as in torch.nn, not None."""
+    asked = []
+    for r, need, t in zip(results, needs, inputs):
+        if need and t is not None and t.numel() == 0:
+            asked.append(torch.zeros_like(t))
+        else:
+            asked.append(r if need and r.numel() else None)
+    return asked
 
 
 def _grad_through(outputs, grads, inputs, needs) -> list:

@@ -100,7 +100,7 @@ def input_forward(x, w_ih, bias, gamma, running, mask, norm, groups, eps, traini
     steps, n, _ = x.shape
     features = w_ih.shape[0]
     dtype = state_dtype
-    proj = _mm(x.reshape(steps * n, -1), w_ih)  # (T*N, F)
+    proj = _mm(x.reshape(steps * n, x.shape[2]), w_ih)  # (T*N, F); N may be 0
     if norm == "none":
         gx = proj.to(state_dtype) if bias is None else torch.add(proj, bias).to(state_dtype)
         return gx.view(steps, n, features), _empty(gx), _empty(gx), _empty(gx)
@@ -200,8 +200,12 @@ def input_backward(dgates, x, w_ih, gamma, xhat, stats, mask, norm, groups, trai
             num_warps=num_warps_for(bf),
         )
     rows = dproj.reshape(steps * n, features)
-    dx = (rows.to(w_ih.dtype) @ w_ih).view(steps, n, -1) if needs[0] else None
-    dw = rows.t().to(w_ih.dtype) @ x.reshape(steps * n, -1).to(w_ih.dtype) if needs[1] else None
+    dx = (rows.to(w_ih.dtype) @ w_ih).view(x.shape) if needs[0] else None
+    dw = (
+        rows.t().to(w_ih.dtype) @ x.reshape(steps * n, x.shape[2]).to(w_ih.dtype)
+        if needs[1]
+        else None
+    )
     return dx, dw, dgamma, dbias
 
 
