@@ -84,12 +84,13 @@ def batch_norm_columns(
     ``(1, BJ)``). Returns x_hat, the mean and rstd used, and the batch mean and biased
     variance (for the running statistics; meaningless unless ``use_batch``)."""
     sel = valid & cols
+    n = tl.maximum(count, 1.0)  # a step past every sequence's end has none: no 0/0
     s = tl.max(tl.where(sel, tl.abs(v), 0.0), axis=0)[None, :]
     s = tl.where(s > 0, s, 1.0)
     u = v / s
-    mu = tl.sum(tl.where(sel, u, 0.0), axis=0)[None, :] / count
+    mu = tl.sum(tl.where(sel, u, 0.0), axis=0)[None, :] / n
     du = tl.where(sel, u - mu, 0.0)
-    sd = s * tl.sqrt(tl.sum(du * du, axis=0)[None, :] / count)
+    sd = s * tl.sqrt(tl.sum(du * du, axis=0)[None, :] / n)
     batch_rstd = 1.0 / tl.where(sd > 1e18, sd, tl.sqrt(sd * sd + eps))
     batch_mean = s * mu
     run_mean = tl.load(run_mean_ptr, mask=cols, other=0.0).to(ACC)
@@ -104,8 +105,9 @@ def batch_norm_columns(
 def batch_norm_columns_backward(d, xhat, valid, cols, count, use_batch, rstd):
     """dL/dx of a batch-normalized ``(BN, BJ)`` tile from ``d`` = dL/dx_hat (zero in the rows
     that are not valid); with running statistics they are constants."""
-    a = tl.sum(tl.where(valid & cols, d, 0.0), axis=0)[None, :] / count
-    b = tl.sum(tl.where(valid & cols, d * xhat, 0.0), axis=0)[None, :] / count
+    n = tl.maximum(count, 1.0)
+    a = tl.sum(tl.where(valid & cols, d, 0.0), axis=0)[None, :] / n
+    b = tl.sum(tl.where(valid & cols, d * xhat, 0.0), axis=0)[None, :] / n
     through_batch = tl.where(valid, rstd * (d - a - xhat * b), rstd * d)
     return tl.where(use_batch, through_batch, rstd * d)
 
