@@ -165,6 +165,9 @@ def test_graphs_are_kept_for_the_shapes_seen_most_often(monkeypatch):
         monkeypatch.setenv("SEQNORM_CUDA_GRAPHS", "2")
         run(20)
         assert len(graphs._graphs) == 2
+        monkeypatch.setenv("SEQNORM_CUDA_GRAPHS", "0")  # off: the graphs' memory goes too
+        run(20)
+        assert not graphs._graphs
     finally:
         graphs.clear()
 

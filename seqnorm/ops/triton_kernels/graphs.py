@@ -3,7 +3,8 @@ shape and replayed, so that no step pays Python's launch overhead.
 
 A loop is captured the second time its key (shapes, dtypes, configuration) is seen, so that
 one-off shapes never hold a graph's memory, into one of ``SEQNORM_CUDA_GRAPHS`` places (default
-4; 0 turns graphs off). When they are taken, a key is captured only in place of the graph seen
+4; 0 turns graphs off; a lower count applies at the next call, releasing the graphs beyond it,
+least recently used first). When they are taken, a key is captured only in place of the graph seen
 least often, and only if it has been seen more often than that one: with more shapes than places
 taking turns (a classifier's batches padded to their longest sentence), a least-recently-used
 cache would capture again at nearly every call, and a capture runs the loop twice. Replaying
@@ -47,6 +48,8 @@ def run(key: tuple, loop: Callable[[Tensors], Tensors], inputs: Tensors) -> Tens
     """``loop(inputs)``, through a CUDA graph where one applies."""
     device = next(t.device for t in inputs.values() if t is not None)
     places = capacity()
+    while len(_graphs) > max(places, 0):  # SEQNORM_CUDA_GRAPHS lowered since (0 included)
+        _graphs.popitem(last=False)
     if places <= 0 or not _applies(device):
         return loop(inputs)
     signature = tuple(
@@ -54,8 +57,6 @@ def run(key: tuple, loop: Callable[[Tensors], Tensors], inputs: Tensors) -> Tens
         for name, t in inputs.items()
     )
     full_key = (key, device, signature)
-    while len(_graphs) > places:  # SEQNORM_CUDA_GRAPHS lowered since
-        _graphs.popitem(last=False)
     if len(_sightings) >= _REMEMBERED:
         for k in [k for k in _sightings if k not in _graphs]:
             del _sightings[k]
