@@ -4,13 +4,13 @@ shape and replayed, so that no step pays Python's launch overhead.
 A loop is captured the second time its key (shapes, dtypes, configuration) is seen, so that
 one-off shapes never hold a graph's memory, into one of ``SEQNORM_CUDA_GRAPHS`` places (default
 4; 0 turns graphs off; a lower count applies at the next call, releasing the graphs beyond it,
-least recently used first). When they are taken, a key is captured only in place of the graph seen
-least often, and only if it has been seen more often than that one: with more shapes than places
-taking turns (a classifier's batches padded to their longest sentence), a least-recently-used
-cache would capture again at nearly every call, and a capture runs the loop twice. Replaying
-copies the inputs into the graph's own buffers and clones its outputs, which the next replay
-overwrites. Inside someone else's capture (for example ``torch.compile(mode="reduce-overhead")``)
-the loop simply runs: it is captured there.
+least recently used first). When they are taken, a key is captured only in place of the graph
+seen least often, and only if it has been seen more often than that one: with more shapes than
+places taking turns (a classifier's batches padded to their longest sentence), a
+least-recently-used cache would capture again at nearly every call, and a capture runs the loop
+twice. Replaying copies the inputs into the graph's own buffers and clones its outputs, which the
+next replay overwrites. Inside someone else's capture (for example
+``torch.compile(mode="reduce-overhead")``) the loop simply runs: it is captured there.
 
 A loop must hand back everything it writes as one of its results: a replay writes into
 the graph's copies of the inputs, never into the caller's tensors (tests/test_triton.py replays
