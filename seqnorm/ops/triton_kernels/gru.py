@@ -17,6 +17,7 @@ from .norms import (
     group_norm_row_backward,
     sigmoid,
     tanh,
+    valid_count,
 )
 
 
@@ -161,7 +162,7 @@ def gru_step_batch(
     valid = exists
     if HAS_MASK:
         valid = exists & (tl.load(MASK + rows, mask=exists, other=0) != 0)
-    count = tl.sum(valid.to(ACC), axis=0)[None, :]
+    count = valid_count(valid, ACC)
     use_batch = (count >= 2) & (training != 0)
     base = rows * F + jc
     # one call per gate, the same arguments but the gate's index; each gate's activation follows
@@ -309,7 +310,7 @@ def gru_step_batch_backward(
     valid = exists
     if HAS_MASK:
         valid = exists & (tl.load(MASK + rows, mask=exists, other=0) != 0)
-    count = tl.sum(valid.to(ACC), axis=0)[None, :]
+    count = valid_count(valid, ACC)
     use_batch = (count >= 2) & (training != 0)
     keep = valid.to(ACC)
     units = rows * H + jc

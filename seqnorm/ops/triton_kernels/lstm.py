@@ -18,6 +18,7 @@ from .norms import (
     group_norm_row_backward,
     sigmoid,
     tanh,
+    valid_count,
 )
 
 
@@ -202,7 +203,7 @@ def lstm_step_batch(
     valid = exists
     if HAS_MASK:
         valid = exists & (tl.load(MASK + rows, mask=exists, other=0) != 0)
-    count = tl.sum(valid.to(ACC), axis=0)[None, :]
+    count = valid_count(valid, ACC)
     use_batch = (count >= 2) & (training != 0)
     # one call per gate, the same arguments but the gate's index
     # fmt: off
@@ -398,7 +399,7 @@ def lstm_step_batch_backward(
     valid = exists
     if HAS_MASK:
         valid = exists & (tl.load(MASK + rows, mask=exists, other=0) != 0)
-    count = tl.sum(valid.to(ACC), axis=0)[None, :]
+    count = valid_count(valid, ACC)
     use_batch = (count >= 2) & (training != 0)
     keep = valid.to(ACC)
     units = rows * H + jc

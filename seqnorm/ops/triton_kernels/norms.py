@@ -44,7 +44,9 @@ def _scaled_moments(v, sel, count, eps):
     mu = _total(tl.where(sel, u, 0.0)) / count
     du = tl.where(sel, u - mu, 0.0)
     sd = s * tl.sqrt(_total(du * du) / count)
-    rstd = 1.0 / tl.where(sd > 1e18, sd, tl.sqrt(sd * sd + eps))  # sd may be 0: no 1/0
+    # both branches are computed: the first must not divide by an sd of 0 (a padded row, a zero
+    # state); sd * sd would overflow beyond 1e18
+    rstd = tl.where(sd > 1e18, 1.0 / tl.maximum(sd, 1e18), 1.0 / tl.sqrt(sd * sd + eps))
     return s * mu, rstd, du * (s * rstd)
 
 
@@ -76,6 +78,14 @@ def group_norm_row_backward(d, xhat, m, gid, G: tl.constexpr, width, rstd_ptr, A
 
 
 @triton.jit
+def valid_count(valid, ACC: tl.constexpr):
+    """The valid rows of each column of a tile, at least 1: a step past the end of every
+    sequence has none, and batch norm (which then uses its running statistics) would divide by
+    0 in the branch it discards."""
+    return tl.maximum(tl.sum(valid.to(ACC), axis=0)[None, :], 1.0)
+
+
+@triton.jit
 def batch_norm_columns(
     v, valid, cols, count, use_batch, run_mean_ptr, run_var_ptr, eps, ACC: tl.constexpr
 ):
@@ -84,14 +94,13 @@ def batch_norm_columns(
     ``(1, BJ)``). Returns x_hat, the mean and rstd used, and the batch mean and biased
     variance (for the running statistics; meaningless unless ``use_batch``)."""
     sel = valid & cols
-    n = tl.maximum(count, 1.0)  # a step past every sequence's end has none: no 0/0
     s = tl.max(tl.where(sel, tl.abs(v), 0.0), axis=0)[None, :]
     s = tl.where(s > 0, s, 1.0)
     u = v / s
-    mu = tl.sum(tl.where(sel, u, 0.0), axis=0)[None, :] / n
+    mu = tl.sum(tl.where(sel, u, 0.0), axis=0)[None, :] / count
     du = tl.where(sel, u - mu, 0.0)
-    sd = s * tl.sqrt(tl.sum(du * du, axis=0)[None, :] / n)
-    batch_rstd = 1.0 / tl.where(sd > 1e18, sd, tl.sqrt(sd * sd + eps))
+    sd = s * tl.sqrt(tl.sum(du * du, axis=0)[None, :] / count)
+    batch_rstd = tl.where(sd > 1e18, 1.0 / tl.maximum(sd, 1e18), 1.0 / tl.sqrt(sd * sd + eps))
     batch_mean = s * mu
     run_mean = tl.load(run_mean_ptr, mask=cols, other=0.0).to(ACC)
     run_var = tl.load(run_var_ptr, mask=cols, other=1.0).to(ACC)
@@ -105,9 +114,8 @@ def batch_norm_columns(
 def batch_norm_columns_backward(d, xhat, valid, cols, count, use_batch, rstd):
     """dL/dx of a batch-normalized ``(BN, BJ)`` tile from ``d`` = dL/dx_hat (zero in the rows
     that are not valid); with running statistics they are constants."""
-    n = tl.maximum(count, 1.0)
-    a = tl.sum(tl.where(valid & cols, d, 0.0), axis=0)[None, :] / n
-    b = tl.sum(tl.where(valid & cols, d * xhat, 0.0), axis=0)[None, :] / n
+    a = tl.sum(tl.where(valid & cols, d, 0.0), axis=0)[None, :] / count
+    b = tl.sum(tl.where(valid & cols, d * xhat, 0.0), axis=0)[None, :] / count
     through_batch = tl.where(valid, rstd * (d - a - xhat * b), rstd * d)
     return tl.where(use_batch, through_batch, rstd * d)
 
@@ -176,7 +184,7 @@ def input_forward_batch(
     valid = exists
     if HAS_MASK:
         valid = exists & (tl.load(MASK + t * N + rows, mask=exists, other=0) != 0)
-    count = tl.sum(valid.to(ACC), axis=0)[None, :]
+    count = valid_count(valid, ACC)
     use_batch = (count >= 2) & (training != 0)
     offsets = (t * N + rows) * F + c
     v = tl.load(PROJ + offsets, mask=exists & cols, other=0.0).to(ACC)
@@ -250,7 +258,7 @@ def input_backward_batch(
     valid = exists
     if HAS_MASK:
         valid = exists & (tl.load(MASK + t * N + rows, mask=exists, other=0) != 0)
-    count = tl.sum(valid.to(ACC), axis=0)[None, :]
+    count = valid_count(valid, ACC)
     use_batch = (count >= 2) & (training != 0)
     offsets = (t * N + rows) * F + c
     d = tl.load(DY + offsets, mask=exists & cols, other=0.0).to(ACC)
