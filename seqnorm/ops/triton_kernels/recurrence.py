@@ -155,18 +155,29 @@ def input_forward(x, w_ih, bias, gamma, running, mask, norm, groups, eps, traini
     return gx, xhat, stats, _empty(gx)
 
 
+def _sum_of_products(a: Tensor, b: Tensor, chunks: int = 8) -> Tensor:
+    """``(a * b).sum((0, 1))`` (a gain's gradient), a few steps at a time, so that the product
+    never takes the memory of a whole ``(T, N, F)`` tensor at the backward's peak."""
+    total = None
+    for a_part, b_part in zip(a.chunk(chunks), b.chunk(chunks)):
+        part = (a_part * b_part).sum((0, 1))
+        total = part if total is None else total.add_(part)
+    return total
+
+
 def input_backward(dgates, x, w_ih, gamma, xhat, stats, mask, norm, groups, training, needs):
-    """Gradients of the input half from dL/dgx (``dgates``): x, W_ih, the gain, the bias."""
+    """Gradients of the input half from dL/dgx (``dgates``, which becomes dL/d(x W_ih^T)): x,
+    W_ih, the gain, the bias."""
     steps, n, features = dgates.shape
     dtype = dgates.dtype
     dbias = dgates.sum((0, 1)) if needs[3] else None
-    dgamma = (dgates * xhat).sum((0, 1)) if needs[2] and norm != "none" else None
+    dgamma = _sum_of_products(dgates, xhat) if needs[2] and norm != "none" else None
     if not (needs[0] or needs[1]):
         return None, None, dgamma, dbias
     if norm == "none":
         dproj = dgates
     elif norm == "batch":
-        dproj = torch.empty_like(dgates)
+        dproj = dgates  # in place: each program reads its tile before it writes it
         bn, bj = block_columns(n, features)
         input_backward_batch[(steps, triton.cdiv(features, bj))](
             dgates,
@@ -185,7 +196,7 @@ def input_backward(dgates, x, w_ih, gamma, xhat, stats, mask, norm, groups, trai
             num_warps=num_warps_for(bn * bj),
         )
     else:
-        dproj = torch.empty_like(dgates)
+        dproj = dgates  # in place, likewise: one program a row
         bf = triton.next_power_of_2(features)
         input_backward_rows[(steps * n,)](
             dgates,
@@ -450,12 +461,14 @@ def lstm_backward(
         "stats_c": stats_c,
     }
     r = graphs.run(("lstm_backward", *config), lambda s: _lstm_backward_loop(s, *config), inputs)
-    dgates, dz = r["dgates"], r["dz"]
+    # the backward's memory peaks in input_backward: free all it does not need before it
+    dgates, dz, dtotal, dnc = (r.pop(k) for k in ("dgates", "dz", "dtotal", "dnc"))
     dw_hh = _weight_grad(dz, hs[:-1], w_hh) if needs[4] else None
-    dw_hr = _weight_grad(r["dtotal"], hpre, w_hr) if proj and needs[6] else None
-    dgamma_hh = (dgates * xhat_hh).sum((0, 1)) if normed and needs[8] else None
-    dgamma_c = (r["dnc"] * xhat_c).sum((0, 1)) if normed and needs[9] else None
-    dbeta_c = r["dnc"].sum((0, 1)) if normed and needs[10] else None
+    dw_hr = _weight_grad(dtotal, hpre, w_hr) if proj and needs[6] else None
+    dgamma_hh = _sum_of_products(dgates, xhat_hh) if normed and needs[8] else None
+    dgamma_c = _sum_of_products(dnc, xhat_c) if normed and needs[9] else None
+    dbeta_c = dnc.sum((0, 1)) if normed and needs[10] else None
+    del dz, dtotal, dnc
     dx, dw_ih, dgamma_ih, dbias = input_backward(
         dgates,
         x,
@@ -763,10 +776,12 @@ def gru_backward(
         "stats_hh": stats_hh,
     }
     r = graphs.run(("gru_backward", *config), lambda s: _gru_backward_loop(s, *config), inputs)
-    dgates, dgh, dz = r["dgates"], r["dgh"], r["dz"]
+    # the backward's memory peaks in input_backward: free all it does not need before it
+    dgates, dgh, dz = (r.pop(k) for k in ("dgates", "dgh", "dz"))
     dw_hh = _weight_grad(dz, hs[:-1], w_hh) if needs[3] else None
     db_hh = dgh.sum((0, 1)) if b_hh is not None and needs[5] else None
-    dgamma_hh = (dgh * xhat_hh).sum((0, 1)) if normed and needs[7] else None
+    dgamma_hh = _sum_of_products(dgh, xhat_hh) if normed and needs[7] else None
+    del dgh, dz
     dx, dw_ih, dgamma_ih, db_ih = input_backward(
         dgates,
         x,
