@@ -32,6 +32,14 @@ def _total(x):
 
 
 @triton.jit
+def _rstd(sd, eps):
+    """1 / sqrt(sd^2 + eps) from a standard deviation, as 1 / sd beyond 1e18, where sd^2 would
+    overflow. Both branches are computed: the first must not divide by an sd of 0 (a padded row,
+    a zero state)."""
+    return tl.where(sd > 1e18, 1.0 / tl.maximum(sd, 1e18), 1.0 / tl.sqrt(sd * sd + eps))
+
+
+@triton.jit
 def _scaled_moments(v, sel, count, eps):
     """Mean and rstd of the selected elements of ``v`` (a 2-D tile), and ``v`` normalized.
 
@@ -44,9 +52,7 @@ def _scaled_moments(v, sel, count, eps):
     mu = _total(tl.where(sel, u, 0.0)) / count
     du = tl.where(sel, u - mu, 0.0)
     sd = s * tl.sqrt(_total(du * du) / count)
-    # both branches are computed: the first must not divide by an sd of 0 (a padded row, a zero
-    # state); sd * sd would overflow beyond 1e18
-    rstd = tl.where(sd > 1e18, 1.0 / tl.maximum(sd, 1e18), 1.0 / tl.sqrt(sd * sd + eps))
+    rstd = _rstd(sd, eps)
     return s * mu, rstd, du * (s * rstd)
 
 
@@ -100,7 +106,7 @@ def batch_norm_columns(
     mu = tl.sum(tl.where(sel, u, 0.0), axis=0)[None, :] / count
     du = tl.where(sel, u - mu, 0.0)
     sd = s * tl.sqrt(tl.sum(du * du, axis=0)[None, :] / count)
-    batch_rstd = tl.where(sd > 1e18, 1.0 / tl.maximum(sd, 1e18), 1.0 / tl.sqrt(sd * sd + eps))
+    batch_rstd = _rstd(sd, eps)
     batch_mean = s * mu
     run_mean = tl.load(run_mean_ptr, mask=cols, other=0.0).to(ACC)
     run_var = tl.load(run_var_ptr, mask=cols, other=1.0).to(ACC)
