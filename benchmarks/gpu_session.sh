@@ -5,8 +5,8 @@
 # output goes to $OUT (default runs/gpu), with a line per step in status.txt. bench_rnn prints
 # each shape's rows as it finishes the shape, so a step cut off by its limit still leaves those.
 #
-#   PYTHONPATH=. bash benchmarks/gpu_session.sh tests     # about 4 minutes (H100, 2026-12-06)
-#   PYTHONPATH=. bash benchmarks/gpu_session.sh bench     # about 7 minutes
+#   PYTHONPATH=. bash benchmarks/gpu_session.sh tests     # at most 4.5 minutes (its limits)
+#   PYTHONPATH=. bash benchmarks/gpu_session.sh bench     # at most 8 minutes
 #   PYTHONPATH=. bash benchmarks/gpu_session.sh           # both: more than one 10-minute call
 #
 # PYTHON picks the interpreter (default python3: the machine's own torch, triton and pytest).
