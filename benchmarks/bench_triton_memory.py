@@ -7,8 +7,11 @@ saved activations, gradients, buffers); the kernels themselves allocate nothing.
 kernels replaced by no-ops and the wrapper run on CPU tensors, the profiler's allocation records
 give the same sequence of allocations as on a GPU, and its peak the GPU's peak less CUDA's own
 (graph pools, cuBLAS workspaces): what the wrapper's design costs, measured in seconds instead of
-a GPU session. The values computed are meaningless; only their memory counts. CUDA graphs are not
-captured (on CPU they do not apply).
+a GPU session. The values computed are meaningless; only their memory counts. With ``--graphs``,
+the CUDA graphs are emulated (graphs.emulated_capture: the graphs' own copies of what a loop reads
+and writes, captured and replayed as on a GPU, less the intermediates a real graph's pool keeps
+as well) and the peak is taken over three training steps from no graphs at all (run, capture,
+replay), as bench_rnn.py takes it on a GPU.
 
 Each peak is given in MB and in units of one ``(T, N, 4H)`` float32 tensor (the LSTM's gates
 over the whole sequence), the size the saved activations and gradients come in; ``torch.nn.LSTM``
@@ -52,7 +55,17 @@ def stub_kernels() -> None:
             setattr(recurrence, name, _NoKernel())
 
 
-def measure(cls: str, norm: str, steps: int, batch: int, inputs: int, hidden: int) -> dict:
+def emulate_graphs() -> None:
+    """Capture and replay the time loops' CUDA graphs as on a GPU, emulated on CPU tensors."""
+    from seqnorm.ops.triton_kernels import graphs
+
+    graphs._applies = lambda device: True
+    graphs._capture = graphs.emulated_capture
+
+
+def measure(
+    cls: str, norm: str, steps: int, batch: int, inputs: int, hidden: int, with_graphs: bool
+) -> dict:
     torch.manual_seed(0)
     groups = 4 if norm == "group" else 1
     model = getattr(seqnorm, cls)(inputs, hidden, norm=norm, groups=groups)
@@ -63,8 +76,11 @@ def measure(cls: str, norm: str, steps: int, batch: int, inputs: int, hidden: in
         output, _ = model(x)
         output.sum().backward()
 
-    step()  # anything made once (the bias sum's buffers, autograd's) is made before
-    mb = peak_mb(step)
+    if with_graphs:  # from no graphs, as bench_rnn.py on a GPU: run, capture, replay
+        mb = peak_mb(lambda: [step() for _ in range(3)])
+    else:
+        step()  # anything made once (the bias sum's buffers, autograd's) is made before
+        mb = peak_mb(step)
     unit = steps * batch * 4 * hidden * 4 / 2**20
     return {"cell": cls, "norm": norm, "peak_mb": mb, "peak_units": mb / unit}
 
@@ -75,7 +91,7 @@ def main(argv=None) -> list[dict]:
         "--shape",
         type=int,
         nargs=4,
-        default=[32, 16, 256, 256],
+        default=[128, 16, 256, 256],
         metavar=("STEPS", "BATCH", "INPUT", "HIDDEN"),
     )
     p.add_argument("--cells", nargs="+", default=["LSTM", "GRU"], choices=["LSTM", "GRU"])
@@ -85,12 +101,17 @@ def main(argv=None) -> list[dict]:
         default=["none", "layer", "group", "batch"],
         choices=["none", "layer", "group", "batch"],
     )
+    p.add_argument(
+        "--graphs", action="store_true", help="with the CUDA graphs emulated (run, capture, replay)"
+    )
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a case in this process
     args = p.parse_args(argv)
     if args.one:
         stub_kernels()
-        print(json.dumps(measure(args.cells[0], args.norms[0], *args.shape)))
+        if args.graphs:
+            emulate_graphs()
+        print(json.dumps(measure(args.cells[0], args.norms[0], *args.shape, args.graphs)))
         return []
     rows = []
     for cls in args.cells:
@@ -98,6 +119,7 @@ def main(argv=None) -> list[dict]:
             # each case in a process of its own: in one process the later cases' peaks read
             # lower (the GRU's with layer norm 4.5 units after the LSTMs, 6.5 alone)
             case = [*map(str, args.shape), "--cells", cls, "--norms", norm, "--one"]
+            case += ["--graphs"] if args.graphs else []
             done = subprocess.run(
                 [sys.executable, __file__, "--shape", *case],
                 check=True,
@@ -113,7 +135,8 @@ def main(argv=None) -> list[dict]:
             )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"shape": args.shape, "torch": torch.__version__, "rows": rows}, f, indent=2)
+            result = {"shape": args.shape, "graphs": args.graphs, "torch": torch.__version__}
+            json.dump({**result, "rows": rows}, f, indent=2)
     return rows
 
 

@@ -51,26 +51,6 @@ def test_without_a_backward_and_in_eval_mode(cls, norm):
         assert_close(list(model.buffers()), list(reference.buffers()))
 
 
-class _Replay:
-    """A CUDA graph's work, emulated on CPU: captured on the graph's own copies of the inputs,
-    and replayed on them again, into the tensors the capture returned."""
-
-    def __init__(self, loop, static):
-        self.loop, self.static = loop, static
-        self.outputs = loop(static)
-
-    def replay(self):
-        for name, t in self.loop(self.static).items():
-            if t is not None:
-                self.outputs[name].copy_(t)
-
-
-def _emulated_capture(loop, inputs):
-    static = {name: None if t is None else t.clone() for name, t in inputs.items()}
-    graph = _Replay(loop, static)
-    return graph, static, graph.outputs
-
-
 STACKED = {"num_layers": 2, "bidirectional": True}  # four directions, one loop shape
 REPLAY_CASES = [
     *(pytest.param(c, n, {}, id=f"{n}-{c}") for n in NORM_CASES for c in CELLS),
@@ -81,24 +61,28 @@ REPLAY_CASES = [
 
 @pytest.mark.parametrize(("cls", "norm", "stack"), REPLAY_CASES)
 def test_the_time_loops_replayed_as_cuda_graphs(monkeypatch, cls, norm, stack):
-    """graphs.run's capture and replay, emulated on CPU: three training steps of one shape (the
-    first runs the loops as they are, the second captures and replays them, the third replays)
-    give the float64 loop's outputs, states, gradients and running statistics, although a replay
-    writes only into the graph's copies of the inputs; a replay leaves the outputs of the step
-    before untouched; and the same in eval mode without gradients. Stacked layers and both
-    directions share one graph per loop (their loops have one shape), replayed four times a
-    step."""
+    """graphs.run's capture and replay, emulated on CPU, with graphs of two steps: three training
+    steps of one shape, five steps long (the first runs the loops as they are, the second
+    captures and replays them, the third replays; each loop replays a graph of two steps twice
+    and one of one step, the states carried from window to window, forward and backward) give
+    the float64 loop's outputs, states, gradients and running statistics, although a replay
+    writes only into the graph's copies; a replay leaves the outputs of the step before
+    untouched; a graph holds at most a window of any tensor with a time dimension; and the same
+    in eval mode without gradients. Stacked layers and both directions share the forward's graphs
+    (their loops have one shape), replayed four times a step; the backward's, which take the
+    input half too, as far as the layers' inputs have one size."""
     from seqnorm.ops.triton_kernels import graphs
 
     monkeypatch.setattr(graphs, "_applies", lambda device: True)
-    monkeypatch.setattr(graphs, "_capture", _emulated_capture)
+    monkeypatch.setattr(graphs, "_capture", graphs.emulated_capture)
+    monkeypatch.setattr(graphs, "WINDOW", 2)
     graphs.clear()
     model, reference = _pair(cls, norm, hidden_size=8, **stack)
-    lengths = torch.tensor([4, 2, 3])
+    lengths = torch.tensor([5, 2, 3])
     before = None
     try:
         for _ in range(3):
-            x = torch.randn(4, 3, 5, dtype=torch.float64)
+            x = torch.randn(5, 3, 5, dtype=torch.float64)
             results = []
             for m in (model, reference):
                 m.zero_grad()
@@ -114,13 +98,18 @@ def test_the_time_loops_replayed_as_cuda_graphs(monkeypatch, cls, norm, stack):
                 assert_close(before[0], [t.detach() for t in before[1]], rtol=0, atol=0)
             outputs = results[0][: 1 + len(states)]
             before = ([t.detach().clone() for t in outputs], outputs)
-        assert len(graphs._graphs) == 2  # the forward's loop and the backward's, replayed
+        # the forward's loop and the backward's, each a graph of two steps and one of one; the
+        # backward's (which takes the input half's too) one for each size of a layer's input
+        loops = 1 + (2 if stack else 1)
+        assert sorted(k[1] for k in graphs._graphs) == [1] * loops + [2] * loops
+        for _, static in graphs._graphs.values():  # every step's tensors: a window at most
+            assert max(t.shape[0] for t in static.values() if t is not None and t.dim() == 3) <= 3
         model.eval(), reference.eval()
         with torch.no_grad():  # the loop that keeps no activations, replayed in eval mode
             for _ in range(3):
-                x = torch.randn(4, 3, 5, dtype=torch.float64)
+                x = torch.randn(5, 3, 5, dtype=torch.float64)
                 assert_close(model(x, lengths=lengths), reference(x, lengths=lengths))
-        assert len(graphs._graphs) == 3
+        assert len(graphs._graphs) == 2 * loops + 2
     finally:
         graphs.clear()
 
@@ -136,21 +125,22 @@ def test_graphs_are_kept_for_the_shapes_seen_most_often(monkeypatch):
 
     captured = []
 
-    def capture(loop, inputs):
-        captured.append(inputs["x"].shape[0])
-        return _emulated_capture(loop, inputs)
+    def capture(work, static):
+        captured.append(static["x"].shape[0])
+        return graphs.emulated_capture(work, static)
 
     monkeypatch.setattr(graphs, "_applies", lambda device: True)
     monkeypatch.setattr(graphs, "_capture", capture)
     monkeypatch.setenv("SEQNORM_CUDA_GRAPHS", "4")
     graphs.clear()
 
-    def double(s):
-        return {"y": s["x"] * 2}
+    def double(s, steps):
+        torch.mul(s["x"], 2, out=s["y"])
 
     def run(length):
-        x = torch.randn(length)
-        assert_close(graphs.run(("double",), double, {"x": x})["y"], 2 * x)
+        x, y = torch.randn(length), torch.zeros(length)
+        graphs.run(("double",), double, {"x": x, "y": y}, 1, timed={}, writes=("y",))
+        assert_close(y, 2 * x)
 
     try:
         for _ in range(5):
@@ -160,7 +150,7 @@ def test_graphs_are_kept_for_the_shapes_seen_most_often(monkeypatch):
         for calls in range(1, 7):  # seen 5 times each: a new shape's 6th sighting is its turn
             run(20)
             assert captured[-1] == (20 if calls == 6 else 4)
-        kept = [dict(signature)["x"][0][0] for _, _, signature in graphs._graphs]
+        kept = [dict(key[-1])["x"][0][0] for key in graphs._graphs]
         assert kept == [2, 3, 4, 20]  # 1, the least recently used of the least seen, made room
         monkeypatch.setenv("SEQNORM_CUDA_GRAPHS", "2")
         run(20)
@@ -227,9 +217,9 @@ def test_every_capture_on_a_device_uses_one_stream(monkeypatch):
     monkeypatch.setattr(torch.cuda, "graph", graph)
     x = torch.randn(3)
     for _ in range(3):
-        _, static, outputs = graphs._capture(lambda s: {"y": s["x"] * 2}, {"x": x})
-        assert_close(outputs["y"], 2 * x)
-        assert static["x"] is not x
+        static = {"x": x, "y": torch.zeros(3)}
+        graphs._capture(lambda s: torch.mul(s["x"], 2, out=s["y"]), static)
+        assert_close(static["y"], 2 * x)  # the warm-up's
     side = graphs._streams[x.device]
     assert used == [("warm-up", side), ("capture", side)] * 3
     assert sum(s is side for s in made) == 1

@@ -4,9 +4,12 @@ that run the Triton kernels of norms.py, lstm.py and gru.py around the matrix pr
 Forward: the input projection of every step is one product (cuBLAS), its normalization one
 kernel over every step; then per step one product ``h W_hh^T`` and one step kernel (with
 projections a second product and a masked copy). Backward: per step one step kernel and one
-product ``dz W_hh``; the weight gradients are single large products after the loop, as are the
-input half's. The time loops run through CUDA graphs (graphs.py). Inputs and results are those
-of the operators in seqnorm/ops/library.py, in the same layout as the C++ kernel's.
+product ``dz W_hh``, in windows of at most graphs.WINDOW steps, each followed by what its steps
+add to the weights' gradients (one product each) and by the input half's backward of its steps,
+so that the gradients with respect to the gates take a window's memory, not the sequence's. The
+time loops run through CUDA graphs of a window each (graphs.py): a loop writes only into the
+tensors it is given, all allocated here. Inputs and results are those of the operators in
+seqnorm/ops/library.py, in the same layout as the C++ kernel's.
 
 Precision: the products run in the weights' dtype (half under autocast, where the wrapper
 casts the weights); norms, gates and state in float32 registers; the state and what the
@@ -20,6 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..library import GRU_GRADS, LSTM_GRADS
 from ..types import GRUSaved, LSTMSaved
 from . import graphs
 from .gru import gru_step_batch, gru_step_batch_backward, gru_step_rows, gru_step_rows_backward
@@ -155,14 +159,9 @@ def input_forward(x, w_ih, bias, gamma, running, mask, norm, groups, eps, traini
     return gx, xhat, stats, _empty(gx)
 
 
-def _sum_of_products(a: Tensor, b: Tensor, chunks: int = 8) -> Tensor:
-    """``(a * b).sum((0, 1))`` (a gain's gradient), a few steps at a time, so that the product
-    never takes the memory of a whole ``(T, N, F)`` tensor at the backward's peak."""
-    total = None
-    for a_part, b_part in zip(a.chunk(chunks), b.chunk(chunks)):
-        part = (a_part * b_part).sum((0, 1))
-        total = part if total is None else total.add_(part)
-    return total
+def _sum_of_products(a: Tensor, b: Tensor) -> Tensor:
+    """``(a * b).sum((0, 1))``: a gain's gradient over a window's steps and samples."""
+    return (a * b).sum((0, 1))
 
 
 def input_backward(dgates, x, w_ih, gamma, xhat, stats, mask, norm, groups, training, needs):
@@ -249,46 +248,70 @@ def lstm_forward(
 ):
     steps, n = x.shape[:2]
     hidden, out_size = c0.shape[-1], h0.shape[-1]
+    features = 4 * hidden
     dtype = h0.dtype
+    normed, proj, batch = norm != "none", w_hr is not None, norm == "batch"
     bias = None if b_ih is None else b_ih + b_hh
     gx, xhat_ih, stats_ih, batch_ih = input_forward(
         x, w_ih, bias, gamma_ih, running_ih, mask, norm, groups, eps, training, dtype
     )
-    config = (norm, groups, eps, training, keep, steps, n, hidden, out_size)
-    inputs = {
+    # what the loop writes: every step's when the backward keeps it, else a ring of two states
+    # and one step's activations
+    kept = steps if keep else 1
+    g = _groups(norm, groups)
+    t = {
         "gx": gx,
-        "h0": h0,
-        "c0": c0,
+        "acts": None if keep else gx.new_empty(1, n, features),  # None: gx becomes them
+        "hs": gx.new_empty(steps + 1 if keep else 2, n, out_size),
+        "cs": gx.new_empty(steps + 1 if keep else 2, n, hidden),
+        "out": gx.new_empty(steps, n, out_size),
+        "xhat_hh": gx.new_empty(kept if normed else 1, n, features),
+        "stats_hh": gx.new_zeros(steps, 2, features) if batch else gx.new_zeros(steps, n, g),
+        "xhat_c": gx.new_empty(kept if normed else 1, n, hidden),
+        "stats_c": gx.new_zeros(steps, 2, hidden) if batch else gx.new_zeros(steps, n, g),
+        "hpre": gx.new_empty(kept if proj else 1, n, hidden),
+        "batch_hh": gx.new_zeros(2, steps, features) if batch else None,
+        "batch_c": gx.new_zeros(2, steps, hidden) if batch else None,
+        "running_hh": running_hh,
+        "running_c": running_c,
+        "mask": mask,
         "w_hh": w_hh,
         "w_hr": w_hr,
         "gamma_hh": gamma_hh,
         "gamma_c": gamma_c,
         "beta_c": beta_c,
-        "running_hh": running_hh,
-        "running_c": running_c,
-        "mask": mask,
     }
-    result = graphs.run(("lstm_forward", *config), lambda s: _lstm_loop(s, *config), inputs)
+    t["hs"][0].copy_(h0)
+    t["cs"][0].copy_(c0)
+    config = (norm, groups, eps, training, keep, n, hidden, out_size)
+    graphs.run(
+        ("lstm_forward", *config),
+        lambda s, k: _lstm_loop(s, k, *config),
+        t,
+        steps,
+        timed={**_TIMED, "batch_hh": 1, "batch_c": 1, "running_hh": 1, "running_c": 1},
+        writes=("gx", *_LSTM_WRITES) if keep else _LSTM_WRITES,
+    )
     counts = _counts(mask, steps, n, x.device)
-    batch = norm == "batch" and training
+    training_batch = batch and training
+    last = steps if keep else steps & 1
     heads = (
-        result["out"],
-        result["h_n"],
-        result["c_n"],
-        *(b if batch else _empty(gx) for b in (batch_ih, result["batch_hh"], result["batch_c"])),
+        t["out"],
+        t["hs"][last].clone(),
+        t["cs"][last].clone(),
+        *(b if training_batch else _empty(gx) for b in (batch_ih, t["batch_hh"], t["batch_c"])),
     )
     if not keep:
         return (*heads, *(_empty(gx) for _ in LSTMSaved._fields[:-1]), counts)
-    normed = norm != "none"
     saved = LSTMSaved(
-        result["hs"],
-        result["cs"],
-        result["acts"],
-        result["xhat_hh"] if normed else _empty(gx),
-        result["stats_hh"],
-        result["xhat_c"] if normed else _empty(gx),
-        result["stats_c"],
-        result["hpre"] if w_hr is not None else _empty(gx),
+        t["hs"],
+        t["cs"],
+        gx,
+        t["xhat_hh"] if normed else _empty(gx),
+        t["stats_hh"].view(-1),
+        t["xhat_c"] if normed else _empty(gx),
+        t["stats_c"].view(-1),
+        t["hpre"] if proj else _empty(gx),
         xhat_ih if normed else _empty(gx),
         stats_ih,
         counts,
@@ -296,29 +319,71 @@ def lstm_forward(
     return (*heads, *saved)
 
 
-def _lstm_loop(s, norm, groups, eps, training, keep, steps, n, hidden, out_size) -> dict:
-    """The time loop: every step's product and kernel. ``gx`` becomes the activations."""
+# the loops' tensors with a time dimension (the first, unless given), and what they write
+_TIMED = dict.fromkeys(
+    [
+        "gx",
+        "acts",
+        "hs",
+        "cs",
+        "out",
+        "xhat_hh",
+        "xhat_c",
+        "hpre",
+        "stats_hh",
+        "stats_c",
+        "mask",
+        "gh_n",
+        "grad_out",
+        "dgates",
+        "dgh",
+        "dz",
+        "dnc",
+        "dtotal",
+        "x",
+        "dx",
+        "xhat_ih",
+        "stats_ih",
+    ],
+    0,
+)
+_LSTM_WRITES = (
+    "acts",
+    "hs",
+    "cs",
+    "out",
+    "xhat_hh",
+    "stats_hh",
+    "xhat_c",
+    "stats_c",
+    "hpre",
+    "batch_hh",
+    "batch_c",
+)  # and gx, which becomes the activations where every step's are kept
+_GRU_WRITES = ("acts", "hs", "out", "gh_n", "xhat_hh", "stats_hh", "batch_hh")
+
+
+def _rows_apart(batch: Tensor, running: Tensor | None) -> int:
+    """The batch-norm step kernels' ``steps``: how many rows of F apart the mean and the variance
+    of one step lie in the ``(2, T, F)`` batch and running statistics (T, also for a window)."""
+    apart = batch.stride(0) // batch.shape[-1]
+    assert running is None or running.stride(0) // running.shape[-1] == apart
+    return apart
+
+
+def _lstm_loop(s, steps, norm, groups, eps, training, keep, n, hidden, out_size) -> None:
+    """``steps`` steps of the time loop: every step's product and kernel, from the state in
+    ``hs[0]`` and ``cs[0]`` (with ``keep``, every step's state after it in the rows after; without,
+    a ring of two: the state after step t at row (t + 1) % 2)."""
     gx, mask, w_hh, w_hr = s["gx"], s["mask"], s["w_hh"], s["w_hr"]
-    features = 4 * hidden
-    proj, normed = w_hr is not None, norm != "none"
-    dtype = s["h0"].dtype
+    hs, cs, out, xhat_hh, xhat_c, hpre = (
+        s[k] for k in ("hs", "cs", "out", "xhat_hh", "xhat_c", "hpre")
+    )
+    acts = gx if s["acts"] is None else s["acts"]
+    proj, normed, batch = w_hr is not None, norm != "none", norm == "batch"
+    dtype = hs.dtype
     g = _groups(norm, groups)
-    kept = steps if keep else 1
-    hs = gx.new_empty((steps + 1) if keep else 2, n, out_size)
-    cs = gx.new_empty((steps + 1) if keep else 2, n, hidden)
-    hs[0].copy_(s["h0"])
-    cs[0].copy_(s["c0"])
-    out = gx.new_empty(steps, n, out_size)
-    acts = gx if keep else gx.new_empty(1, n, features)
-    xhat_hh = gx.new_empty(kept if normed else 1, n, features)
-    xhat_c = gx.new_empty(kept if normed else 1, n, hidden)
-    hpre = gx.new_empty(kept if proj else 1, n, hidden)
-    batch = norm == "batch"
-    stats_hh = gx.new_zeros(steps, 2, features) if batch else gx.new_zeros(steps, n, g)
-    stats_c = gx.new_zeros(steps, 2, hidden) if batch else gx.new_zeros(steps, n, g)
-    batch_hh = gx.new_zeros(2, steps, features)
-    batch_c = gx.new_zeros(2, steps, hidden)
-    z = torch.empty(n, features, device=gx.device, dtype=w_hh.dtype)
+    z = torch.empty(n, 4 * hidden, device=gx.device, dtype=w_hh.dtype)
     projected = torch.empty(n, out_size, device=gx.device, dtype=w_hh.dtype) if proj else None
     bh = triton.next_power_of_2(hidden)
     bn, bj = block_columns(n, hidden)
@@ -336,9 +401,9 @@ def _lstm_loop(s, norm, groups, eps, training, keep, steps, n, hidden, out_size)
             out[t],
             acts[k],
             xhat_hh[k if normed else 0],
-            stats_hh[t],
+            s["stats_hh"][t],
             xhat_c[k if normed else 0],
-            stats_c[t],
+            s["stats_c"][t],
             hpre[k if proj else 0],
             valid,
         )
@@ -350,10 +415,10 @@ def _lstm_loop(s, norm, groups, eps, training, keep, steps, n, hidden, out_size)
                 s["beta_c"],
                 s["running_hh"],
                 s["running_c"],
-                batch_hh,
-                batch_c,
+                s["batch_hh"],
+                s["batch_c"],
                 t,
-                steps,
+                _rows_apart(s["batch_hh"], s["running_hh"]),
                 n,
                 eps,
                 int(training),
@@ -390,22 +455,6 @@ def _lstm_loop(s, norm, groups, eps, training, keep, steps, n, hidden, out_size)
             else:
                 hs[nxt].copy_(torch.where(keep_row, projected.to(dtype), hs[now]))
                 out[t].copy_(projected.to(dtype) * keep_row)
-    last = steps if keep else steps & 1
-    return {
-        "out": out,
-        "h_n": hs[last].clone(),
-        "c_n": cs[last].clone(),
-        "hs": hs,
-        "cs": cs,
-        "acts": acts if keep else None,  # gx itself: a replay writes the graph's copy of it
-        "xhat_hh": xhat_hh,
-        "stats_hh": stats_hh.view(-1),
-        "xhat_c": xhat_c,
-        "stats_c": stats_c.view(-1),
-        "hpre": hpre,
-        "batch_hh": batch_hh,
-        "batch_c": batch_c,
-    }
 
 
 def lstm_backward(
@@ -441,140 +490,192 @@ def lstm_backward(
 ):
     steps, n, features = acts.shape
     hidden, out_size = features // 4, hs.shape[-1]
-    normed, proj = norm != "none", w_hr is not None
-    config = (norm, groups, training, steps, n, hidden, out_size)
-    inputs = {
+    proj = w_hr is not None
+    dtype = torch.float64 if acts.dtype == torch.float64 else torch.float32  # gradients
+    wanted = dict(zip(_LSTM_GRADS, needs))
+    t = {
         "grad_out": grad_out.contiguous(),
-        "grad_h": grad_h,
-        "grad_c": grad_c,
+        "dh0": grad_h.to(
+            dtype
+        ).clone(),  # dL/dh after the last step, and at the end before the first
+        "dc0": grad_c.to(dtype).clone(),
+        **_sums(wanted, dtype, w_ih, w_hh, w_ih[:, 0], w_hr, gamma_ih, gamma_hh, gamma_c, beta_c),
+        "dx": torch.empty_like(x) if wanted["dx"] else None,
+        "x": x,
+        "acts": acts,
+        "hs": hs,
+        "cs": cs,
+        "hpre": hpre if proj else None,
+        "xhat_hh": xhat_hh,
+        "stats_hh": _per_step(stats_hh, steps),
+        "xhat_c": xhat_c,
+        "stats_c": _per_step(stats_c, steps),
+        "xhat_ih": xhat_ih,
+        "stats_ih": _per_step(stats_ih, steps),
+        "mask": mask,
+        "w_ih": w_ih,
         "w_hh": w_hh,
         "w_hr": w_hr,
+        "gamma_ih": gamma_ih,
         "gamma_hh": gamma_hh,
         "gamma_c": gamma_c,
         "beta_c": beta_c,
-        "mask": mask,
-        "acts": acts,
-        "cs": cs,
-        "xhat_hh": xhat_hh,
-        "stats_hh": stats_hh,
-        "xhat_c": xhat_c,
-        "stats_c": stats_c,
     }
-    r = graphs.run(("lstm_backward", *config), lambda s: _lstm_backward_loop(s, *config), inputs)
-    # the backward's memory peaks in input_backward: free all it does not need before it
-    dgates, dz, dtotal, dnc = (r.pop(k) for k in ("dgates", "dz", "dtotal", "dnc"))
-    dw_hh = _weight_grad(dz, hs[:-1], w_hh) if needs[4] else None
-    dw_hr = _weight_grad(dtotal, hpre, w_hr) if proj and needs[6] else None
-    dgamma_hh = _sum_of_products(dgates, xhat_hh) if normed and needs[8] else None
-    dgamma_c = _sum_of_products(dnc, xhat_c) if normed and needs[9] else None
-    dbeta_c = dnc.sum((0, 1)) if normed and needs[10] else None
-    del dz, dtotal, dnc
-    dx, dw_ih, dgamma_ih, dbias = input_backward(
-        dgates,
-        x,
-        w_ih,
-        gamma_ih,
-        xhat_ih,
-        stats_ih,
-        mask,
-        norm,
-        groups,
-        training,
-        (needs[0], needs[3], needs[7], needs[5]),
+    config = (norm, groups, training, n, hidden, out_size)
+    graphs.run(
+        ("lstm_backward", *config),
+        lambda s, k: _lstm_backward_loop(s, k, *config),
+        t,
+        steps,
+        timed=_TIMED,
+        writes=_LSTM_GRADS,
+        reverse=True,
     )
-    grads = (
-        dx,
-        r["dh"],
-        r["dc"],
-        dw_ih,
-        dw_hh,
-        dbias,
-        dw_hr,
-        dgamma_ih,
-        dgamma_hh,
-        dgamma_c,
-        dbeta_c,
-    )
+    grads = tuple(t[name] for name in _LSTM_GRADS)
     likes = (x, grad_h, grad_c, w_ih, w_hh, grad_c, w_hr, gamma_ih, gamma_hh, gamma_c, beta_c)
     return _wanted(grads, likes, needs, x)
 
 
-def _lstm_backward_loop(s, norm, groups, training, steps, n, hidden, out_size) -> dict:
+# the backward's gradients as the loops name them, in the operators' order
+_LSTM_GRADS = tuple(f"d{name}" for name in LSTM_GRADS)
+_GRU_GRADS = tuple(f"d{name}" for name in GRU_GRADS)
+
+
+def _sums(wanted: dict, dtype, *likes) -> dict:
+    """Zeros to sum each wanted gradient of a parameter in, window by window (None for the
+    others), named as in _LSTM_GRADS and _GRU_GRADS; ``likes`` the parameters, in that order."""
+    names = [k for k in wanted if k not in ("dx", "dh0", "dc0")]
+    return {
+        name: like.new_zeros(like.shape, dtype=dtype) if wanted[name] and like is not None else None
+        for name, like in zip(names, likes)
+    }
+
+
+def _lstm_backward_loop(s, steps, norm, groups, training, n, hidden, out_size) -> None:
+    """The backward through time of ``steps`` steps, the last first, from dL/dh and dL/dc after
+    the last in ``dh`` and ``dc`` (which end as those before the first), in windows of at most
+    graphs.WINDOW steps: after each window's steps, what their gradients add to the weights',
+    the gains' and the input's, so that dL/dgates is never held for more than a window."""
     features = 4 * hidden
     normed, proj, batch = norm != "none", s["w_hr"] is not None, norm == "batch"
     mask, w_hh, w_hr, acts, cs = s["mask"], s["w_hh"], s["w_hr"], s["acts"], s["cs"]
-    grad_out = s["grad_out"]
+    grad_out, dh, dc = s["grad_out"], s["dh0"], s["dc0"]
     g = _groups(norm, groups)
-    dtype = torch.float64 if acts.dtype == torch.float64 else torch.float32  # gradients
-    dh = s["grad_h"].to(dtype).clone()
-    dc = s["grad_c"].to(dtype).clone()
-    dgates = torch.empty(steps, n, features, device=acts.device, dtype=dtype)
+    dtype = dh.dtype
+    window = min(steps, graphs.WINDOW)
+    dgates = torch.empty(window, n, features, device=acts.device, dtype=dtype)
     dz = torch.empty_like(dgates) if normed else dgates
-    dnc = torch.empty(steps if normed else 1, n, hidden, device=acts.device, dtype=dtype)
-    dtotal = torch.empty(steps if proj else 1, n, out_size, device=acts.device, dtype=dtype)
-    dhpre = torch.empty(n, hidden, device=acts.device, dtype=dtype) if proj else None
+    dnc = dgates.new_empty(window if normed else 1, n, hidden)
+    dtotal = dgates.new_empty(window if proj else 1, n, out_size)
+    dhpre = dgates.new_empty(n, hidden) if proj else None
     dprev = torch.empty(n, out_size, device=acts.device, dtype=w_hh.dtype)
-    stats_hh = s["stats_hh"].view(steps, -1)
-    stats_c = s["stats_c"].view(steps, -1)
     bh = triton.next_power_of_2(hidden)
     bn, bj = block_columns(n, hidden)
-    for t in range(steps - 1, -1, -1):
-        valid = None if mask is None else mask[t]
-        if proj:  # dh of the projected output, through W_hr to h before it
-            total = dh + grad_out[t]
-            dtotal[t] = total if valid is None else torch.where(valid.unsqueeze(1), total, 0)
-            dhpre.copy_(dtotal[t].to(w_hr.dtype) @ w_hr)
-        buffers = (
-            dh,
-            grad_out[t],
-            dhpre,
-            dc,
-            dgates[t],
-            dz[t],
-            dnc[t if normed else 0],
-            acts[t],
-            cs[t],
-            cs[t + 1],
-            s["xhat_c"][t] if normed else cs[t],
-            stats_c[t],
-            s["xhat_hh"][t] if normed else acts[t],
-            stats_hh[t],
-            valid,
-            s["gamma_hh"],
-            s["gamma_c"],
-            s["beta_c"],
-        )
-        if batch:
-            lstm_step_batch_backward[(triton.cdiv(hidden, bj),)](
-                *(b for i, b in enumerate(buffers) if i != 9),
-                n,
-                int(training),
-                hidden,
-                bn,
-                bj,
-                proj,
-                mask is not None,
-                ACC=_acc(dtype),
-                num_warps=num_warps_for(bn * bj),
+    for start in reversed(range(0, steps, window)):
+        k = min(window, steps - start)
+        for t in range(start + k - 1, start - 1, -1):
+            j = t - start  # the step within the window
+            valid = None if mask is None else mask[t]
+            if proj:  # dh of the projected output, through W_hr to h before it
+                total = dh + grad_out[t]
+                dtotal[j] = total if valid is None else torch.where(valid.unsqueeze(1), total, 0)
+                dhpre.copy_(dtotal[j].to(w_hr.dtype) @ w_hr)
+            buffers = (
+                dh,
+                grad_out[t],
+                dhpre,
+                dc,
+                dgates[j],
+                dz[j],
+                dnc[j if normed else 0],
+                acts[t],
+                cs[t],
+                cs[t + 1],
+                s["xhat_c"][t] if normed else cs[t],
+                s["stats_c"][t],
+                s["xhat_hh"][t] if normed else acts[t],
+                s["stats_hh"][t],
+                valid,
+                s["gamma_hh"],
+                s["gamma_c"],
+                s["beta_c"],
             )
-        else:
-            lstm_step_rows_backward[(n,)](
-                *buffers,
-                hidden,
-                bh,
-                g,
-                normed,
-                proj,
-                mask is not None,
-                ACC=_acc(dtype),
-                num_warps=num_warps_for(4 * bh),
-            )
-        torch.mm(dz[t].to(w_hh.dtype), w_hh, out=dprev)
-        if valid is None:
-            dh.copy_(dprev)
-        else:
-            dh.copy_(torch.where(valid.unsqueeze(1), dprev.to(dh.dtype), dh))
-    return {"dh": dh, "dc": dc, "dgates": dgates, "dz": dz, "dnc": dnc, "dtotal": dtotal}
+            if batch:
+                lstm_step_batch_backward[(triton.cdiv(hidden, bj),)](
+                    *(b for i, b in enumerate(buffers) if i != 9),
+                    n,
+                    int(training),
+                    hidden,
+                    bn,
+                    bj,
+                    proj,
+                    mask is not None,
+                    ACC=_acc(dtype),
+                    num_warps=num_warps_for(bn * bj),
+                )
+            else:
+                lstm_step_rows_backward[(n,)](
+                    *buffers,
+                    hidden,
+                    bh,
+                    g,
+                    normed,
+                    proj,
+                    mask is not None,
+                    ACC=_acc(dtype),
+                    num_warps=num_warps_for(4 * bh),
+                )
+            torch.mm(dz[j].to(w_hh.dtype), w_hh, out=dprev)
+            if valid is None:
+                dh.copy_(dprev)
+            else:
+                dh.copy_(torch.where(valid.unsqueeze(1), dprev.to(dh.dtype), dh))
+        # what the window adds to the parameters' gradients, then the input half's
+        steps_here = slice(start, start + k)
+        _add(s["dw_hh"], _weight_grad, dz[:k], s["hs"][steps_here], w_hh)
+        if proj:
+            _add(s["dw_hr"], _weight_grad, dtotal[:k], s["hpre"][steps_here], w_hr)
+        if normed:
+            _add(s["dgamma_hh"], _sum_of_products, dgates[:k], s["xhat_hh"][steps_here])
+            _add(s["dgamma_c"], _sum_of_products, dnc[:k], s["xhat_c"][steps_here])
+            _add(s["dbeta_c"], torch.sum, dnc[:k], (0, 1))
+        _input_window_backward(s, steps_here, dgates[:k], "dbias", norm, groups, training)
+
+
+def _per_step(stats: Tensor, steps: int) -> Tensor:
+    """Statistics saved flat, a row per step (empty rows where there are none)."""
+    return stats.view(steps, stats.numel() // max(steps, 1))
+
+
+def _add(total: Tensor | None, part, *args) -> None:
+    """``total += part(*args)`` where the gradient is wanted (``total`` not None)."""
+    if total is not None:
+        total += part(*args)
+
+
+def _input_window_backward(s, steps_here: slice, dgates, dbias, norm, groups, training) -> None:
+    """What a window's dL/dgx (``dgates``, overwritten) adds to the input half's gradients (the
+    bias's named ``dbias``), and dL/dx of its steps."""
+    wanted = tuple(s[k] is not None for k in ("dx", "dw_ih", "dgamma_ih", dbias))
+    xhat = s["xhat_ih"]
+    dx, dw_ih, dgamma, db = input_backward(
+        dgates,
+        s["x"][steps_here],
+        s["w_ih"],
+        s["gamma_ih"],
+        xhat[steps_here] if xhat.numel() else xhat,
+        s["stats_ih"][steps_here].reshape(-1),
+        None if s["mask"] is None else s["mask"][steps_here],
+        norm,
+        groups,
+        training,
+        wanted,
+    )
+    if dx is not None:
+        s["dx"][steps_here].copy_(dx)
+    for name, part in (("dw_ih", dw_ih), ("dgamma_ih", dgamma), (dbias, db)):
+        if part is not None:
+            s[name] += part
 
 
 def _weight_grad(d: Tensor, inputs: Tensor, weight: Tensor) -> Tensor:
@@ -616,37 +717,54 @@ def gru_forward(
 ):
     steps, n = x.shape[:2]
     hidden = h0.shape[-1]
+    features = 3 * hidden
     dtype = h0.dtype
+    normed, batch = norm != "none", norm == "batch"
     gx, xhat_ih, stats_ih, batch_ih = input_forward(
         x, w_ih, b_ih, gamma_ih, running_ih, mask, norm, groups, eps, training, dtype
     )
-    config = (norm, groups, eps, training, keep, steps, n, hidden)
-    inputs = {
+    kept = steps if keep else 1  # as in lstm_forward
+    g = _groups(norm, groups)
+    t = {
         "gx": gx,
-        "h0": h0,
+        "acts": None if keep else gx.new_empty(1, n, features),  # None: gx, as in lstm_forward
+        "hs": gx.new_empty(steps + 1 if keep else 2, n, hidden),
+        "out": gx.new_empty(steps, n, hidden),
+        "gh_n": gx.new_empty(kept, n, hidden),
+        "xhat_hh": gx.new_empty(kept if normed else 1, n, features),
+        "stats_hh": gx.new_zeros(steps, 2, features) if batch else gx.new_zeros(steps, n, g),
+        "batch_hh": gx.new_zeros(2, steps, features) if batch else None,
+        "running_hh": running_hh,
+        "mask": mask,
         "w_hh": w_hh,
         "b_hh": b_hh,
         "gamma_hh": gamma_hh,
-        "running_hh": running_hh,
-        "mask": mask,
     }
-    result = graphs.run(("gru_forward", *config), lambda s: _gru_loop(s, *config), inputs)
+    t["hs"][0].copy_(h0)
+    config = (norm, groups, eps, training, keep, n, hidden)
+    graphs.run(
+        ("gru_forward", *config),
+        lambda s, k: _gru_loop(s, k, *config),
+        t,
+        steps,
+        timed={**_TIMED, "batch_hh": 1, "running_hh": 1},
+        writes=("gx", *_GRU_WRITES) if keep else _GRU_WRITES,
+    )
     counts = _counts(mask, steps, n, x.device)
-    batch = norm == "batch" and training
+    training_batch = batch and training
     heads = (
-        result["out"],
-        result["h_n"],
-        *(b if batch else _empty(gx) for b in (batch_ih, result["batch_hh"])),
+        t["out"],
+        t["hs"][steps if keep else steps & 1].clone(),
+        *(b if training_batch else _empty(gx) for b in (batch_ih, t["batch_hh"])),
     )
     if not keep:
         return (*heads, *(_empty(gx) for _ in GRUSaved._fields[:-1]), counts)
-    normed = norm != "none"
     saved = GRUSaved(
-        result["hs"],
-        result["acts"],
-        result["gh_n"],
-        result["xhat_hh"] if normed else _empty(gx),
-        result["stats_hh"],
+        t["hs"],
+        gx,
+        t["gh_n"],
+        t["xhat_hh"] if normed else _empty(gx),
+        t["stats_hh"].view(-1),
         xhat_ih if normed else _empty(gx),
         stats_ih,
         counts,
@@ -654,21 +772,16 @@ def gru_forward(
     return (*heads, *saved)
 
 
-def _gru_loop(s, norm, groups, eps, training, keep, steps, n, hidden) -> dict:
+def _gru_loop(s, steps, norm, groups, eps, training, keep, n, hidden) -> None:
+    """``steps`` steps of the time loop from the state in ``hs[0]``, as _lstm_loop."""
     gx, mask, w_hh = s["gx"], s["mask"], s["w_hh"]
+    hs, out, gh_n, xhat_hh = (s[k] for k in ("hs", "out", "gh_n", "xhat_hh"))
+    acts = gx if s["acts"] is None else s["acts"]
+    stats_hh, batch_hh = s["stats_hh"], s["batch_hh"]
     features = 3 * hidden
     normed, batch = norm != "none", norm == "batch"
     g = _groups(norm, groups)
-    dtype = s["h0"].dtype
-    kept = steps if keep else 1
-    hs = gx.new_empty((steps + 1) if keep else 2, n, hidden)
-    hs[0].copy_(s["h0"])
-    out = gx.new_empty(steps, n, hidden)
-    acts = gx if keep else gx.new_empty(1, n, features)
-    gh_n = gx.new_empty(kept, n, hidden)
-    xhat_hh = gx.new_empty(kept if normed else 1, n, features)
-    stats_hh = gx.new_zeros(steps, 2, features) if batch else gx.new_zeros(steps, n, g)
-    batch_hh = gx.new_zeros(2, steps, features)
+    dtype = hs.dtype
     z = torch.empty(n, features, device=gx.device, dtype=w_hh.dtype)
     bh = triton.next_power_of_2(hidden)
     bn, bj = block_columns(n, hidden)
@@ -696,7 +809,7 @@ def _gru_loop(s, norm, groups, eps, training, keep, steps, n, hidden) -> dict:
                 s["running_hh"],
                 batch_hh,
                 t,
-                steps,
+                _rows_apart(s["batch_hh"], s["running_hh"]),
                 n,
                 eps,
                 int(training),
@@ -721,17 +834,6 @@ def _gru_loop(s, norm, groups, eps, training, keep, steps, n, hidden) -> dict:
                 ACC=_acc(dtype),
                 num_warps=num_warps_for(4 * bh),
             )
-    last = steps if keep else steps & 1
-    return {
-        "out": out,
-        "h_n": hs[last].clone(),
-        "hs": hs,
-        "acts": acts if keep else None,  # gx itself: a replay writes the graph's copy of it
-        "gh_n": gh_n,
-        "xhat_hh": xhat_hh,
-        "stats_hh": stats_hh.view(-1),
-        "batch_hh": batch_hh,
-    }
 
 
 def gru_backward(
@@ -761,101 +863,106 @@ def gru_backward(
 ):
     steps, n, features = acts.shape
     hidden = features // 3
-    normed = norm != "none"
-    config = (norm, groups, training, steps, n, hidden)
-    inputs = {
+    dtype = torch.float64 if acts.dtype == torch.float64 else torch.float32  # gradients
+    wanted = dict(zip(_GRU_GRADS, needs))
+    t = {
         "grad_out": grad_out.contiguous(),
-        "grad_h": grad_h,
-        "w_hh": w_hh,
-        "gamma_hh": gamma_hh,
-        "mask": mask,
+        "dh0": grad_h.to(dtype).clone(),  # as in lstm_backward
+        **_sums(wanted, dtype, w_ih, w_hh, w_ih[:, 0], b_hh, gamma_ih, gamma_hh),
+        "dx": torch.empty_like(x) if wanted["dx"] else None,
+        "x": x,
         "acts": acts,
         "gh_n": ghn,
         "hs": hs,
         "xhat_hh": xhat_hh,
-        "stats_hh": stats_hh,
+        "stats_hh": _per_step(stats_hh, steps),
+        "xhat_ih": xhat_ih,
+        "stats_ih": _per_step(stats_ih, steps),
+        "mask": mask,
+        "w_ih": w_ih,
+        "w_hh": w_hh,
+        "gamma_ih": gamma_ih,
+        "gamma_hh": gamma_hh,
     }
-    r = graphs.run(("gru_backward", *config), lambda s: _gru_backward_loop(s, *config), inputs)
-    # the backward's memory peaks in input_backward: free all it does not need before it
-    dgates, dgh, dz = (r.pop(k) for k in ("dgates", "dgh", "dz"))
-    dw_hh = _weight_grad(dz, hs[:-1], w_hh) if needs[3] else None
-    db_hh = dgh.sum((0, 1)) if b_hh is not None and needs[5] else None
-    dgamma_hh = _sum_of_products(dgh, xhat_hh) if normed and needs[7] else None
-    del dgh, dz
-    dx, dw_ih, dgamma_ih, db_ih = input_backward(
-        dgates,
-        x,
-        w_ih,
-        gamma_ih,
-        xhat_ih,
-        stats_ih,
-        mask,
-        norm,
-        groups,
-        training,
-        (needs[0], needs[2], needs[6], needs[4]),
+    config = (norm, groups, training, n, hidden)
+    graphs.run(
+        ("gru_backward", *config),
+        lambda s, k: _gru_backward_loop(s, k, *config),
+        t,
+        steps,
+        timed=_TIMED,
+        writes=_GRU_GRADS,
+        reverse=True,
     )
-    grads = (dx, r["dh"], dw_ih, dw_hh, db_ih, db_hh, dgamma_ih, dgamma_hh)
+    grads = tuple(t[name] for name in _GRU_GRADS)
     likes = (x, grad_h, w_ih, w_hh, grad_h, grad_h if b_hh is None else b_hh, gamma_ih, gamma_hh)
     return _wanted(grads, likes, needs, x)
 
 
-def _gru_backward_loop(s, norm, groups, training, steps, n, hidden) -> dict:
+def _gru_backward_loop(s, steps, norm, groups, training, n, hidden) -> None:
+    """The backward through time of ``steps`` steps in windows, as _lstm_backward_loop."""
     features = 3 * hidden
     normed, batch = norm != "none", norm == "batch"
-    mask, w_hh, acts, hs = s["mask"], s["w_hh"], s["acts"], s["hs"]
+    mask, w_hh, acts, hs, dh = s["mask"], s["w_hh"], s["acts"], s["hs"], s["dh0"]
     g = _groups(norm, groups)
-    dtype = torch.float64 if acts.dtype == torch.float64 else torch.float32  # gradients
-    dh = s["grad_h"].to(dtype).clone()
-    dgates = torch.empty(steps, n, features, device=acts.device, dtype=dtype)
+    dtype = dh.dtype
+    window = min(steps, graphs.WINDOW)
+    dgates = torch.empty(window, n, features, device=acts.device, dtype=dtype)
     dgh = torch.empty_like(dgates)
     dz = torch.empty_like(dgates) if normed else dgh
     dprev = torch.empty(n, hidden, device=acts.device, dtype=w_hh.dtype)
-    stats_hh = s["stats_hh"].view(steps, -1)
     bh = triton.next_power_of_2(hidden)
     bn, bj = block_columns(n, hidden)
-    for t in range(steps - 1, -1, -1):
-        valid = None if mask is None else mask[t]
-        buffers = (
-            dh,
-            s["grad_out"][t],
-            dgates[t],
-            dgh[t],
-            dz[t],
-            acts[t],
-            s["gh_n"][t],
-            hs[t],
-            s["xhat_hh"][t] if normed else acts[t],
-            stats_hh[t],
-            valid,
-            s["gamma_hh"],
-        )
-        if batch:
-            gru_step_batch_backward[(triton.cdiv(hidden, bj),)](
-                *buffers,
-                n,
-                int(training),
-                hidden,
-                bn,
-                bj,
-                mask is not None,
-                ACC=_acc(dtype),
-                num_warps=num_warps_for(bn * bj),
+    for start in reversed(range(0, steps, window)):
+        k = min(window, steps - start)
+        for t in range(start + k - 1, start - 1, -1):
+            j = t - start  # the step within the window
+            valid = None if mask is None else mask[t]
+            buffers = (
+                dh,
+                s["grad_out"][t],
+                dgates[j],
+                dgh[j],
+                dz[j],
+                acts[t],
+                s["gh_n"][t],
+                hs[t],
+                s["xhat_hh"][t] if normed else acts[t],
+                s["stats_hh"][t],
+                valid,
+                s["gamma_hh"],
             )
-        else:
-            gru_step_rows_backward[(n,)](
-                *buffers,
-                hidden,
-                bh,
-                g,
-                normed,
-                mask is not None,
-                ACC=_acc(dtype),
-                num_warps=num_warps_for(4 * bh),
-            )
-        torch.mm(dz[t].to(w_hh.dtype), w_hh, out=dprev)
-        if valid is None:
-            dh += dprev
-        else:
-            dh += torch.where(valid.unsqueeze(1), dprev.to(dh.dtype), 0)
-    return {"dh": dh, "dgates": dgates, "dgh": dgh, "dz": dz}
+            if batch:
+                gru_step_batch_backward[(triton.cdiv(hidden, bj),)](
+                    *buffers,
+                    n,
+                    int(training),
+                    hidden,
+                    bn,
+                    bj,
+                    mask is not None,
+                    ACC=_acc(dtype),
+                    num_warps=num_warps_for(bn * bj),
+                )
+            else:
+                gru_step_rows_backward[(n,)](
+                    *buffers,
+                    hidden,
+                    bh,
+                    g,
+                    normed,
+                    mask is not None,
+                    ACC=_acc(dtype),
+                    num_warps=num_warps_for(4 * bh),
+                )
+            torch.mm(dz[j].to(w_hh.dtype), w_hh, out=dprev)
+            if valid is None:
+                dh += dprev
+            else:
+                dh += torch.where(valid.unsqueeze(1), dprev.to(dh.dtype), 0)
+        steps_here = slice(start, start + k)  # as in _lstm_backward_loop
+        _add(s["dw_hh"], _weight_grad, dz[:k], hs[steps_here], w_hh)
+        _add(s["db_hh"], torch.sum, dgh[:k], (0, 1))
+        if normed:
+            _add(s["dgamma_hh"], _sum_of_products, dgh[:k], s["xhat_hh"][steps_here])
+        _input_window_backward(s, steps_here, dgates[:k], "db_ih", norm, groups, training)
