@@ -45,14 +45,18 @@ class _NoKernel:
 
 
 def stub_kernels() -> None:
-    """Replace every Triton kernel the wrapper launches with a no-op."""
-    import triton
+    """Replace every Triton kernel the wrapper launches with a no-op. Under the interpreter a
+    kernel is an InterpretedFunction, not a JITFunction (a test of the latter found none, and
+    the interpreter ran every kernel); both are KernelInterfaces."""
+    from triton.runtime.jit import KernelInterface
 
     from seqnorm.ops.triton_kernels import recurrence
 
-    for name in dir(recurrence):
-        if isinstance(getattr(recurrence, name), triton.runtime.JITFunction):
-            setattr(recurrence, name, _NoKernel())
+    names = [n for n in dir(recurrence) if isinstance(getattr(recurrence, n), KernelInterface)]
+    if not names:
+        raise RuntimeError("found no Triton kernels in seqnorm.ops.triton_kernels.recurrence")
+    for name in names:
+        setattr(recurrence, name, _NoKernel())
 
 
 def emulate_graphs() -> None:

@@ -394,3 +394,36 @@ def test_the_triton_memory_benchmark_counts_the_wrappers_allocations(tmp_path):
     units = {(r["cell"], r["norm"]): r["peak_units"] for r in rows}
     assert all(u > 1 for u in units.values()), units
     assert all(units[c, "layer"] > units[c, "none"] for c in ("LSTM", "GRU")), units
+
+
+def _training_peak_mb(steps: int, with_graphs: bool) -> float:
+    """LN-LSTM training's peak on the Triton path (bench_triton_memory.py's measure, in a process
+    of its own) at batch 16, 32 -> 32, with graphs of four steps."""
+    code = f"""
+import sys
+sys.path.insert(0, {str(BENCH.parent)!r})
+import bench_triton_memory as bench
+from seqnorm.ops.triton_kernels import graphs
+bench.stub_kernels()
+if {with_graphs}:
+    bench.emulate_graphs()
+graphs.WINDOW = 4
+print(bench.measure("LSTM", "layer", {steps}, 16, 32, 32, {with_graphs})["peak_mb"])
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=300
+    )
+    return float(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_what_cuda_graphs_add_to_the_peak_does_not_grow_with_the_sequence():
+    """The time loops' CUDA graphs (emulated on CPU, kernels stubbed) cover a window of steps
+    each: what they add to a training step's peak is a window's copies, the same at 64 steps as
+    at 16 (measured: 0.40 and 0.49 MB). Graphs of the whole sequence, as at first, added a copy
+    of every saved activation and gradient: four times as much at 64 steps."""
+    added = {
+        steps: _training_peak_mb(steps, True) - _training_peak_mb(steps, False)
+        for steps in (16, 64)
+    }
+    assert 0 < added[64] < 1.5 * added[16], added
