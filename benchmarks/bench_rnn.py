@@ -394,12 +394,23 @@ def main(argv=None):
         default=64,
         help="places for seqnorm's CUDA graphs (SEQNORM_CUDA_GRAPHS) while benchmarking on CUDA: "
         "enough for the loops of every model here, so that each replays its own graphs, as in a "
-        "job that trains one model (the default of 4 would hold the loops of two)",
+        "job that trains one model (the default of 8 would hold the loops of two)",
+    )
+    p.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="steps per CUDA graph and backward window of seqnorm's Triton path "
+        "(SEQNORM_TRITON_WINDOW; default: the library's, 32)",
     )
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.cuda_graphs < 0:
         p.error(f"argument --cuda-graphs: expected a count >= 0, got {args.cuda_graphs}")
+    if args.window is not None:
+        if args.window < 2 or args.window % 2:
+            p.error(f"argument --window: expected an even number of steps >= 2, got {args.window}")
+        os.environ["SEQNORM_TRITON_WINDOW"] = str(args.window)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"argument --device: {args.device} was asked for, but CUDA is not available here")
     args.shapes = args.shapes or DEFAULT_SHAPES[args.device.type]
@@ -444,6 +455,9 @@ def main(argv=None):
     }
     if args.device.type == "cuda":
         machine["cuda_graphs"] = args.cuda_graphs
+        from seqnorm.ops.triton_kernels.graphs import window
+
+        machine["window"] = window()
     if backend == "cpp":
         machine["per_step_products"] = per_step_ways(args.shapes)
     print(f"\n{machine}\n")

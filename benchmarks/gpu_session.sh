@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks of a session that is lent a CUDA machine: the CUDA tests, then the benchmark
-# against cuDNN in float32 and under bf16 autocast, and the memory at D without CUDA graphs. Each
+# against cuDNN in float32 and under bf16 autocast, and the memory at D without CUDA graphs; then
+# the LN-LSTM's time and memory with CUDA graph windows of 16 and 64 steps (32 above). Each
 # step has a time limit, so that a short lease still brings back what finished; every step's
 # output goes to $OUT (default runs/gpu), with a line per step in status.txt. bench_rnn prints
 # each shape's rows as it finishes the shape, so a step cut off by its limit still leaves those.
 #
 #   PYTHONPATH=. bash benchmarks/gpu_session.sh tests     # at most 4.5 minutes (its limits)
 #   PYTHONPATH=. bash benchmarks/gpu_session.sh bench     # at most 8 minutes
-#   PYTHONPATH=. bash benchmarks/gpu_session.sh           # both: more than one 10-minute call
+#   PYTHONPATH=. bash benchmarks/gpu_session.sh windows   # at most 3.5 minutes
+#   PYTHONPATH=. bash benchmarks/gpu_session.sh           # all three: more than one 10-minute call
 #
 # PYTHON picks the interpreter (default python3: the machine's own torch, triton and pytest).
 set -u
@@ -15,8 +17,8 @@ cd "$(dirname "$0")/.."
 out="${OUT:-runs/gpu}"
 py="${PYTHON:-python3}"
 what="${1:-all}"
-if [[ $what != all && $what != tests && $what != bench ]]; then
-  echo "gpu_session.sh: expected tests, bench or nothing (both), got '$what'" >&2
+if [[ $what != all && $what != tests && $what != bench && $what != windows ]]; then
+  echo "gpu_session.sh: expected tests, bench, windows or nothing (all), got '$what'" >&2
   exit 2
 fi
 mkdir -p "$out"
@@ -55,4 +57,12 @@ if [[ $what == all || $what == bench ]]; then
   step bench_rnn_cuda_D_no_graphs 60 "$py" benchmarks/bench_rnn.py --device cuda --shapes D \
       --cuda-graphs 0 --warmup 1 --repeats 3 --only "${fused[@]}" \
       --json "$out/bench_rnn_cuda_D_no_graphs.json"
+fi
+if [[ $what == all || $what == windows ]]; then
+  # the window trades memory (a graph's copies are a window's steps) for replays and copies
+  for steps in 16 64; do
+    step "bench_rnn_cuda_window_$steps" 100 "$py" benchmarks/bench_rnn.py --device cuda \
+        --shapes A D --window "$steps" --warmup 1 --repeats 3 \
+        --only "torch.nn.LSTM" "seqnorm LN-LSTM" --json "$out/bench_rnn_cuda_window_$steps.json"
+  done
 fi

@@ -314,6 +314,7 @@ GPU_BENCH_STEPS = [
     "bench_rnn_cuda_bf16",
     "bench_rnn_cuda_D_no_graphs",
 ]
+GPU_WINDOW_STEPS = ["bench_rnn_cuda_window_16", "bench_rnn_cuda_window_64"]
 
 
 @pytest.mark.parametrize(
@@ -321,7 +322,8 @@ GPU_BENCH_STEPS = [
     [
         ("tests", ["device", "pytest_cuda"]),
         ("bench", ["device", *GPU_BENCH_STEPS]),
-        (None, ["device", "pytest_cuda", *GPU_BENCH_STEPS]),
+        ("windows", ["device", *GPU_WINDOW_STEPS]),
+        (None, ["device", "pytest_cuda", *GPU_BENCH_STEPS, *GPU_WINDOW_STEPS]),
     ],
 )
 def test_the_gpu_session_script_runs_each_step_into_out(tmp_path, what, steps):
@@ -355,6 +357,9 @@ def test_the_gpu_session_script_runs_each_step_into_out(tmp_path, what, steps):
         bench = (tmp_path / "bench_rnn_cuda_bf16.txt").read_text().split()
         assert bench[:4] == ["benchmarks/bench_rnn.py", "--device", "cuda", "--autocast"]
         assert bench[-2:] == ["--json", str(tmp_path / "bench_rnn_cuda_bf16.json")]
+    if "bench_rnn_cuda_window_16" in steps:
+        bench = (tmp_path / "bench_rnn_cuda_window_16.txt").read_text().split()
+        assert bench[bench.index("--window") + 1] == "16"
 
 
 def test_the_gpu_session_script_refuses_an_unknown_part(tmp_path):
@@ -364,7 +369,7 @@ def test_the_gpu_session_script_refuses_an_unknown_part(tmp_path):
         ["bash", str(script), "benchmark"], env=env, capture_output=True, text=True
     )
     assert done.returncode == 2
-    assert "expected tests, bench or nothing (both), got 'benchmark'" in done.stderr
+    assert "expected tests, bench, windows or nothing (all), got 'benchmark'" in done.stderr
 
 
 @pytest.mark.slow
@@ -403,15 +408,19 @@ def _training_peak_mb(steps: int, with_graphs: bool) -> float:
 import sys
 sys.path.insert(0, {str(BENCH.parent)!r})
 import bench_triton_memory as bench
-from seqnorm.ops.triton_kernels import graphs
 bench.stub_kernels()
 if {with_graphs}:
     bench.emulate_graphs()
-graphs.WINDOW = 4
 print(bench.measure("LSTM", "layer", {steps}, 16, 32, 32, {with_graphs})["peak_mb"])
 """
+    env = {**os.environ, "SEQNORM_TRITON_WINDOW": "4"}
     done = subprocess.run(
-        [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     return float(done.stdout.splitlines()[-1])
 

@@ -75,7 +75,7 @@ def test_the_time_loops_replayed_as_cuda_graphs(monkeypatch, cls, norm, stack):
 
     monkeypatch.setattr(graphs, "_applies", lambda device: True)
     monkeypatch.setattr(graphs, "_capture", graphs.emulated_capture)
-    monkeypatch.setattr(graphs, "WINDOW", 2)
+    monkeypatch.setenv("SEQNORM_TRITON_WINDOW", "2")
     graphs.clear()
     model, reference = _pair(cls, norm, hidden_size=8, **stack)
     lengths = torch.tensor([5, 2, 3])
@@ -179,6 +179,18 @@ def test_no_division_by_zero_or_invalid_operation_on_the_way(cls, norm, train):
         out, _ = model(x, lengths=torch.tensor([4, 2, 4, 3]))
         out.sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("value", ["3", "0", "-2", "32 steps", ""])
+def test_a_window_that_is_not_an_even_count_of_steps_is_refused(monkeypatch, value):
+    from seqnorm.ops.triton_kernels import graphs
+
+    monkeypatch.setenv("SEQNORM_TRITON_WINDOW", value)
+    with pytest.raises(
+        ValueError,
+        match=f"SEQNORM_TRITON_WINDOW: expected an even number of steps >= 2, got {value!r}",
+    ):
+        graphs.window()
 
 
 def test_every_capture_on_a_device_uses_one_stream(monkeypatch):

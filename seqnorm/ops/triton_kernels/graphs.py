@@ -1,11 +1,12 @@
 """CUDA graphs of the time loops: a loop of two to four launches per step, captured once per
 shape and replayed, so that no step pays Python's launch overhead.
 
-A graph covers a window of at most ``WINDOW`` steps, and a longer loop replays it window by
-window: a graph's buffers are its own copies of what the loop reads and writes, so a graph of
+A graph covers a window of at most ``SEQNORM_TRITON_WINDOW`` steps (default 32; the backward
+sums its gradients in the same windows, with graphs or without), and a longer loop replays it
+window by window: a graph's buffers are its own copies of what the loop reads and writes, so a graph of
 the whole sequence would double the memory of the activations and gradients (it did: 3.4-7.6x
-cuDNN's peak on an H100, against 2.2-2.4x without graphs); a window's copies are at most
-``WINDOW`` steps of them, whatever the length. Each window copies its steps in, replays, and
+cuDNN's peak on an H100, against 2.2-2.4x without graphs); a window's copies are a window's
+steps of them, whatever the length. Each window copies its steps in, replays, and
 copies what the loop wrote back out; the weights are copied into a graph once per call.
 
 A graph is captured the second time its key (window length, shapes, dtypes, configuration) is
@@ -36,8 +37,7 @@ from torch import Tensor
 Tensors = dict[str, Tensor | None]
 
 WINDOW = 32
-"""The most steps one graph covers (even, so that a ring of two states ends a window where the
-next one starts)."""
+"""The most steps one graph covers unless ``SEQNORM_TRITON_WINDOW`` says otherwise."""
 
 _graphs: OrderedDict = OrderedDict()  # key -> (graph, its tensors), oldest use first
 _sightings: dict = {}  # key -> how often run has seen it
@@ -47,6 +47,18 @@ _streams: dict = {}  # device -> the side stream every capture on it warms up an
 
 def capacity() -> int:
     return int(os.environ.get("SEQNORM_CUDA_GRAPHS", "8"))
+
+
+def window() -> int:
+    """Steps per window (``SEQNORM_TRITON_WINDOW``): even, so that a ring of two states ends a
+    window where the next one starts."""
+    value = os.environ.get("SEQNORM_TRITON_WINDOW", str(WINDOW))
+    steps = int(value) if value.strip().isdigit() else 0
+    if steps < 2 or steps % 2:
+        raise ValueError(
+            f"SEQNORM_TRITON_WINDOW: expected an even number of steps >= 2, got {value!r}"
+        )
+    return steps
 
 
 def clear() -> None:
@@ -78,7 +90,8 @@ def run(
     if places <= 0 or not _applies(device):
         loop(tensors, steps)
         return
-    windows = [(start, min(WINDOW, steps - start)) for start in range(0, steps, WINDOW)]
+    size = window()
+    windows = [(start, min(size, steps - start)) for start in range(0, steps, size)]
     loaded = set()  # graphs whose copies of the whole, unwritten tensors (weights) are current
     for start, k in reversed(windows) if reverse else windows:
         part = {name: _window(t, timed.get(name), steps, start, k) for name, t in tensors.items()}

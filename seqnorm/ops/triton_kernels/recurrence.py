@@ -4,7 +4,7 @@ that run the Triton kernels of norms.py, lstm.py and gru.py around the matrix pr
 Forward: the input projection of every step is one product (cuBLAS), its normalization one
 kernel over every step; then per step one product ``h W_hh^T`` and one step kernel (with
 projections a second product and a masked copy). Backward: per step one step kernel and one
-product ``dz W_hh``, in windows of at most graphs.WINDOW steps, each followed by what its steps
+product ``dz W_hh``, in windows of graphs.window() steps, each followed by what its steps
 add to the weights' gradients (one product each) and by the input half's backward of its steps,
 so that the gradients with respect to the gates take a window's memory, not the sequence's. The
 time loops run through CUDA graphs of a window each (graphs.py): a loop writes only into the
@@ -554,7 +554,7 @@ def _sums(wanted: dict, dtype, *likes) -> dict:
 def _lstm_backward_loop(s, steps, norm, groups, training, n, hidden, out_size) -> None:
     """The backward through time of ``steps`` steps, the last first, from dL/dh and dL/dc after
     the last in ``dh`` and ``dc`` (which end as those before the first), in windows of at most
-    graphs.WINDOW steps: after each window's steps, what their gradients add to the weights',
+    graphs.window() steps: after each window's steps, what their gradients add to the weights',
     the gains' and the input's, so that dL/dgates is never held for more than a window."""
     features = 4 * hidden
     normed, proj, batch = norm != "none", s["w_hr"] is not None, norm == "batch"
@@ -562,7 +562,7 @@ def _lstm_backward_loop(s, steps, norm, groups, training, n, hidden, out_size) -
     grad_out, dh, dc = s["grad_out"], s["dh0"], s["dc0"]
     g = _groups(norm, groups)
     dtype = dh.dtype
-    window = min(steps, graphs.WINDOW)
+    window = min(steps, graphs.window())
     dgates = torch.empty(window, n, features, device=acts.device, dtype=dtype)
     dz = torch.empty_like(dgates) if normed else dgates
     dnc = dgates.new_empty(window if normed else 1, n, hidden)
@@ -906,7 +906,7 @@ def _gru_backward_loop(s, steps, norm, groups, training, n, hidden) -> None:
     mask, w_hh, acts, hs, dh = s["mask"], s["w_hh"], s["acts"], s["hs"], s["dh0"]
     g = _groups(norm, groups)
     dtype = dh.dtype
-    window = min(steps, graphs.WINDOW)
+    window = min(steps, graphs.window())
     dgates = torch.empty(window, n, features, device=acts.device, dtype=dtype)
     dgh = torch.empty_like(dgates)
     dz = torch.empty_like(dgates) if normed else dgh
