@@ -366,9 +366,8 @@ def test_lstm_operator_gradcheck(norm, masked, training, proj):
     assert torch.autograd.gradcheck(f, inputs)
 
 
-@pytest.mark.slow
-@GRADCHECK_CASES
-def test_gru_operator_gradcheck(norm, masked, training):
+def _gru_op_inputs(norm, masked, training):
+    """A float64 direction's inputs to seqnorm::gru_forward (as _lstm_op_inputs)."""
     model = make("GRU", norm, hidden_size=8, input_size=3)
     t, n = 4, 3
     params = _leaves(
@@ -386,26 +385,39 @@ def test_gru_operator_gradcheck(norm, masked, training):
     x, h0 = _leaves(
         torch.randn(t, n, 3, dtype=torch.float64), torch.randn(n, 8, dtype=torch.float64)
     )
-    mask = GRADCHECK_MASK if masked else None
     config = (norm, 4 if norm == "group" else 1, 1e-5, training)
+    return (x, h0, *params), running, GRADCHECK_MASK if masked else None, config
+
+
+@pytest.mark.slow
+@GRADCHECK_CASES
+def test_gru_operator_gradcheck(norm, masked, training):
+    inputs, running, mask, config = _gru_op_inputs(norm, masked, training)
 
     def f(*args):
         return torch.ops.seqnorm.gru_forward(*args, *running, mask, *config, True, "cpp")[:2]
 
-    assert torch.autograd.gradcheck(f, (x, h0, *params))
+    assert torch.autograd.gradcheck(f, inputs)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("norm", NORM_CASES)
 def test_operators_pass_opcheck(norm):
     """torch.library.opcheck: schemas, fake implementations (shapes and dtypes of every output,
-    which torch.compile and torch.export rely on) and the autograd registration."""
-    for proj in (False, True):
+    which torch.compile and torch.export rely on) and the autograd registration, for the C++
+    kernel and the Triton kernels (in the interpreter), whose saved tensors differ: the Triton
+    backward computes the input half's x_hat of layer and group norm again instead."""
+    for backend, proj in [("cpp", False), ("cpp", True), ("triton", False)]:
         inputs, running, mask, config = _lstm_op_inputs(norm, True, True, proj)
-        args = (*inputs, *running, mask, *config, True, "cpp")
+        args = (*inputs, *running, mask, *config, True, backend)
         torch.library.opcheck(torch.ops.seqnorm.lstm_forward.default, args)
-        args = (*inputs, *running, mask, *config, False, "cpp")  # keep=False: nothing saved
+        args = (*inputs, *running, mask, *config, False, backend)  # keep=False: nothing saved
         torch.library.opcheck(torch.ops.seqnorm.lstm_forward.default, args)
+    for backend in ("cpp", "triton"):
+        inputs, running, mask, config = _gru_op_inputs(norm, True, True)
+        for keep in (True, False):
+            args = (*inputs, *running, mask, *config, keep, backend)
+            torch.library.opcheck(torch.ops.seqnorm.gru_forward.default, args)
 
 
 def test_update_running_stats_operator_declares_its_mutation():

@@ -142,8 +142,7 @@ def _(*args):
         xhat_c=state(steps, n, hidden) if normed else state(0),
         stats_c=state(_stats_numel(a.norm, a.groups, steps, n, hidden)),
         hpre=state(steps, n, hidden) if a.w_hr is not None else state(0),
-        xhat_ih=state(steps, n, features) if normed else state(0),
-        stats_ih=state(_stats_numel(a.norm, a.groups, steps, n, features)),
+        **_input_saved(a, state, steps, n, features),
         counts=counts,
     )
     return (*heads, *saved)
@@ -216,6 +215,23 @@ def _(*args):
         counts,
     )
     return (*heads, *saved)
+
+
+def recomputes_input_xhat(norm: str, backend: str) -> bool:
+    """Whether the forward leaves the input half's x_hat and statistics unsaved (empty), for the
+    backward to compute them again from the input: the Triton kernels do for layer and group norm
+    (batch norm's may come from running statistics, which the backward does not take)."""
+    return backend == "triton" and norm in ("layer", "group")
+
+
+def _input_saved(a, state, steps: int, n: int, features: int) -> dict:
+    """The fake forward's ``xhat_ih`` and ``stats_ih``."""
+    if recomputes_input_xhat(a.norm, a.backend):
+        return {"xhat_ih": state(0), "stats_ih": state(0)}
+    return {
+        "xhat_ih": state(steps, n, features) if a.norm != "none" else state(0),
+        "stats_ih": state(_stats_numel(a.norm, a.groups, steps, n, features)),
+    }
 
 
 def _contiguous(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -450,8 +466,7 @@ def _(*args):
         ghn=state(steps, n, hidden),
         xhat_hh=state(steps, n, features) if normed else state(0),
         stats_hh=state(_stats_numel(a.norm, a.groups, steps, n, features)),
-        xhat_ih=state(steps, n, features) if normed else state(0),
-        stats_ih=state(_stats_numel(a.norm, a.groups, steps, n, features)),
+        **_input_saved(a, state, steps, n, features),
         counts=counts,
     )
     return (*heads, *saved)

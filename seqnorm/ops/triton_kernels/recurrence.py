@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..library import GRU_GRADS, LSTM_GRADS
+from ..library import GRU_GRADS, LSTM_GRADS, recomputes_input_xhat
 from ..types import GRUSaved, LSTMSaved
 from . import graphs
 from .gru import gru_step_batch, gru_step_batch_backward, gru_step_rows, gru_step_rows_backward
@@ -159,6 +159,14 @@ def input_forward(x, w_ih, bias, gamma, running, mask, norm, groups, eps, traini
     return gx, xhat, stats, _empty(gx)
 
 
+def _input_saved(xhat: Tensor, stats: Tensor, norm: str) -> tuple[Tensor, Tensor]:
+    """The input half's x_hat and statistics as the forward saves them: not at all for layer and
+    group norm, whose backward computes them again from the input, a window at a time."""
+    if norm == "none" or recomputes_input_xhat(norm, "triton"):
+        return _empty(xhat), _empty(stats)
+    return xhat, stats
+
+
 def _sum_of_products(a: Tensor, b: Tensor) -> Tensor:
     """``(a * b).sum((0, 1))``: a gain's gradient over a window's steps and samples."""
     return (a * b).sum((0, 1))
@@ -255,6 +263,7 @@ def lstm_forward(
     gx, xhat_ih, stats_ih, batch_ih = input_forward(
         x, w_ih, bias, gamma_ih, running_ih, mask, norm, groups, eps, training, dtype
     )
+    xhat_ih, stats_ih = _input_saved(xhat_ih, stats_ih, norm)  # before the loop takes memory
     # what the loop writes: every step's when the backward keeps it, else a ring of two states
     # and one step's activations
     kept = steps if keep else 1
@@ -308,11 +317,11 @@ def lstm_forward(
         t["cs"],
         gx,
         t["xhat_hh"] if normed else _empty(gx),
-        t["stats_hh"].view(-1),
+        t["stats_hh"].view(-1) if normed else _empty(gx),
         t["xhat_c"] if normed else _empty(gx),
-        t["stats_c"].view(-1),
+        t["stats_c"].view(-1) if normed else _empty(gx),
         t["hpre"] if proj else _empty(gx),
-        xhat_ih if normed else _empty(gx),
+        xhat_ih,
         stats_ih,
         counts,
     )
@@ -521,7 +530,7 @@ def lstm_backward(
         "gamma_c": gamma_c,
         "beta_c": beta_c,
     }
-    config = (norm, groups, training, n, hidden, out_size)
+    config = (norm, groups, eps, training, n, hidden, out_size)
     graphs.run(
         ("lstm_backward", *config),
         lambda s, k: _lstm_backward_loop(s, k, *config),
@@ -551,7 +560,7 @@ def _sums(wanted: dict, dtype, *likes) -> dict:
     }
 
 
-def _lstm_backward_loop(s, steps, norm, groups, training, n, hidden, out_size) -> None:
+def _lstm_backward_loop(s, steps, norm, groups, eps, training, n, hidden, out_size) -> None:
     """The backward through time of ``steps`` steps, the last first, from dL/dh and dL/dc after
     the last in ``dh`` and ``dc`` (which end as those before the first), in windows of at most
     graphs.window() steps: after each window's steps, what their gradients add to the weights',
@@ -639,7 +648,7 @@ def _lstm_backward_loop(s, steps, norm, groups, training, n, hidden, out_size) -
             _add(s["dgamma_hh"], _sum_of_products, dgates[:k], s["xhat_hh"][steps_here])
             _add(s["dgamma_c"], _sum_of_products, dnc[:k], s["xhat_c"][steps_here])
             _add(s["dbeta_c"], torch.sum, dnc[:k], (0, 1))
-        _input_window_backward(s, steps_here, dgates[:k], "dbias", norm, groups, training)
+        _input_window_backward(s, steps_here, dgates[:k], "dbias", norm, groups, eps, training)
 
 
 def _per_step(stats: Tensor, steps: int) -> Tensor:
@@ -653,23 +662,32 @@ def _add(total: Tensor | None, part, *args) -> None:
         total += part(*args)
 
 
-def _input_window_backward(s, steps_here: slice, dgates, dbias, norm, groups, training) -> None:
+def _input_window_backward(
+    s, steps_here: slice, dgates, dbias, norm, groups, eps, training
+) -> None:
     """What a window's dL/dgx (``dgates``, overwritten) adds to the input half's gradients (the
     bias's named ``dbias``), and dL/dx of its steps."""
     wanted = tuple(s[k] is not None for k in ("dx", "dw_ih", "dgamma_ih", dbias))
-    xhat = s["xhat_ih"]
+    x, mask = s["x"][steps_here], None if s["mask"] is None else s["mask"][steps_here]
+    if recomputes_input_xhat(norm, "triton"):  # as the forward computed them
+        _, xhat, stats, _ = input_forward(
+            x,
+            s["w_ih"],
+            None,
+            s["gamma_ih"],
+            None,
+            mask,
+            norm,
+            groups,
+            eps,
+            training,
+            s["acts"].dtype,
+        )
+    else:
+        xhat = s["xhat_ih"][steps_here] if s["xhat_ih"].numel() else s["xhat_ih"]
+        stats = s["stats_ih"][steps_here].reshape(-1)
     dx, dw_ih, dgamma, db = input_backward(
-        dgates,
-        s["x"][steps_here],
-        s["w_ih"],
-        s["gamma_ih"],
-        xhat[steps_here] if xhat.numel() else xhat,
-        s["stats_ih"][steps_here].reshape(-1),
-        None if s["mask"] is None else s["mask"][steps_here],
-        norm,
-        groups,
-        training,
-        wanted,
+        dgates, x, s["w_ih"], s["gamma_ih"], xhat, stats, mask, norm, groups, training, wanted
     )
     if dx is not None:
         s["dx"][steps_here].copy_(dx)
@@ -723,6 +741,7 @@ def gru_forward(
     gx, xhat_ih, stats_ih, batch_ih = input_forward(
         x, w_ih, b_ih, gamma_ih, running_ih, mask, norm, groups, eps, training, dtype
     )
+    xhat_ih, stats_ih = _input_saved(xhat_ih, stats_ih, norm)  # as in lstm_forward
     kept = steps if keep else 1  # as in lstm_forward
     g = _groups(norm, groups)
     t = {
@@ -764,8 +783,8 @@ def gru_forward(
         gx,
         t["gh_n"],
         t["xhat_hh"] if normed else _empty(gx),
-        t["stats_hh"].view(-1),
-        xhat_ih if normed else _empty(gx),
+        t["stats_hh"].view(-1) if normed else _empty(gx),
+        xhat_ih,
         stats_ih,
         counts,
     )
@@ -884,7 +903,7 @@ def gru_backward(
         "gamma_ih": gamma_ih,
         "gamma_hh": gamma_hh,
     }
-    config = (norm, groups, training, n, hidden)
+    config = (norm, groups, eps, training, n, hidden)
     graphs.run(
         ("gru_backward", *config),
         lambda s, k: _gru_backward_loop(s, k, *config),
@@ -899,7 +918,7 @@ def gru_backward(
     return _wanted(grads, likes, needs, x)
 
 
-def _gru_backward_loop(s, steps, norm, groups, training, n, hidden) -> None:
+def _gru_backward_loop(s, steps, norm, groups, eps, training, n, hidden) -> None:
     """The backward through time of ``steps`` steps in windows, as _lstm_backward_loop."""
     features = 3 * hidden
     normed, batch = norm != "none", norm == "batch"
@@ -965,4 +984,4 @@ def _gru_backward_loop(s, steps, norm, groups, training, n, hidden) -> None:
         _add(s["db_hh"], torch.sum, dgh[:k], (0, 1))
         if normed:
             _add(s["dgamma_hh"], _sum_of_products, dgh[:k], s["xhat_hh"][steps_here])
-        _input_window_backward(s, steps_here, dgates[:k], "db_ih", norm, groups, training)
+        _input_window_backward(s, steps_here, dgates[:k], "db_ih", norm, groups, eps, training)
