@@ -3,10 +3,10 @@ shape and replayed, so that no step pays Python's launch overhead.
 
 A graph covers a window of at most ``SEQNORM_TRITON_WINDOW`` steps (default 32; the backward
 sums its gradients in the same windows, with graphs or without), and a longer loop replays it
-window by window: a graph's buffers are its own copies of what the loop reads and writes, so a graph of
-the whole sequence would double the memory of the activations and gradients (it did: 3.4-7.6x
-cuDNN's peak on an H100, against 2.2-2.4x without graphs); a window's copies are a window's
-steps of them, whatever the length. Each window copies its steps in, replays, and
+window by window: a graph's buffers are its own copies of what the loop reads and writes, so a
+graph of the whole sequence would double the memory of the activations and gradients (it did:
+3.4-7.6x cuDNN's peak on an H100, against 2.2-2.4x without graphs); a window's copies are a
+window's steps of them, whatever the length. Each window copies its steps in, replays, and
 copies what the loop wrote back out; the weights are copied into a graph once per call.
 
 A graph is captured the second time its key (window length, shapes, dtypes, configuration) is
