@@ -61,6 +61,12 @@ def window() -> int:
     return steps
 
 
+def windows(steps: int) -> list[tuple[int, int]]:
+    """(first step, steps) of every window of a loop of ``steps`` steps, in order."""
+    size = window()
+    return [(start, min(size, steps - start)) for start in range(0, steps, size)]
+
+
 def clear() -> None:
     """Release every captured graph (and the memory its buffers hold)."""
     _graphs.clear()
@@ -90,10 +96,8 @@ def run(
     if places <= 0 or not _applies(device):
         loop(tensors, steps)
         return
-    size = window()
-    windows = [(start, min(size, steps - start)) for start in range(0, steps, size)]
     loaded = set()  # graphs whose copies of the whole, unwritten tensors (weights) are current
-    for start, k in reversed(windows) if reverse else windows:
+    for start, k in reversed(windows(steps)) if reverse else windows(steps):
         part = {name: _window(t, timed.get(name), steps, start, k) for name, t in tensors.items()}
         full_key = (key, k, device, _signature(part))
         entry = _graph_for(full_key, loop, part, k, places)

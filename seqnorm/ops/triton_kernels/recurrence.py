@@ -571,7 +571,8 @@ def _lstm_backward_loop(s, steps, norm, groups, eps, training, n, hidden, out_si
     grad_out, dh, dc = s["grad_out"], s["dh0"], s["dc0"]
     g = _groups(norm, groups)
     dtype = dh.dtype
-    window = min(steps, graphs.window())
+    windows = graphs.windows(steps)
+    window = max((k for _, k in windows), default=0)
     dgates = torch.empty(window, n, features, device=acts.device, dtype=dtype)
     dz = torch.empty_like(dgates) if normed else dgates
     dnc = dgates.new_empty(window if normed else 1, n, hidden)
@@ -580,8 +581,7 @@ def _lstm_backward_loop(s, steps, norm, groups, eps, training, n, hidden, out_si
     dprev = torch.empty(n, out_size, device=acts.device, dtype=w_hh.dtype)
     bh = triton.next_power_of_2(hidden)
     bn, bj = block_columns(n, hidden)
-    for start in reversed(range(0, steps, window)):
-        k = min(window, steps - start)
+    for start, k in reversed(windows):
         for t in range(start + k - 1, start - 1, -1):
             j = t - start  # the step within the window
             valid = None if mask is None else mask[t]
@@ -925,15 +925,15 @@ def _gru_backward_loop(s, steps, norm, groups, eps, training, n, hidden) -> None
     mask, w_hh, acts, hs, dh = s["mask"], s["w_hh"], s["acts"], s["hs"], s["dh0"]
     g = _groups(norm, groups)
     dtype = dh.dtype
-    window = min(steps, graphs.window())
+    windows = graphs.windows(steps)
+    window = max((k for _, k in windows), default=0)
     dgates = torch.empty(window, n, features, device=acts.device, dtype=dtype)
     dgh = torch.empty_like(dgates)
     dz = torch.empty_like(dgates) if normed else dgh
     dprev = torch.empty(n, hidden, device=acts.device, dtype=w_hh.dtype)
     bh = triton.next_power_of_2(hidden)
     bn, bj = block_columns(n, hidden)
-    for start in reversed(range(0, steps, window)):
-        k = min(window, steps - start)
+    for start, k in reversed(windows):
         for t in range(start + k - 1, start - 1, -1):
             j = t - start  # the step within the window
             valid = None if mask is None else mask[t]
