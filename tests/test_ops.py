@@ -406,7 +406,7 @@ def test_operators_pass_opcheck(norm):
     """torch.library.opcheck: schemas, fake implementations (shapes and dtypes of every output,
     which torch.compile and torch.export rely on) and the autograd registration, for the C++
     kernel and the Triton kernels (in the interpreter), whose saved tensors differ: the Triton
-    backward computes the input half's x_hat of layer and group norm again instead."""
+    backward computes the input half's x_hat again instead."""
     for backend, proj in [("cpp", False), ("cpp", True), ("triton", False)]:
         inputs, running, mask, config = _lstm_op_inputs(norm, True, True, proj)
         args = (*inputs, *running, mask, *config, True, backend)

@@ -219,9 +219,9 @@ def _(*args):
 
 def recomputes_input_xhat(norm: str, backend: str) -> bool:
     """Whether the forward leaves the input half's x_hat and statistics unsaved (empty), for the
-    backward to compute them again from the input: the Triton kernels do for layer and group norm
-    (batch norm's may come from running statistics, which the backward does not take)."""
-    return backend == "triton" and norm in ("layer", "group")
+    backward to compute them again from the input (and, for batch norm, the running statistics
+    the forward was given, ``running_ih``): the Triton kernels do."""
+    return backend == "triton" and norm != "none"
 
 
 def _input_saved(a, state, steps: int, n: int, features: int) -> dict:
@@ -263,6 +263,7 @@ def lstm_backward(
     xhat_ih: Tensor,
     stats_ih: Tensor,
     counts: Tensor,
+    running_ih: _Opt,
     norm: str,
     groups: int,
     eps: float,
@@ -272,7 +273,8 @@ def lstm_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradients of :func:`lstm_forward`: those of ``x, h0, c0, w_ih, w_hh``, the bias
     (``b_ih`` and ``b_hh`` alike), ``w_hr, gamma_ih, gamma_hh, gamma_c, beta_c``, in that order
-    (``needs`` says which are wanted; the others are empty)."""
+    (``needs`` says which are wanted; the others are empty). ``running_ih``: the forward's, for
+    a backward that normalizes the input half again (:func:`recomputes_input_xhat`)."""
     raise NotImplementedError("seqnorm::lstm_backward has kernels for CPU and CUDA only")
 
 
@@ -400,6 +402,7 @@ def _lstm_backward(ctx, grad_out, grad_h, grad_c, *unused):
             params.beta_c,
             mask if ctx.has_mask else None,
             *s,
+            running[0],  # the forward's input half's (a copy of the module's rows): for Triton
             *ctx.config,
             needs,
             ctx.backend,
@@ -524,6 +527,7 @@ def gru_backward(
     xhat_ih: Tensor,
     stats_ih: Tensor,
     counts: Tensor,
+    running_ih: _Opt,
     norm: str,
     groups: int,
     eps: float,
@@ -612,6 +616,7 @@ def _gru_backward(ctx, grad_out, grad_h, *unused):
             params.gamma_hh,
             mask if ctx.has_mask else None,
             *GRUSaved(*saved),
+            running[0],  # as for the LSTM
             *ctx.config,
             needs,
             ctx.backend,

@@ -88,8 +88,7 @@ class LSTMSaved(NamedTuple):
     """``(T, N, H)``: h before the projection (with ``proj_size``)."""
     xhat_ih: Tensor
     """``(T, N, 4H)``: the normalized input projection; with ``stats_ih`` empty where the
-    backward computes them again (the Triton kernels' layer and group norm:
-    seqnorm.ops.library.recomputes_input_xhat)."""
+    backward computes them again (the Triton kernels: seqnorm.ops.library.recomputes_input_xhat)."""
     stats_ih: Tensor
     counts: Tensor
     """``(T,)`` int64: the valid samples of every step."""

@@ -160,8 +160,8 @@ def input_forward(x, w_ih, bias, gamma, running, mask, norm, groups, eps, traini
 
 
 def _input_saved(xhat: Tensor, stats: Tensor, norm: str) -> tuple[Tensor, Tensor]:
-    """The input half's x_hat and statistics as the forward saves them: not at all for layer and
-    group norm, whose backward computes them again from the input, a window at a time."""
+    """The input half's x_hat and statistics as the forward saves them: not at all, as the
+    backward computes them again from the input, a window at a time."""
     if norm == "none" or recomputes_input_xhat(norm, "triton"):
         return _empty(xhat), _empty(stats)
     return xhat, stats
@@ -490,6 +490,7 @@ def lstm_backward(
     xhat_ih,
     stats_ih,
     counts,
+    running_ih,
     norm,
     groups,
     eps,
@@ -521,6 +522,7 @@ def lstm_backward(
         "stats_c": _per_step(stats_c, steps),
         "xhat_ih": xhat_ih,
         "stats_ih": _per_step(stats_ih, steps),
+        "running_ih": running_ih,
         "mask": mask,
         "w_ih": w_ih,
         "w_hh": w_hh,
@@ -536,7 +538,7 @@ def lstm_backward(
         lambda s, k: _lstm_backward_loop(s, k, *config),
         t,
         steps,
-        timed=_TIMED,
+        timed={**_TIMED, "running_ih": 1},
         writes=_LSTM_GRADS,
         reverse=True,
     )
@@ -670,12 +672,13 @@ def _input_window_backward(
     wanted = tuple(s[k] is not None for k in ("dx", "dw_ih", "dgamma_ih", dbias))
     x, mask = s["x"][steps_here], None if s["mask"] is None else s["mask"][steps_here]
     if recomputes_input_xhat(norm, "triton"):  # as the forward computed them
+        running = s["running_ih"]  # a window's rows, which the kernel takes contiguous
         _, xhat, stats, _ = input_forward(
             x,
             s["w_ih"],
             None,
             s["gamma_ih"],
-            None,
+            None if running is None else running.contiguous(),
             mask,
             norm,
             groups,
@@ -873,6 +876,7 @@ def gru_backward(
     xhat_ih,
     stats_ih,
     counts,
+    running_ih,
     norm,
     groups,
     eps,
@@ -897,6 +901,7 @@ def gru_backward(
         "stats_hh": _per_step(stats_hh, steps),
         "xhat_ih": xhat_ih,
         "stats_ih": _per_step(stats_ih, steps),
+        "running_ih": running_ih,
         "mask": mask,
         "w_ih": w_ih,
         "w_hh": w_hh,
@@ -909,7 +914,7 @@ def gru_backward(
         lambda s, k: _gru_backward_loop(s, k, *config),
         t,
         steps,
-        timed=_TIMED,
+        timed={**_TIMED, "running_ih": 1},
         writes=_GRU_GRADS,
         reverse=True,
     )
