@@ -8,7 +8,7 @@
 #
 #   PYTHONPATH=. bash benchmarks/gpu_session.sh tests     # at most 4.5 minutes (its limits)
 #   PYTHONPATH=. bash benchmarks/gpu_session.sh bench     # at most 8 minutes
-#   PYTHONPATH=. bash benchmarks/gpu_session.sh windows   # at most 3.5 minutes
+#   PYTHONPATH=. bash benchmarks/gpu_session.sh windows   # at most 4 minutes
 #   PYTHONPATH=. bash benchmarks/gpu_session.sh           # all three: more than one 10-minute call
 #
 # PYTHON picks the interpreter (default python3: the machine's own torch, triton and pytest).
