@@ -221,6 +221,15 @@ def test_cuda_graphs_must_be_a_count(bench, monkeypatch, capsys):
     assert "argument --cuda-graphs: expected a count >= 0, got -1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("steps", ["3", "0"])
+def test_the_window_must_be_an_even_count(bench, monkeypatch, capsys, steps):
+    monkeypatch.setattr(sys, "argv", ["bench_rnn.py", "--window", steps])
+    with pytest.raises(SystemExit):
+        bench.main()
+    expected = f"argument --window: expected an even number of steps >= 2, got {steps}"
+    assert expected in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tests the message on a machine without CUDA")
 def test_device_cuda_without_cuda_says_so(bench, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["bench_rnn.py", "--device", "cuda"])
@@ -246,6 +255,7 @@ def test_main_on_cuda(bench, tmp_path, monkeypatch):
 
     assert 4.0 <= bench.peak_mb(step, device) < 4.5
     monkeypatch.setenv("SEQNORM_CUDA_GRAPHS", "4")  # restored after main sets it
+    monkeypatch.setenv("SEQNORM_TRITON_WINDOW", "32")  # likewise
     monkeypatch.setattr(bench, "SHAPES", {"T": (3, 4, 5, 8)})
     out = tmp_path / "bench.json"
     argv = ["bench_rnn.py", "--shapes", "T", "--warmup", "0", "--repeats", "1", "--device", "cuda"]
@@ -259,9 +269,12 @@ def test_main_on_cuda(bench, tmp_path, monkeypatch):
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["peak_mb"] > 0 for r in result["rows"])
     assert result["machine"]["cuda_graphs"] == 64
     assert os.environ["SEQNORM_CUDA_GRAPHS"] == "64"  # a place for every loop of the run
-    monkeypatch.setattr(sys, "argv", [*argv, "--autocast", "bf16", "--cuda-graphs", "0"])
+    assert result["machine"]["window"] == 32
+    argv += ["--autocast", "bf16", "--cuda-graphs", "0", "--window", "2"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--json", str(out)])
     bench.main()
     assert os.environ["SEQNORM_CUDA_GRAPHS"] == "0"
+    assert json.loads(out.read_text())["machine"]["window"] == 2
 
 
 @pytest.mark.slow
