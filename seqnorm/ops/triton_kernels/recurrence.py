@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..library import GRU_GRADS, LSTM_GRADS, recomputes_input_xhat
+from ..library import GRU_GRADS, LSTM_GRADS
 from ..types import GRUSaved, LSTMSaved
 from . import graphs
 from .gru import gru_step_batch, gru_step_batch_backward, gru_step_rows, gru_step_rows_backward
@@ -159,14 +159,6 @@ def input_forward(x, w_ih, bias, gamma, running, mask, norm, groups, eps, traini
     return gx, xhat, stats, _empty(gx)
 
 
-def _input_saved(xhat: Tensor, stats: Tensor, norm: str) -> tuple[Tensor, Tensor]:
-    """The input half's x_hat and statistics as the forward saves them: not at all, as the
-    backward computes them again from the input, a window at a time."""
-    if norm == "none" or recomputes_input_xhat(norm, "triton"):
-        return _empty(xhat), _empty(stats)
-    return xhat, stats
-
-
 def _sum_of_products(a: Tensor, b: Tensor) -> Tensor:
     """``(a * b).sum((0, 1))``: a gain's gradient over a window's steps and samples."""
     return (a * b).sum((0, 1))
@@ -181,14 +173,13 @@ def input_backward(dgates, x, w_ih, gamma, xhat, stats, mask, norm, groups, trai
     dgamma = _sum_of_products(dgates, xhat) if needs[2] and norm != "none" else None
     if not (needs[0] or needs[1]):
         return None, None, dgamma, dbias
-    if norm == "none":
-        dproj = dgates
-    elif norm == "batch":
-        dproj = dgates  # in place: each program reads its tile before it writes it
+    # dL/d(x W_ih^T) over dgates in place: each program reads its tile (a batch-norm block, a
+    # row) before it writes it
+    if norm == "batch":
         bn, bj = block_columns(n, features)
         input_backward_batch[(steps, triton.cdiv(features, bj))](
             dgates,
-            dproj,
+            dgates,
             xhat,
             stats,
             mask,
@@ -202,12 +193,11 @@ def input_backward(dgates, x, w_ih, gamma, xhat, stats, mask, norm, groups, trai
             ACC=_acc(dtype),
             num_warps=num_warps_for(bn * bj),
         )
-    else:
-        dproj = dgates  # in place, likewise: one program a row
+    elif norm != "none":
         bf = triton.next_power_of_2(features)
         input_backward_rows[(steps * n,)](
             dgates,
-            dproj,
+            dgates,
             xhat,
             stats,
             gamma,
@@ -217,7 +207,7 @@ def input_backward(dgates, x, w_ih, gamma, xhat, stats, mask, norm, groups, trai
             ACC=_acc(dtype),
             num_warps=num_warps_for(bf),
         )
-    rows = dproj.reshape(steps * n, features)
+    rows = dgates.reshape(steps * n, features)
     dx = (rows.to(w_ih.dtype) @ w_ih).view(x.shape) if needs[0] else None
     dw = (
         rows.t().to(w_ih.dtype) @ x.reshape(steps * n, x.shape[2]).to(w_ih.dtype)
@@ -263,7 +253,9 @@ def lstm_forward(
     gx, xhat_ih, stats_ih, batch_ih = input_forward(
         x, w_ih, bias, gamma_ih, running_ih, mask, norm, groups, eps, training, dtype
     )
-    xhat_ih, stats_ih = _input_saved(xhat_ih, stats_ih, norm)  # before the loop takes memory
+    # not saved: the backward computes them again (library.recomputes_input_xhat); freed here,
+    # before the loop takes its memory
+    del xhat_ih, stats_ih
     # what the loop writes: every step's when the backward keeps it, else a ring of two states
     # and one step's activations
     kept = steps if keep else 1
@@ -298,7 +290,7 @@ def lstm_forward(
         lambda s, k: _lstm_loop(s, k, *config),
         t,
         steps,
-        timed={**_TIMED, "batch_hh": 1, "batch_c": 1, "running_hh": 1, "running_c": 1},
+        timed=_TIMED,
         writes=("gx", *_LSTM_WRITES) if keep else _LSTM_WRITES,
     )
     counts = _counts(mask, steps, n, x.device)
@@ -321,14 +313,15 @@ def lstm_forward(
         t["xhat_c"] if normed else _empty(gx),
         t["stats_c"].view(-1) if normed else _empty(gx),
         t["hpre"] if proj else _empty(gx),
-        xhat_ih,
-        stats_ih,
+        _empty(gx),  # xhat_ih
+        _empty(gx),  # stats_ih
         counts,
     )
     return (*heads, *saved)
 
 
-# the loops' tensors with a time dimension (the first, unless given), and what they write
+# the loops' tensors with a time dimension (the first; the second for the (2, T, F) running and
+# batch statistics), and what they write
 _TIMED = dict.fromkeys(
     [
         "gx",
@@ -344,18 +337,11 @@ _TIMED = dict.fromkeys(
         "mask",
         "gh_n",
         "grad_out",
-        "dgates",
-        "dgh",
-        "dz",
-        "dnc",
-        "dtotal",
         "x",
         "dx",
-        "xhat_ih",
-        "stats_ih",
     ],
     0,
-)
+) | dict.fromkeys(["running_ih", "running_hh", "running_c", "batch_hh", "batch_c"], 1)
 _LSTM_WRITES = (
     "acts",
     "hs",
@@ -487,7 +473,7 @@ def lstm_backward(
     xhat_c,
     stats_c,
     hpre,
-    xhat_ih,
+    xhat_ih,  # empty, as the forward saves neither: computed again, a window at a time
     stats_ih,
     counts,
     running_ih,
@@ -520,8 +506,6 @@ def lstm_backward(
         "stats_hh": _per_step(stats_hh, steps),
         "xhat_c": xhat_c,
         "stats_c": _per_step(stats_c, steps),
-        "xhat_ih": xhat_ih,
-        "stats_ih": _per_step(stats_ih, steps),
         "running_ih": running_ih,
         "mask": mask,
         "w_ih": w_ih,
@@ -538,7 +522,7 @@ def lstm_backward(
         lambda s, k: _lstm_backward_loop(s, k, *config),
         t,
         steps,
-        timed={**_TIMED, "running_ih": 1},
+        timed=_TIMED,
         writes=_LSTM_GRADS,
         reverse=True,
     )
@@ -671,7 +655,8 @@ def _input_window_backward(
     bias's named ``dbias``), and dL/dx of its steps."""
     wanted = tuple(s[k] is not None for k in ("dx", "dw_ih", "dgamma_ih", dbias))
     x, mask = s["x"][steps_here], None if s["mask"] is None else s["mask"][steps_here]
-    if recomputes_input_xhat(norm, "triton"):  # as the forward computed them
+    xhat = stats = _empty(dgates)
+    if norm != "none":  # as the forward computed them (it saved neither)
         running = s["running_ih"]  # a window's rows, which the kernel takes contiguous
         _, xhat, stats, _ = input_forward(
             x,
@@ -686,9 +671,6 @@ def _input_window_backward(
             training,
             s["acts"].dtype,
         )
-    else:
-        xhat = s["xhat_ih"][steps_here] if s["xhat_ih"].numel() else s["xhat_ih"]
-        stats = s["stats_ih"][steps_here].reshape(-1)
     dx, dw_ih, dgamma, db = input_backward(
         dgates, x, s["w_ih"], s["gamma_ih"], xhat, stats, mask, norm, groups, training, wanted
     )
@@ -744,7 +726,7 @@ def gru_forward(
     gx, xhat_ih, stats_ih, batch_ih = input_forward(
         x, w_ih, b_ih, gamma_ih, running_ih, mask, norm, groups, eps, training, dtype
     )
-    xhat_ih, stats_ih = _input_saved(xhat_ih, stats_ih, norm)  # as in lstm_forward
+    del xhat_ih, stats_ih  # as in lstm_forward
     kept = steps if keep else 1  # as in lstm_forward
     g = _groups(norm, groups)
     t = {
@@ -769,7 +751,7 @@ def gru_forward(
         lambda s, k: _gru_loop(s, k, *config),
         t,
         steps,
-        timed={**_TIMED, "batch_hh": 1, "running_hh": 1},
+        timed=_TIMED,
         writes=("gx", *_GRU_WRITES) if keep else _GRU_WRITES,
     )
     counts = _counts(mask, steps, n, x.device)
@@ -787,8 +769,8 @@ def gru_forward(
         t["gh_n"],
         t["xhat_hh"] if normed else _empty(gx),
         t["stats_hh"].view(-1) if normed else _empty(gx),
-        xhat_ih,
-        stats_ih,
+        _empty(gx),  # xhat_ih, as in lstm_forward
+        _empty(gx),  # stats_ih
         counts,
     )
     return (*heads, *saved)
@@ -873,7 +855,7 @@ def gru_backward(
     ghn,
     xhat_hh,
     stats_hh,
-    xhat_ih,
+    xhat_ih,  # empty, as the forward saves neither: computed again, a window at a time
     stats_ih,
     counts,
     running_ih,
@@ -899,8 +881,6 @@ def gru_backward(
         "hs": hs,
         "xhat_hh": xhat_hh,
         "stats_hh": _per_step(stats_hh, steps),
-        "xhat_ih": xhat_ih,
-        "stats_ih": _per_step(stats_ih, steps),
         "running_ih": running_ih,
         "mask": mask,
         "w_ih": w_ih,
@@ -914,7 +894,7 @@ def gru_backward(
         lambda s, k: _gru_backward_loop(s, k, *config),
         t,
         steps,
-        timed={**_TIMED, "running_ih": 1},
+        timed=_TIMED,
         writes=_GRU_GRADS,
         reverse=True,
     )
