@@ -547,7 +547,7 @@ def test_the_product_is_chosen_by_timing_both_unless_asked_for(monkeypatch):
 def test_each_per_step_product_way_against_float64(way):
     """x W^T as the time loop runs it, each way (or as chosen: ""), at widths the brgemm blocks
     split with a narrower last block (1200 and 1040 features on 1 to 3 threads), a row-strided
-    x, and batch 1: within float32 rounding of the float64 product. Bad arguments are named."""
+    x, a transposed W, and batch 1: within float32 rounding of the float64 product. Bad arguments are named."""
     cpp.load()
     before = torch.get_num_threads()
     try:
@@ -555,9 +555,11 @@ def test_each_per_step_product_way_against_float64(way):
             [1, 2, 3], [(5, 300, 1200), (1, 64, 1040), (3, 256, 1024)]
         ):
             torch.set_num_threads(threads)
-            x, w = torch.randn(batch, 2 * inputs)[:, :inputs], torch.randn(features, inputs)
-            got = torch.ops.seqnorm_cpp.step_products(x, w, way, 3)
-            assert_close(got.double(), x.double() @ w.double().T, rtol=0, atol=1e-4)
+            x = torch.randn(batch, 2 * inputs)[:, :inputs]
+            # W row-major, and the transposed view the backward passes (dgh W_hh)
+            for w in (torch.randn(features, inputs), torch.randn(inputs, features).T):
+                got = torch.ops.seqnorm_cpp.step_products(x, w, way, 3)
+                assert_close(got.double(), x.double() @ w.double().T, rtol=0, atol=1e-4)
     finally:
         torch.set_num_threads(before)
     with pytest.raises(RuntimeError, match="way must be 'packed', 'brgemm' or 'mm', got 'fast'"):
