@@ -310,6 +310,16 @@ def test_eval_mode_matches_python_loop(cls, norm):
     x = torch.randn(7, 1, 5, dtype=torch.float64)  # batch of one: fine in eval mode
     with torch.no_grad():
         assert_close(fast(x)[0], reference(x)[0])
+    # padded samples, and a backward through the running statistics (frozen-norm fine-tuning)
+    x = torch.randn(9, 6, 5, dtype=torch.float64)
+    grads = []
+    for m in (fast, reference):
+        xs = x.clone().requires_grad_()
+        out = m(xs, lengths=LENGTHS)[0]
+        out.square().sum().backward()
+        grads.append((out, xs.grad, *(p.grad for p in m.parameters())))
+    for got, want in zip(*grads):
+        assert_close(got, want)
 
 
 # --- the operators themselves -------------------------------------------------------------

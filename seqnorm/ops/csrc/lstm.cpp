@@ -128,9 +128,13 @@ SEQNORM_SIMD
         for (int64_t j = 0; j < H; ++j) hn[j] = on[j] * tanh_approx(y[j]);
         if (!proj) std::copy(hn, hn + H, out_t + n * H);
       };
-      if (normed && !batch)  // group statistics come row by row
-        norm_c.emplace(s, nb_c, t, steps, N, H, c_new, valid, count[t], nullptr, nullptr);
-      for_rows(N, F, [&](int64_t n) {  // gates and the new cell state (and, unless batch, h')
+      // Batch statistics of c' need every row's c' first: a second walk over the rows. Group
+      // statistics come row by row, and running ones (eval mode) are there from the start.
+      const bool two_walks = batch && s.uses_batch(count[t]);
+      if (normed && !two_walks)
+        norm_c.emplace(s, nb_c, t, steps, N, H, c_new, valid, count[t], run_c,
+                       run_c ? run_c + steps * H : nullptr);
+      for_rows(N, F, [&](int64_t n) {  // gates and the new cell state (and h', unless two_walks)
         const scalar_t* gn = g + n * F;
         const scalar_t* zn = z + n * F;
         scalar_t* an = a + n * F;
@@ -153,9 +157,9 @@ SEQNORM_SIMD
         scalar_t* cn = c_new + n * H;
 SEQNORM_SIMD
         for (int64_t j = 0; j < H; ++j) cn[j] = an[H + j] * cp[j] + an[j] * an[2 * H + j];
-        if (!batch) output(n);
+        if (!two_walks) output(n);
       });
-      if (batch) {  // batch statistics of c' need every row's c' first
+      if (two_walks) {
         norm_c.emplace(s, nb_c, t, steps, N, H, c_new, valid, count[t], run_c,
                        run_c + steps * H);
         for_rows(N, H, output);
