@@ -26,6 +26,52 @@ struct NormBuffers {
   }
 };
 
+// The features [lo, hi) of batch_stats below, in blocks of at most 64 (sums on the stack).
+template <typename scalar_t>
+void batch_stats_range(const NormConfig& s, const scalar_t* x, int64_t N, int64_t F, int64_t lo,
+                       int64_t hi, const bool* valid, int64_t count, const scalar_t* run_mean,
+                       const scalar_t* run_var, scalar_t* mean, scalar_t* rstd,
+                       scalar_t* batch_mean, scalar_t* batch_var) {
+  // float32 values: sum and sum of squares in one pass, in double, where the difference
+  // E[x^2] - mean^2 keeps about 29 bits more than the values have (a squared float32 is exact in
+  // double); double values: two passes (mean, then squared deviations).
+  constexpr bool one_pass = std::is_same_v<scalar_t, float>;
+  if (!s.uses_batch(count)) {
+    std::copy(run_mean + lo, run_mean + hi, mean + lo);
+SEQNORM_SIMD
+    for (int64_t f = lo; f < hi; ++f)
+      rstd[f] = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(run_var[f]) + s.eps));
+    return;
+  }
+  constexpr int64_t block = 64;
+  for (int64_t b0 = lo; b0 < hi; b0 += block) {
+    const int64_t width = std::min(block, hi - b0);
+    double sum[block] = {}, squares[block] = {};
+    for (int64_t n = 0; n < N; ++n) {
+      if (valid && !valid[n]) continue;
+      const scalar_t* p = x + n * F + b0;
+SEQNORM_SIMD
+      for (int64_t f = 0; f < width; ++f) {
+        sum[f] += p[f];
+        if constexpr (one_pass) squares[f] += static_cast<double>(p[f]) * p[f];
+      }
+    }
+    for (int64_t f = 0; f < width; ++f) sum[f] /= count;
+    for (int64_t n = 0; !one_pass && n < N; ++n) {
+      if (valid && !valid[n]) continue;
+      const scalar_t* p = x + n * F + b0;
+      for (int64_t f = 0; f < width; ++f) squares[f] += (p[f] - sum[f]) * (p[f] - sum[f]);
+    }
+    for (int64_t f = 0; f < width; ++f) {
+      squares[f] = one_pass ? std::max(squares[f] / count - sum[f] * sum[f], 0.0)
+                            : squares[f] / count;
+      batch_mean[b0 + f] = mean[b0 + f] = static_cast<scalar_t>(sum[f]);
+      batch_var[b0 + f] = static_cast<scalar_t>(squares[f]);
+      rstd[b0 + f] = static_cast<scalar_t>(1.0 / std::sqrt(squares[f] + s.eps));
+    }
+  }
+}
+
 // Batch statistics of a step, per feature over the valid samples, or the running ones when
 // there are fewer than two valid samples or in eval mode. Writes mean and rstd (F); when the
 // batch statistics are used, also their mean and biased variance to batch_mean, batch_var.
@@ -33,40 +79,12 @@ template <typename scalar_t>
 void batch_stats(const NormConfig& s, const scalar_t* x, int64_t N, int64_t F, const bool* valid,
                  int64_t count, const scalar_t* run_mean, const scalar_t* run_var,
                  scalar_t* mean, scalar_t* rstd, scalar_t* batch_mean, scalar_t* batch_var) {
-  // float32 values: sum and sum of squares in one pass, in double, where the difference
-  // E[x^2] - mean^2 keeps about 29 bits more than the values have (a squared float32 is exact in
-  // double); double values: two passes (mean, then squared deviations).
-  constexpr bool one_pass = std::is_same_v<scalar_t, float>;
-  if (!s.uses_batch(count)) {
-    std::copy(run_mean, run_mean + F, mean);
-SEQNORM_SIMD
-    for (int64_t f = 0; f < F; ++f)
-      rstd[f] = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(run_var[f]) + s.eps));
-    return;
-  }
+  if (!s.uses_batch(count))
+    return batch_stats_range(s, x, N, F, 0, F, valid, count, run_mean, run_var, mean, rstd,
+                             batch_mean, batch_var);
   for_features(N, F, [&](int64_t lo, int64_t hi) {
-    std::vector<double> sum(hi - lo, 0.0), squares(hi - lo, 0.0);
-    for (int64_t n = 0; n < N; ++n) {
-      if (valid && !valid[n]) continue;
-      const scalar_t* p = x + n * F + lo;
-      for (int64_t f = 0; f < hi - lo; ++f) {
-        sum[f] += p[f];
-        if constexpr (one_pass) squares[f] += static_cast<double>(p[f]) * p[f];
-      }
-    }
-    for (int64_t f = 0; f < hi - lo; ++f) sum[f] /= count;
-    for (int64_t n = 0; !one_pass && n < N; ++n) {
-      if (valid && !valid[n]) continue;
-      const scalar_t* p = x + n * F + lo;
-      for (int64_t f = 0; f < hi - lo; ++f) squares[f] += (p[f] - sum[f]) * (p[f] - sum[f]);
-    }
-    for (int64_t f = 0; f < hi - lo; ++f) {
-      squares[f] = one_pass ? std::max(squares[f] / count - sum[f] * sum[f], 0.0)
-                            : squares[f] / count;
-      batch_mean[lo + f] = mean[lo + f] = static_cast<scalar_t>(sum[f]);
-      batch_var[lo + f] = static_cast<scalar_t>(squares[f]);
-      rstd[lo + f] = static_cast<scalar_t>(1.0 / std::sqrt(squares[f] + s.eps));
-    }
+    batch_stats_range(s, x, N, F, lo, hi, valid, count, run_mean, run_var, mean, rstd,
+                      batch_mean, batch_var);
   });
 }
 
@@ -137,6 +155,53 @@ SEQNORM_SIMD
   }
 }
 
+// The features [lo, hi) of batch_norm_backward below (every argument spans all F features), in
+// blocks of at most 64 (sums on the stack). dgamma and dbeta take only these features' sums.
+template <typename scalar_t>
+void batch_norm_backward_range(const scalar_t* dy, scalar_t* dx, const scalar_t* xhat,
+                               const scalar_t* gamma, double* dgamma, double* dbeta, int64_t N,
+                               int64_t F, int64_t lo, int64_t hi, const bool* valid,
+                               const scalar_t* rstd, bool use_batch, int64_t count) {
+  const bool sums = use_batch || dgamma || dbeta;
+  constexpr int64_t block = 64;
+  for (int64_t b0 = lo; b0 < hi; b0 += block) {
+    const int64_t width = std::min(block, hi - b0);
+    double m1[block] = {}, m2[block] = {};
+    for (int64_t n = 0; sums && n < N; ++n) {  // every row's output used the statistics
+      const scalar_t* p = dy + n * F + b0;
+      const scalar_t* xh = xhat + n * F + b0;
+SEQNORM_SIMD
+      for (int64_t f = 0; f < width; ++f) {
+        m1[f] += p[f];
+        m2[f] += p[f] * xh[f];
+      }
+    }
+    for (int64_t f = 0; dgamma && f < width; ++f) dgamma[b0 + f] += m2[f];
+    for (int64_t f = 0; dbeta && f < width; ++f) dbeta[b0 + f] += m1[f];
+    // dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat)) = scale * dy - a - x_hat * b
+    scalar_t scale[block], a[block] = {}, b[block] = {};
+    for (int64_t f = 0; f < width; ++f) {
+      const double sc = static_cast<double>(rstd[b0 + f]) * (gamma ? gamma[b0 + f] : 1);
+      scale[f] = static_cast<scalar_t>(sc);
+      if (!use_batch) continue;
+      a[f] = static_cast<scalar_t>(sc * m1[f] / count);
+      b[f] = static_cast<scalar_t>(sc * m2[f] / count);
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      const scalar_t* p = dy + n * F + b0;
+      scalar_t* q = dx + n * F + b0;
+      const scalar_t* xh = xhat + n * F + b0;
+      if (!use_batch || (valid && !valid[n])) {
+SEQNORM_SIMD
+        for (int64_t f = 0; f < width; ++f) q[f] = scale[f] * p[f];
+        continue;
+      }
+SEQNORM_SIMD
+      for (int64_t f = 0; f < width; ++f) q[f] = scale[f] * p[f] - a[f] - xh[f] * b[f];
+    }
+  }
+}
+
 // The backward of y = gamma * batch_norm(x) + beta over a step, all rows at once: dy (N, F) is
 // dL/dy, dx receives dL/dx (it may be dy itself). Adds the sums over the rows of dy * x_hat to
 // dgamma and of dy to dbeta (F each; null when not wanted): each feature is summed by one thread,
@@ -149,41 +214,9 @@ void batch_norm_backward(const scalar_t* dy, scalar_t* dx, const scalar_t* xhat,
                          const scalar_t* gamma, double* dgamma, double* dbeta, int64_t N,
                          int64_t F, const bool* valid, const scalar_t* rstd, bool use_batch,
                          int64_t count) {
-  const bool sums = use_batch || dgamma || dbeta;
   for_features(N, F, [&](int64_t lo, int64_t hi) {
-    const int64_t width = hi - lo;
-    std::vector<double> m1(sums ? width : 0, 0.0), m2(sums ? width : 0, 0.0);
-    for (int64_t n = 0; sums && n < N; ++n) {  // every row's output used the statistics
-      const scalar_t* p = dy + n * F + lo;
-      const scalar_t* xh = xhat + n * F + lo;
-      for (int64_t f = 0; f < width; ++f) {
-        m1[f] += p[f];
-        m2[f] += p[f] * xh[f];
-      }
-    }
-    for (int64_t f = 0; dgamma && f < width; ++f) dgamma[lo + f] += m2[f];
-    for (int64_t f = 0; dbeta && f < width; ++f) dbeta[lo + f] += m1[f];
-    // dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat)) = scale * dy - a - x_hat * b
-    std::vector<scalar_t> scale(width), a(width, 0), b(width, 0);
-    for (int64_t f = 0; f < width; ++f) {
-      const double sc = static_cast<double>(rstd[lo + f]) * (gamma ? gamma[lo + f] : 1);
-      scale[f] = static_cast<scalar_t>(sc);
-      if (!use_batch) continue;
-      a[f] = static_cast<scalar_t>(sc * m1[f] / count);
-      b[f] = static_cast<scalar_t>(sc * m2[f] / count);
-    }
-    for (int64_t n = 0; n < N; ++n) {
-      const scalar_t* p = dy + n * F + lo;
-      scalar_t* q = dx + n * F + lo;
-      const scalar_t* xh = xhat + n * F + lo;
-      if (!use_batch || (valid && !valid[n])) {
-SEQNORM_SIMD
-        for (int64_t f = 0; f < width; ++f) q[f] = scale[f] * p[f];
-        continue;
-      }
-SEQNORM_SIMD
-      for (int64_t f = 0; f < width; ++f) q[f] = scale[f] * p[f] - a[f] - xh[f] * b[f];
-    }
+    batch_norm_backward_range(dy, dx, xhat, gamma, dgamma, dbeta, N, F, lo, hi, valid, rstd,
+                              use_batch, count);
   });
 }
 
