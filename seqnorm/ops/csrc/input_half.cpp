@@ -107,7 +107,7 @@ InputGrad::InputGrad(const NormConfig& s, const Tensor& x, const Tensor& w_ih,
   }
   if (needs.w_ih) {
     x_ = x.contiguous();
-    dw = at::zeros_like(w_ih);
+    dw = steps ? at::empty_like(w_ih) : at::zeros_like(w_ih);  // the first chunk writes it
   }
 }
 
@@ -120,7 +120,8 @@ void InputGrad::done(int64_t t) {
   });
   const Tensor rows = chunk.reshape({len * N_, F_});
   if (dw.defined()) {
-    large_product(dw, rows.t(), x_.narrow(0, t, len).reshape({len * N_, x_.size(2)}), true);
+    large_product(dw, rows.t(), x_.narrow(0, t, len).reshape({len * N_, x_.size(2)}),
+                  t + K_ < steps_);
   }
   if (dx.defined()) {
     large_product(dx.narrow(0, t, len).view({len * N_, dx.size(2)}), rows, w_ih_, false);
