@@ -58,14 +58,14 @@ std::vector<Tensor> gru_forward(Tensor& gx, const Tensor& h0, const Tensor& w_hh
     for (int64_t t = 0; t < steps; ++t) {
       const bool* valid = m ? m + t * N : nullptr;
       const int64_t k = slots.act(t), now = slots.state(t), next = slots.state(t + 1);
-      const Tensor z_t = recurrent(hs[now], xhat[normed ? k : 0]);  // as in the LSTM
-      const scalar_t* z = z_t.data_ptr<scalar_t>();
+      const scalar_t* h_prev = hs.data_ptr<scalar_t>() + now * N * H;
       scalar_t* xh = xhat.data_ptr<scalar_t>() + (normed ? k : 0) * N * F;
+      const scalar_t* z = recurrent.rows(  // as in the LSTM
+          h_prev, N, H, xh, [&] { return hs[now]; }, [&] { return xhat[normed ? k : 0]; });
       const StepNorm<scalar_t> norm_hh(s, nb, t, steps, N, F, z, valid, count[t], run,
                                        run ? run + steps * F : nullptr);
       const scalar_t* g = gx.data_ptr<scalar_t>() + t * N * F;
       scalar_t* a = acts.data_ptr<scalar_t>() + k * N * F;
-      const scalar_t* h_prev = hs.data_ptr<scalar_t>() + now * N * H;
       scalar_t* h_new = hs.data_ptr<scalar_t>() + next * N * H;
       scalar_t* out_t = out.data_ptr<scalar_t>() + t * N * H;
       for_rows(N, F, [&](int64_t n) {
@@ -140,9 +140,8 @@ std::vector<Tensor> gru_backward(const Tensor& grad_out, const Tensor& grad_h,
     for (int64_t t = steps - 1; t >= 0; --t) {
       const bool* valid = m ? m + t * N : nullptr;
       const scalar_t* a = acts.data_ptr<scalar_t>() + t * N * F;
-      scalar_t* dgates = ig.at(t).data_ptr<scalar_t>();  // dL/dgx
-      Tensor dgh_t = wg.at(t);
-      scalar_t* dz = dgh_t.data_ptr<scalar_t>();  // dL/d(h W_hh^T)
+      scalar_t* dgates = ig.ptr<scalar_t>(t);  // dL/dgx
+      scalar_t* dz = wg.ptr<scalar_t>(t);        // dL/d(h W_hh^T)
       const scalar_t* go = gout.data_ptr<scalar_t>() + t * N * H;
       const scalar_t* h_prev = saved.hs.data_ptr<scalar_t>() + t * N * H;
       const scalar_t* xh = normed ? saved.xhat_hh.data_ptr<scalar_t>() + t * N * F : nullptr;
@@ -194,8 +193,8 @@ SEQNORM_SIMD
       if (batch)  // from the serial time loop: thread 0's sums take every feature
         batch_norm_backward(dz, dz, xh, gam, dgamma_hh.mine(), nullptr, N, F, valid, stats + F,
                             s.uses_batch(count[t]), count[t]);
-      const Tensor dprev = recurrent(dgh_t, dprev_buf);
-      const scalar_t* dp = dprev.data_ptr<scalar_t>();
+      const scalar_t* dp = recurrent.rows(dz, N, F, dprev_buf.data_ptr<scalar_t>(),
+                                          [&] { return wg.at(t); }, [&] { return dprev_buf; });
       for (int64_t n = 0; n < N; ++n) {
         if (valid && !valid[n]) continue;
         for (int64_t j = 0; j < H; ++j) dhp[n * H + j] += dp[n * H + j];

@@ -36,6 +36,10 @@ class InputGrad {
             const Tensor& xhat, const Tensor& stats, InputNeeds needs, const bool* mask,
             const int64_t* count, int64_t steps, int64_t N, int64_t F);
   Tensor at(int64_t t) { return ring_[t % K_]; }
+  template <typename scalar_t>
+  scalar_t* ptr(int64_t t) {  // at(t)'s data, with no tensor made
+    return ring_.data_ptr<scalar_t>() + (t % K_) * N_ * F_;
+  }
   void done(int64_t t);
   Tensor ring() const { return ring_; }
 

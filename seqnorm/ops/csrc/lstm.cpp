@@ -84,10 +84,11 @@ std::vector<Tensor> lstm_forward(Tensor& gx, const Tensor& h0, const Tensor& c0,
     for (int64_t t = 0; t < steps; ++t) {
       const bool* valid = m ? m + t * N : nullptr;
       const int64_t k = slots.act(t), now = slots.state(t), next = slots.state(t + 1);
-      // z = h W_hh^T (in the x_hat slot, or oneDNN's own tensor), normalized into the slot
-      const Tensor z_t = recurrent(hs[now], xhat_hh[normed ? k : 0]);
-      const scalar_t* z = z_t.data_ptr<scalar_t>();
+      const scalar_t* h_prev = hs.data_ptr<scalar_t>() + now * N * P;
       scalar_t* xh = xhat_hh.data_ptr<scalar_t>() + (normed ? k : 0) * N * F;
+      // z = h W_hh^T (in the x_hat slot, or oneDNN's own tensor), normalized into the slot
+      const scalar_t* z = recurrent.rows(
+          h_prev, N, P, xh, [&] { return hs[now]; }, [&] { return xhat_hh[normed ? k : 0]; });
       const StepNorm<scalar_t> norm_hh(s, nb_hh, t, steps, N, F, z, valid, count[t], run_hh,
                                        run_hh ? run_hh + steps * F : nullptr);
       const scalar_t* g = gx.data_ptr<scalar_t>() + t * N * F;
@@ -96,7 +97,6 @@ std::vector<Tensor> lstm_forward(Tensor& gx, const Tensor& h0, const Tensor& c0,
       scalar_t* c_new = cs.data_ptr<scalar_t>() + next * N * H;
       scalar_t* xc = normed ? xhat_c.data_ptr<scalar_t>() + k * N * H : nullptr;
       scalar_t* hp = proj ? hpre.data_ptr<scalar_t>() + k * N * H : nullptr;
-      const scalar_t* h_prev = hs.data_ptr<scalar_t>() + now * N * P;
       scalar_t* h_new = hs.data_ptr<scalar_t>() + next * N * P;
       scalar_t* out_t = out.data_ptr<scalar_t>() + t * N * P;
       std::optional<StepNorm<scalar_t>> norm_c;
@@ -233,9 +233,8 @@ std::vector<Tensor> lstm_backward(const Tensor& grad_out, const Tensor& grad_h,
     for (int64_t t = steps - 1; t >= 0; --t) {
       const bool* valid = m ? m + t * N : nullptr;
       const scalar_t* a = acts.data_ptr<scalar_t>() + t * N * F;
-      scalar_t* dgates = ig.at(t).data_ptr<scalar_t>();  // dL/d(gate pre-activations)
-      Tensor dgh_t = wg.at(t);
-      scalar_t* dz = dgh_t.data_ptr<scalar_t>();  // dL/d(h W_hh^T)
+      scalar_t* dgates = ig.ptr<scalar_t>(t);  // dL/d(gate pre-activations)
+      scalar_t* dz = wg.ptr<scalar_t>(t);        // dL/d(h W_hh^T)
       const scalar_t* go = gout.data_ptr<scalar_t>() + t * N * P;
       const scalar_t* c_prev = saved.cs.data_ptr<scalar_t>() + t * N * H;
       const scalar_t* c_new = saved.cs.data_ptr<scalar_t>() + (t + 1) * N * H;
@@ -346,9 +345,10 @@ SEQNORM_SIMD
                             stats_hh + F, s.uses_batch(count[t]), count[t]);
       // dh = dgh W_hh (N, P) for the valid rows; samples not valid passed their state through,
       // and their dh stays. With every row valid at::mm and brgemm write it in place.
-      const Tensor dprev = recurrent(dgh_t, valid ? dprev_buf : dh);
-      if (!dprev.is_same(dh)) {
-        const scalar_t* dp = dprev.data_ptr<scalar_t>();
+      const Tensor& target = valid ? dprev_buf : dh;
+      const scalar_t* dp = recurrent.rows(
+          dz, N, F, target.data_ptr<scalar_t>(), [&] { return wg.at(t); }, [&] { return target; });
+      if (dp != dhp) {
         for (int64_t n = 0; n < N; ++n) {
           if (valid && !valid[n]) continue;
           std::copy(dp + n * P, dp + (n + 1) * P, dhp + n * P);
