@@ -48,7 +48,7 @@ std::vector<Tensor> gru_forward(Tensor& gx, const Tensor& h0, const Tensor& w_hh
   const bool* m = mask_ptr(mask);
   const std::vector<int64_t> count = valid_counts(m, steps, N);
   hs[0].copy_(h0);
-  const Product recurrent(w_hh, N);
+  Product recurrent(w_hh, N);
 
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "seqnorm_gru_forward", [&] {
     const scalar_t* gam = ptr_or_null<scalar_t>(gamma_hh);
@@ -123,7 +123,7 @@ std::vector<Tensor> gru_backward(const Tensor& grad_out, const Tensor& grad_h,
   const bool normed = s.normed(), batch = s.batch();
   const auto o = acts.options();
   const Tensor gout = grad_out.contiguous();
-  const Product recurrent(w_hh.t(), N);  // dgh W_hh
+  Product recurrent(w_hh.t(), N);  // dgh W_hh
   Tensor dh = grad_h.contiguous().clone();
   const int64_t* count = saved.counts.data_ptr<int64_t>();
   const bool* m = mask_ptr(mask);

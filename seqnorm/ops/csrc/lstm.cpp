@@ -66,7 +66,7 @@ std::vector<Tensor> lstm_forward(Tensor& gx, const Tensor& h0, const Tensor& c0,
   const std::vector<int64_t> count = valid_counts(m, steps, N);
   hs[0].copy_(h0);
   cs[0].copy_(c0);
-  const Product recurrent(w_hh, N);  // h W_hh^T
+  Product recurrent(w_hh, N);  // h W_hh^T
   std::optional<Product> projection;       // h' W_hr^T
   Tensor projected;                        // its result (at::mm writes here)
   if (proj) {
@@ -198,7 +198,7 @@ std::vector<Tensor> lstm_backward(const Tensor& grad_out, const Tensor& grad_h,
   const bool proj = present(w_hr), normed = s.normed(), batch = s.batch();
   const auto o = acts.options();
   const Tensor gout = grad_out.contiguous();
-  const Product recurrent(w_hh.t(), N);  // dgh W_hh
+  Product recurrent(w_hh.t(), N);  // dgh W_hh
   Tensor dh = grad_h.contiguous().clone(), dc = grad_c.contiguous().clone();
   const int64_t* count = saved.counts.data_ptr<int64_t>();
   const bool* m = mask_ptr(mask);

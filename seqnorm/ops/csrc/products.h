@@ -170,6 +170,7 @@ struct Product {
   Tensor wt, packed;             // W^T (mm), oneDNN's blocked W (packed)
   std::optional<BlockProduct> blocks;
   Way way = Way::mm;
+  Tensor result_;  // the last result of rows() that is not in out
   Product(const Tensor& w, int64_t batch) : Product(w, batch, std::nullopt) {}
   // With `forced`, that way (float32; for tests and benchmarks).
   Product(const Tensor& w, int64_t batch, std::optional<Way> forced) {
@@ -208,17 +209,19 @@ struct Product {
   // x W^T for x (M rows, ldx apart) and out (M, out features, contiguous) given as pointers
   // into larger tensors: the block product reads and writes them in place, with no tensor made
   // per step (a select per operand took 0.5 us, at batch 1 a twentieth of a step); the other ways
-  // take the tensors x_rows() and out_rows() make. Returns where the result is.
+  // take the tensors x_rows() and out_rows() make. Returns where the result is: out, or
+  // oneDNN's own tensor, kept until the next call.
   template <typename scalar_t, typename XRows, typename OutRows>
   const scalar_t* rows(const scalar_t* x, int64_t M, int64_t ldx, scalar_t* out,
-                       const XRows& x_rows, const OutRows& out_rows) const {
+                       const XRows& x_rows, const OutRows& out_rows) {
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (way == Way::blocks) {
         blocks->run(x, M, ldx, out);
         return out;
       }
     }
-    return (*this)(x_rows(), out_rows()).template data_ptr<scalar_t>();
+    result_ = (*this)(x_rows(), out_rows());
+    return result_.template data_ptr<scalar_t>();
   }
   // The ways by name, as SEQNORM_CPU_PRODUCT spells them.
   static const char* name(Way way) {
