@@ -557,7 +557,8 @@ def test_the_product_is_chosen_by_timing_both_unless_asked_for(monkeypatch):
 def test_each_per_step_product_way_against_float64(way):
     """x W^T as the time loop runs it, each way (or as chosen: ""), at widths the brgemm blocks
     split with a narrower last block (1200 and 1040 features on 1 to 3 threads), a row-strided
-    x, a transposed W, and batch 1: within float32 rounding of the float64 product. Bad arguments are named."""
+    x, a transposed W, and batch 1: within float32 rounding of the float64 product. Bad
+    arguments are named."""
     cpp.load()
     before = torch.get_num_threads()
     try:

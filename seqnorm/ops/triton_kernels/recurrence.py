@@ -558,7 +558,7 @@ def _lstm_backward_loop(s, steps, norm, groups, eps, training, n, hidden, out_si
     g = _groups(norm, groups)
     dtype = dh.dtype
     windows = graphs.windows(steps)
-    window = max((k for _, k in windows), default=0)
+    window = min(steps, graphs.window())  # the first window's steps, the most of any
     dgates = torch.empty(window, n, features, device=acts.device, dtype=dtype)
     dz = torch.empty_like(dgates) if normed else dgates
     dnc = dgates.new_empty(window if normed else 1, n, hidden)
@@ -911,7 +911,7 @@ def _gru_backward_loop(s, steps, norm, groups, eps, training, n, hidden) -> None
     g = _groups(norm, groups)
     dtype = dh.dtype
     windows = graphs.windows(steps)
-    window = max((k for _, k in windows), default=0)
+    window = min(steps, graphs.window())  # the first window's steps, the most of any
     dgates = torch.empty(window, n, features, device=acts.device, dtype=dtype)
     dgh = torch.empty_like(dgates)
     dz = torch.empty_like(dgates) if normed else dgh
