@@ -28,7 +28,7 @@ struct InputRows {
 // x W^T (+ bias) for every step at once into a cached buffer (large_product: oneDNN's product
 // or ATen's sgemm, whichever is faster here). The bias is added after the product: writing it
 // into the buffer first for the product to accumulate onto took 0.5 ms beside the product's 1.9
-// at shape A, adding it after 0.13-0.2.
+// at shape A, adding it after 0.1-0.25.
 Tensor project(const Tensor& x, const Tensor& w, const OptTensor& bias) {
   TORCH_CHECK(x.dim() == 3 && w.dim() == 2 && x.size(2) == w.size(1),
               "x must be (steps, N, I) and w (F, I)");
