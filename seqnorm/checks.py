@@ -157,9 +157,12 @@ def check_dtype(input: Tensor, weight: Tensor, what: str = "RNN") -> None:
     """The input's floating dtype must be the weights', as in ``torch.nn`` (see
     :func:`_dtypes_meet` for autocast)."""
     if not _dtypes_meet(input, weight):
+        # A model can take a real floating dtype only: for any other, convert the input.
+        model = input.dtype.is_floating_point and not input.dtype.is_complex
         raise ValueError(
             f"{what} input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
-            f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})"
+            f"Convert input: input.to({weight.dtype})"
+            + (f", or convert model: model.to({input.dtype})" if model else "")
         )
 
 

@@ -203,6 +203,13 @@ FORWARD_ERRORS = [
         id="dtype",
     ),
     pytest.param(
+        dict(input=X.long()),
+        ValueError,
+        r"RNN input dtype \(torch.int64\) does not match weight dtype \(torch.float32\). "
+        r"Convert input: input.to\(torch.float32\)$",
+        id="dtype-integer",
+    ),
+    pytest.param(
         dict(input=X.to("meta")),
         RuntimeError,
         r"Expected argument `input` on the weights' device \(cpu\), got it on meta: move it with "
