@@ -607,6 +607,54 @@ def test_the_brgemm_product_splits_any_width(monkeypatch, threads, batch):
         assert_close(p.grad.double(), q.grad, rtol=0, atol=1e-4 * q.grad.abs().max().item())
 
 
+def _flat(result):
+    """A layer's output and final states, in a list."""
+    out, state = result
+    return [out, *(state if isinstance(state, tuple) else (state,))]
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU"])
+@pytest.mark.parametrize("norm", NORM_CASES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_threads_take_their_rows_apart_through_the_steps(monkeypatch, cls, norm, training):
+    """Where no step mixes samples (every norm but batch norm in training, whose statistics do)
+    and the per-step product runs on brgemm, each of 3 threads takes its share of 7 samples, some
+    padded, through every step on its own: outputs, final states and gradients within float32
+    rounding of the float64 loop, and the same outputs without a backward (no activations
+    kept). Batch norm in training runs the steps together."""
+    monkeypatch.setenv("SEQNORM_CPU_PRODUCT", "brgemm")
+    cpp.load()
+    model = make(cls, norm, hidden_size=160, input_size=6)  # W_hh of 64K values and more
+    for name, buf in model.named_buffers():  # eval mode's running statistics, not 0 and 1
+        if "running" in name:
+            buf.copy_(torch.rand_like(buf) + 0.5 if "var" in name else torch.randn_like(buf))
+    model.train(training)
+    reference = copy.deepcopy(model)
+    reference.backend = "python"
+    fast = copy.deepcopy(model).float()
+    fast.backend = "cpp"
+    x = torch.randn(5, 7, 6, dtype=torch.float64)
+    lengths = torch.tensor([5, 2, 5, 3, 1, 4, 5])
+    before, count = torch.get_num_threads(), torch.ops.seqnorm_cpp.loops_apart()
+    torch.set_num_threads(3)
+    try:
+        got = _flat(fast(x.float(), lengths=lengths))
+        sum((t * t).sum() for t in got).backward()
+        with torch.no_grad():
+            kept_none = fast(x.float(), lengths=lengths)[0]
+    finally:
+        torch.set_num_threads(before)
+    apart = torch.ops.seqnorm_cpp.loops_apart() - count
+    assert apart == (0 if norm == "batch" and training else 2)
+    want = _flat(reference(x, lengths=lengths))
+    sum((t * t).sum() for t in want).backward()
+    assert_close(kept_none, got[0], rtol=0, atol=0)
+    pairs = [*zip(got, want), *((p.grad, q.grad) for p, q in zip(fast.parameters(),
+                                                                  reference.parameters()))]
+    for g, w in pairs:
+        assert_close(g.double(), w, rtol=0, atol=5e-3 * w.abs().max().item())
+
+
 def test_the_per_step_product_is_the_one_asked_for_or_the_fastest(monkeypatch):
     """SEQNORM_CPU_PRODUCT decides how the float32 per-step product runs; unset, one of the three
     ways is timed fastest once per shape (a second ask times nothing); float32 weights under 2^16

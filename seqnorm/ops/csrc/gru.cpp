@@ -49,26 +49,30 @@ std::vector<Tensor> gru_forward(Tensor& gx, const Tensor& h0, const Tensor& w_hh
   const std::vector<int64_t> count = valid_counts(m, steps, N);
   hs[0].copy_(h0);
   Product recurrent(w_hh, N);
+  const bool apart = rows_apart(s, recurrent, N);  // run_steps
 
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "seqnorm_gru_forward", [&] {
     const scalar_t* gam = ptr_or_null<scalar_t>(gamma_hh);
     const scalar_t* bias = ptr_or_null<scalar_t>(b_hh);
     const scalar_t* run = ptr_or_null<scalar_t>(running_hh);  // (2, steps, F): mean, var
     Tensor gh_buf = at::empty({N, F}, o);  // Nh(h W_hh^T) + b_hh of each row
-    for (int64_t t = 0; t < steps; ++t) {
+    if (apart && s.batch()) running_stats_ahead(s, nb, steps, F, run, run + steps * F);
+    const auto step = [&](int64_t t, int64_t lo, int64_t hi) {  // rows [lo, hi) of step t
       const bool* valid = m ? m + t * N : nullptr;
       const int64_t k = slots.act(t), now = slots.state(t), next = slots.state(t + 1);
       const scalar_t* h_prev = hs.data_ptr<scalar_t>() + now * N * H;
       scalar_t* xh = xhat.data_ptr<scalar_t>() + (normed ? k : 0) * N * F;
-      const scalar_t* z = recurrent.rows(  // as in the LSTM
-          h_prev, N, H, xh, [&] { return hs[now]; }, [&] { return xhat[normed ? k : 0]; });
+      const scalar_t* z =  // as in the LSTM
+          apart ? recurrent.rows_of(h_prev, lo, hi, H, xh)
+                : recurrent.rows(h_prev, N, H, xh, [&] { return hs[now]; },
+                                 [&] { return xhat[normed ? k : 0]; });
       const StepNorm<scalar_t> norm_hh(s, nb, t, steps, N, F, z, valid, count[t], run,
-                                       run ? run + steps * F : nullptr);
+                                       run ? run + steps * F : nullptr, apart);
       const scalar_t* g = gx.data_ptr<scalar_t>() + t * N * F;
       scalar_t* a = acts.data_ptr<scalar_t>() + k * N * F;
       scalar_t* h_new = hs.data_ptr<scalar_t>() + next * N * H;
       scalar_t* out_t = out.data_ptr<scalar_t>() + t * N * H;
-      for_rows(N, F, [&](int64_t n) {
+      for_rows(lo, hi, F, [&](int64_t n) {
         const scalar_t* gn = g + n * F;
         const scalar_t* xn = normed ? xh + n * F : z + n * F;
         if (normed) norm_hh.row(n, z + n * F, xh + n * F);
@@ -103,7 +107,8 @@ SEQNORM_SIMD
         for (int64_t j = 0; j < H; ++j) hn[j] = (1 - an[H + j]) * an[2 * H + j] + an[H + j] * hp[j];
         std::copy(hn, hn + H, out_t + n * H);
       });
-    }
+    };
+    run_steps(steps, N, apart, step);
   });
   Tensor counts = at::tensor(count, o.dtype(at::kLong));
   return {out, hs[slots.state(steps)].clone(), hs, acts, gh_n, xhat, nb.stats, nb.batch_stats,

@@ -73,6 +73,7 @@ std::vector<Tensor> lstm_forward(Tensor& gx, const Tensor& h0, const Tensor& c0,
     projection.emplace(*w_hr, N);
     projected = at::empty({N, P}, o);
   }
+  const bool apart = !proj && rows_apart(s, recurrent, N);  // run_steps
 
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "seqnorm_lstm_forward", [&] {
     const scalar_t* gam_hh = ptr_or_null<scalar_t>(gamma_hh);
@@ -81,16 +82,17 @@ std::vector<Tensor> lstm_forward(Tensor& gx, const Tensor& h0, const Tensor& c0,
     const scalar_t* run_hh = ptr_or_null<scalar_t>(running_hh);  // (2, steps, F): mean, var
     const scalar_t* run_c = ptr_or_null<scalar_t>(running_c);
     Tensor normed_c = at::empty({N, H}, o);  // Nc(c') of each row
-    for (int64_t t = 0; t < steps; ++t) {
+    const auto step = [&](int64_t t, int64_t lo, int64_t hi) {  // rows [lo, hi) of step t
       const bool* valid = m ? m + t * N : nullptr;
       const int64_t k = slots.act(t), now = slots.state(t), next = slots.state(t + 1);
       const scalar_t* h_prev = hs.data_ptr<scalar_t>() + now * N * P;
       scalar_t* xh = xhat_hh.data_ptr<scalar_t>() + (normed ? k : 0) * N * F;
       // z = h W_hh^T (in the x_hat slot, or oneDNN's own tensor), normalized into the slot
-      const scalar_t* z = recurrent.rows(
-          h_prev, N, P, xh, [&] { return hs[now]; }, [&] { return xhat_hh[normed ? k : 0]; });
+      const scalar_t* z = apart ? recurrent.rows_of(h_prev, lo, hi, P, xh)
+                                : recurrent.rows(h_prev, N, P, xh, [&] { return hs[now]; },
+                                                 [&] { return xhat_hh[normed ? k : 0]; });
       const StepNorm<scalar_t> norm_hh(s, nb_hh, t, steps, N, F, z, valid, count[t], run_hh,
-                                       run_hh ? run_hh + steps * F : nullptr);
+                                       run_hh ? run_hh + steps * F : nullptr, apart);
       const scalar_t* g = gx.data_ptr<scalar_t>() + t * N * F;
       scalar_t* a = acts.data_ptr<scalar_t>() + k * N * F;
       const scalar_t* c_prev = cs.data_ptr<scalar_t>() + now * N * H;
@@ -133,8 +135,8 @@ SEQNORM_SIMD
       const bool two_walks = batch && s.uses_batch(count[t]);
       if (normed && !two_walks)
         norm_c.emplace(s, nb_c, t, steps, N, H, c_new, valid, count[t], run_c,
-                       run_c ? run_c + steps * H : nullptr);
-      for_rows(N, F, [&](int64_t n) {  // gates and the new cell state (and h', unless two_walks)
+                       run_c ? run_c + steps * H : nullptr, apart);
+      for_rows(lo, hi, F, [&](int64_t n) {  // gates and the new cell state (and h', unless two_walks)
         const scalar_t* gn = g + n * F;
         const scalar_t* zn = z + n * F;
         scalar_t* an = a + n * F;
@@ -162,7 +164,7 @@ SEQNORM_SIMD
       if (two_walks) {
         norm_c.emplace(s, nb_c, t, steps, N, H, c_new, valid, count[t], run_c,
                        run_c + steps * H);
-        for_rows(N, H, output);
+        for_rows(lo, hi, H, output);
       }
       if (proj) {  // h' = (sig(o) tanh(Nc(c'))) W_hr^T for the valid rows
         const Tensor h_t = (*projection)(hpre[k], projected);
@@ -173,7 +175,12 @@ SEQNORM_SIMD
           std::copy(hr + n * P, hr + (n + 1) * P, out_t + n * P);
         }
       }
+    };
+    if (apart && batch) {
+      running_stats_ahead(s, nb_hh, steps, F, run_hh, run_hh + steps * F);
+      running_stats_ahead(s, nb_c, steps, H, run_c, run_c + steps * H);
     }
+    run_steps(steps, N, apart, step);
   });
   Tensor counts = at::tensor(count, o.dtype(at::kLong));
   const int64_t last = slots.state(steps);

@@ -220,8 +220,27 @@ void batch_norm_backward(const scalar_t* dy, scalar_t* dx, const scalar_t* xhat,
   });
 }
 
+// Batch norm in eval mode: the running statistics of every step written to buf ahead of the
+// time loop, for loops whose threads take their rows through the steps apart and read them
+// (StepNorm with ahead true). run_mean and run_var (steps, F).
+template <typename scalar_t>
+void running_stats_ahead(const NormConfig& s, NormBuffers& buf, int64_t steps, int64_t F,
+                         const scalar_t* run_mean, const scalar_t* run_var) {
+  TORCH_CHECK(s.batch() && !s.training, "running_stats_ahead: batch norm in eval mode only");
+  scalar_t* stats = buf.stats.data_ptr<scalar_t>();
+  at::parallel_for(0, steps, std::max<int64_t>(1, 4096 / std::max<int64_t>(F, 1)),
+                   [&](int64_t lo, int64_t hi) {
+                     for (int64_t t = lo; t < hi; ++t) {
+                       scalar_t* mean = stats + t * buf.stride;
+                       batch_stats_range<scalar_t>(s, nullptr, 0, F, 0, F, nullptr, 0,
+                                                   run_mean + t * F, run_var + t * F, mean,
+                                                   mean + F, nullptr, nullptr);
+                     }
+                   });
+}
+
 // A norm's view of one step: its statistics (batch statistics are computed over all rows here,
-// before the rows run; group statistics by each row as it is normalized).
+// before the rows run, unless written ahead; group statistics by each row as it is normalized).
 template <typename scalar_t>
 struct StepNorm {
   const NormConfig& s;
@@ -230,9 +249,9 @@ struct StepNorm {
   // values (N, F) of step t of `steps`; run_mean and run_var (steps, F) or null.
   StepNorm(const NormConfig& s_, NormBuffers& buf, int64_t t, int64_t steps, int64_t N,
            int64_t F_, const scalar_t* values, const bool* valid, int64_t count,
-           const scalar_t* run_mean, const scalar_t* run_var)
+           const scalar_t* run_mean, const scalar_t* run_var, bool ahead = false)
       : s(s_), F(F_), stats(buf.stats.data_ptr<scalar_t>() + t * buf.stride) {
-    if (!s.batch()) return;
+    if (!s.batch() || ahead) return;
     scalar_t* batch = buf.batch_stats.data_ptr<scalar_t>();
     batch_stats(s, values, N, F, valid, count, run_mean + t * F, run_var + t * F, stats,
                 stats + F, batch + t * F, batch + (steps + t) * F);

@@ -50,6 +50,7 @@ TORCH_LIBRARY(seqnorm_cpp, m) {
           large_product(out, a, b, accumulate);
         });
   m.def("product_timings() -> int", [] { return timings().load(); });
+  m.def("loops_apart() -> int", [] { return loops_apart().load(); });
   // how the per-step product x W^T runs at this float32 shape
   m.def("per_step_product(int out_features, int in_features, int batch) -> str",
         [](int64_t out, int64_t in, int64_t batch) {
