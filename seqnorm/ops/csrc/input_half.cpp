@@ -140,7 +140,8 @@ void InputGrad::backward(int64_t t0, int64_t len, scalar_t* dy) {
     for (int64_t k = lo; k < hi; ++k) {
       const int64_t first = k * ir.rows, t = t0 + k;
       scalar_t* dyt = dy + first * F;
-      const scalar_t* xht = s_.normed() ? xhat_.data_ptr<scalar_t>() + (t0 * N + first) * F : nullptr;
+      const scalar_t* xht =
+          s_.normed() ? xhat_.data_ptr<scalar_t>() + (t0 * N + first) * F : nullptr;
       const scalar_t* stats = s_.normed() ? stats_.data_ptr<scalar_t>() + t * stride_ : nullptr;
       ir.each_row(F, [&](int64_t n) {
         scalar_t* d = dyt + n * F;

@@ -136,7 +136,8 @@ SEQNORM_SIMD
       if (normed && !two_walks)
         norm_c.emplace(s, nb_c, t, steps, N, H, c_new, valid, count[t], run_c,
                        run_c ? run_c + steps * H : nullptr, apart);
-      for_rows(lo, hi, F, [&](int64_t n) {  // gates and the new cell state (and h', unless two_walks)
+      // gates and the new cell state (and h', unless two_walks)
+      for_rows(lo, hi, F, [&](int64_t n) {
         const scalar_t* gn = g + n * F;
         const scalar_t* zn = z + n * F;
         scalar_t* an = a + n * F;
@@ -246,7 +247,8 @@ std::vector<Tensor> lstm_backward(const Tensor& grad_out, const Tensor& grad_h,
       const scalar_t* c_prev = saved.cs.data_ptr<scalar_t>() + t * N * H;
       const scalar_t* c_new = saved.cs.data_ptr<scalar_t>() + (t + 1) * N * H;
       const scalar_t* xc = normed ? saved.xhat_c.data_ptr<scalar_t>() + t * N * H : nullptr;
-      const scalar_t* stats_c = normed ? saved.stats_c.data_ptr<scalar_t>() + t * stride_c : nullptr;
+      const scalar_t* stats_c =
+          normed ? saved.stats_c.data_ptr<scalar_t>() + t * stride_c : nullptr;
       // dL/dh' (before the projection) of every row: dh itself, or (dh + dout) W_hr
       const scalar_t* dh_out = dhp;
       Tensor dhpre;  // (N, H), alive while dh_out points into it
@@ -311,7 +313,8 @@ SEQNORM_SIMD
         batch_norm_backward(dco, dco, xc, gam_c, dgamma_c.mine(), dbeta_c.mine(), N, H, valid,
                             stats_c + H, s.uses_batch(count[t]), count[t]);
       const scalar_t* xh = normed ? saved.xhat_hh.data_ptr<scalar_t>() + t * N * F : nullptr;
-      const scalar_t* stats_hh = normed ? saved.stats_hh.data_ptr<scalar_t>() + t * stride_hh : nullptr;
+      const scalar_t* stats_hh =
+          normed ? saved.stats_hh.data_ptr<scalar_t>() + t * stride_hh : nullptr;
       for_rows(N, F, [&](int64_t n) {  // through c' = sig(f) c + sig(i) tanh(g) to the gates
         const scalar_t* an = a + n * F;
         scalar_t* dgn = dgates + n * F;
