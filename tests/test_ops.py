@@ -618,10 +618,11 @@ def _flat(result):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_threads_take_their_rows_apart_through_the_steps(monkeypatch, cls, norm, training):
     """Where no step mixes samples (every norm but batch norm in training, whose statistics do)
-    and the per-step product runs on brgemm, each of 3 threads takes its share of 7 samples, some
-    padded, through every step on its own: outputs, final states and gradients within float32
-    rounding of the float64 loop, and the same outputs without a backward (no activations
-    kept). Batch norm in training runs the steps together."""
+    and the per-step product runs on brgemm, each of 2 threads takes its share of 33 samples
+    (17 and 16), some padded, through every step on its own: outputs, final states and gradients
+    within float32 rounding of the float64 loop, and the same outputs without a backward (no
+    activations kept). Batch norm in training, and 31 samples (fewer than 16 a thread), run the
+    steps together."""
     monkeypatch.setenv("SEQNORM_CPU_PRODUCT", "brgemm")
     cpp.load()
     model = make(cls, norm, hidden_size=160, input_size=6)  # W_hh of 64K values and more
@@ -633,18 +634,20 @@ def test_threads_take_their_rows_apart_through_the_steps(monkeypatch, cls, norm,
     reference.backend = "python"
     fast = copy.deepcopy(model).float()
     fast.backend = "cpp"
-    x = torch.randn(5, 7, 6, dtype=torch.float64)
-    lengths = torch.tensor([5, 2, 5, 3, 1, 4, 5])
+    x = torch.randn(5, 33, 6, dtype=torch.float64)
+    lengths = torch.randint(1, 6, (33,), generator=torch.Generator().manual_seed(0))
     before, count = torch.get_num_threads(), torch.ops.seqnorm_cpp.loops_apart()
-    torch.set_num_threads(3)
+    torch.set_num_threads(2)
     try:
         got = _flat(fast(x.float(), lengths=lengths))
         sum((t * t).sum() for t in got).backward()
         with torch.no_grad():
             kept_none = fast(x.float(), lengths=lengths)[0]
+            apart = torch.ops.seqnorm_cpp.loops_apart() - count
+            fast(x[:, :31].float(), lengths=lengths[:31])
+            assert torch.ops.seqnorm_cpp.loops_apart() - count == apart  # 31 samples: together
     finally:
         torch.set_num_threads(before)
-    apart = torch.ops.seqnorm_cpp.loops_apart() - count
     assert apart == (0 if norm == "batch" and training else 2)
     want = _flat(reference(x, lengths=lengths))
     sum((t * t).sum() for t in want).backward()
