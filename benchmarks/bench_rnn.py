@@ -24,12 +24,19 @@ allocates large buffers at every step touches fresh pages, and pays for a fault 
 time: ``torch.nn.LSTM`` at A takes about 8,000 faults (32 MB) per training step, while seqnorm's
 kernel reuses its buffers and takes none. ``--malloc steady`` keeps freed memory in the process
 (as jemalloc or tcmalloc do), so that the ratios compare the computations alone.
+
+On CPU every timed run starts with cold caches (``--caches cold``, the default): a buffer twice
+the size of the last-level cache is read and written first, so that no run finds in cache what
+the run before it left there. Left as they are (``--caches as-left``), a model that follows one
+of its kind finds its buffers warm (seqnorm's kernel hands the same cached buffers to each of its
+models), and a ratio depends on which row comes before it (benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import glob
 import json
 import os
 import platform
@@ -182,7 +189,7 @@ def interleaved_medians(fns: dict, warmup: int, repeats: int, before=None) -> di
     """Median milliseconds and page faults of each of ``fns`` over ``repeats`` rounds, after
     ``warmup`` rounds. Each round runs every function once, so that a machine that slows down for
     a while (a noisy neighbour on a shared host) slows them all alike instead of skewing one
-    ratio."""
+    ratio. ``before(name)``, if given, runs before each call, outside its time and faults."""
     times = {name: [] for name in fns}
     faults = {name: [] for name in fns}
     for k in range(warmup + repeats):
@@ -200,6 +207,35 @@ def interleaved_medians(fns: dict, warmup: int, repeats: int, before=None) -> di
         name: Timing(1000 * statistics.median(times[name]), int(statistics.median(faults[name])))
         for name in fns
     }
+
+
+def last_level_cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """The size of CPU 0's highest-level cache, from sysfs (Linux), or 32 MiB where it says
+    nothing."""
+    sizes = {}
+    for index in sorted(glob.glob(f"{root}/index*")):
+        try:
+            with open(f"{index}/level") as f:
+                level = int(f.read())
+            with open(f"{index}/size") as f:
+                text = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        value = int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text)
+        sizes[level] = max(sizes.get(level, 0), value)
+    return sizes[max(sizes)] if sizes else 32 * 2**20
+
+
+class CacheFlush:
+    """Called, evicts the process's data from the CPU caches: reads and writes a buffer twice the
+    last-level cache (at least 64 MiB), its pages mapped here once."""
+
+    def __init__(self):
+        self.buffer = torch.zeros(max(64 * 2**20, 2 * last_level_cache_bytes()) // 4)
+
+    def __call__(self) -> None:
+        self.buffer.add_(1.0)
 
 
 def _page_faults() -> int:
@@ -316,10 +352,14 @@ def measure_shape(shape: str, names: list[str], args) -> dict:
 
         return synchronized(run, device)
 
+    flush = CacheFlush() if device.type == "cpu" and args.caches == "cold" else lambda: None
     for model in models.values():
         model.eval()
     fwd = interleaved_medians(
-        {name: forward(model) for name, model in models.items()}, args.warmup, args.repeats
+        {name: forward(model) for name, model in models.items()},
+        args.warmup,
+        args.repeats,
+        before=lambda name: flush(),
     )
     # batch norm has no batch statistics at batch size 1
     trainable = {name: model for name, model in models.items() if not ("BN" in name and batch == 1)}
@@ -329,7 +369,7 @@ def measure_shape(shape: str, names: list[str], args) -> dict:
         {name: train_step(model) for name, model in trainable.items()},
         args.warmup,
         args.repeats,
-        before=lambda name: models[name].zero_grad(set_to_none=True),
+        before=lambda name: (models[name].zero_grad(set_to_none=True), flush()),
     )
     results = {}
     for name, model in models.items():
@@ -387,6 +427,13 @@ def main(argv=None):
         choices=["glibc", "steady"],
         help="glibc: the C library's malloc as it comes (default); steady: keep freed memory in "
         "the process, so that no implementation pays page faults for memory it allocates again",
+    )
+    p.add_argument(
+        "--caches",
+        default="cold",
+        choices=["cold", "as-left"],
+        help="CPU caches at the start of each timed run: cold (default; evicted by reading and "
+        "writing a buffer twice the last-level cache) or as the run before left them",
     )
     p.add_argument(
         "--cuda-graphs",
@@ -452,6 +499,8 @@ def main(argv=None):
         "autocast": args.autocast,
         "tf32": args.tf32,
         "malloc": args.malloc,
+        "caches": args.caches if args.device.type == "cpu" else "n/a",
+        "last_level_cache_mb": last_level_cache_bytes() / 2**20,
     }
     if args.device.type == "cuda":
         machine["cuda_graphs"] = args.cuda_graphs

@@ -8,6 +8,7 @@ import mmap
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,50 @@ def test_interleaved_medians_count_the_page_faults_of_each_function(bench):
     assert pages <= timings["fresh"].faults < pages + 64
     assert timings["idle"].faults < 16
     assert timings["fresh"].ms > 0
+
+
+def test_interleaved_medians_time_each_call_without_what_runs_before_it(bench):
+    calls = []
+    timings = bench.interleaved_medians(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+        1,
+        2,
+        before=lambda name: (calls.append(f"before {name}"), time.sleep(0.05)),
+    )
+    assert calls == ["before a", "a", "before b", "b"] * 3
+    assert timings["a"].ms < 25 and timings["b"].ms < 25  # the 50 ms sleeps are not counted
+
+
+@pytest.mark.parametrize("caches, flushes", [("cold", 2 * 2 * 2), ("as-left", 0)])
+def test_every_timed_run_starts_with_flushed_caches_unless_asked(
+    bench, monkeypatch, caches, flushes
+):
+    """--caches cold (the default) flushes the CPU caches before each run of each model, forward
+    and training step (here 2 models x 2 rounds x 2); as-left never."""
+    count = []
+    monkeypatch.setattr(bench.CacheFlush, "__call__", lambda self: count.append(1))
+    monkeypatch.setattr(bench, "SHAPES", {"T": (3, 4, 5, 8)})
+    monkeypatch.setattr(bench, "peak_mb", lambda fn, device=None: 1.0)
+    argv = ["bench_rnn.py", "--shapes", "T", "--warmup", "1", "--repeats", "1", "--only"]
+    argv += ["torch.nn.LSTM", "seqnorm LN-LSTM", "--caches", caches]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    assert len(count) == flushes
+
+
+def test_the_flush_buffer_is_twice_the_last_level_cache(bench, tmp_path, monkeypatch):
+    """The last-level cache's size comes from sysfs (the highest level's largest; K, M or plain
+    bytes), 32 MiB where sysfs says nothing; the flush writes twice that, at least 64 MiB."""
+    for k, (level, size) in enumerate([("1", "48K"), ("2", "1024K"), ("3", "48M"), ("3", "8M")]):
+        (tmp_path / f"index{k}").mkdir()
+        (tmp_path / f"index{k}" / "level").write_text(level + "\n")
+        (tmp_path / f"index{k}" / "size").write_text(size + "\n")
+    assert bench.last_level_cache_bytes(str(tmp_path)) == 48 * 2**20
+    assert bench.last_level_cache_bytes(str(tmp_path / "none")) == 32 * 2**20
+    monkeypatch.setattr(bench, "last_level_cache_bytes", lambda: 48 * 2**20)
+    assert bench.CacheFlush().buffer.numel() * 4 == 96 * 2**20
+    monkeypatch.setattr(bench, "last_level_cache_bytes", lambda: 16 * 2**20)
+    assert bench.CacheFlush().buffer.numel() * 4 == 64 * 2**20
 
 
 @pytest.mark.slow
@@ -176,6 +221,8 @@ def test_main_writes_a_table_and_json(bench, tmp_path, monkeypatch, capsys):
     assert "| U | seqnorm BN-LSTM |" in table and "| U | naive BN-LSTM loop |" in table
     assert "n/a" in table and "| faults/step |" in table
     assert result["machine"]["malloc"] == "glibc"  # the default: malloc as it comes
+    assert result["machine"]["caches"] == "cold"  # the default: flushed before every timed run
+    assert result["machine"]["last_level_cache_mb"] > 0
     assert result["args"]["cuda_graphs"] == 64 and "cuda_graphs" not in result["machine"]
     ways = result["machine"]["per_step_products"]  # as the kernel chose them (or was told)
     assert ways.keys() == {"T", "U"} and len(ways["T"]) == 4
@@ -267,7 +314,7 @@ def test_main_on_cuda(bench, tmp_path, monkeypatch):
     assert result["machine"]["seqnorm_backend"] == "triton"
     assert len(result["rows"]) == len(bench.IMPLEMENTATIONS)  # the Python-loop rows too
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["peak_mb"] > 0 for r in result["rows"])
-    assert result["machine"]["cuda_graphs"] == 64
+    assert result["machine"]["cuda_graphs"] == 64 and result["machine"]["caches"] == "n/a"
     assert os.environ["SEQNORM_CUDA_GRAPHS"] == "64"  # a place for every loop of the run
     assert result["machine"]["window"] == 32
     argv += ["--autocast", "bf16", "--cuda-graphs", "0", "--window", "2"]
@@ -419,6 +466,7 @@ def _training_peak_mb(steps: int, with_graphs: bool) -> float:
     of its own) at batch 16, 32 -> 32, with graphs of four steps."""
     code = f"""
 import sys
+import time
 sys.path.insert(0, {str(BENCH.parent)!r})
 import bench_triton_memory as bench
 bench.stub_kernels()
