@@ -221,8 +221,9 @@ void batch_norm_backward(const scalar_t* dy, scalar_t* dx, const scalar_t* xhat,
 }
 
 // Batch norm in eval mode: the running statistics of every step written to buf ahead of the
-// time loop, for loops whose threads take their rows through the steps apart and read them
-// (StepNorm with ahead true). run_mean and run_var (steps, F).
+// time loop, in one parallel pass over the steps, for StepNorm (ahead true) to read: a loop whose
+// threads take their rows through the steps apart cannot compute them step by step. run_mean and
+// run_var (steps, F).
 template <typename scalar_t>
 void running_stats_ahead(const NormConfig& s, NormBuffers& buf, int64_t steps, int64_t F,
                          const scalar_t* run_mean, const scalar_t* run_var) {
