@@ -466,7 +466,6 @@ def _training_peak_mb(steps: int, with_graphs: bool) -> float:
     of its own) at batch 16, 32 -> 32, with graphs of four steps."""
     code = f"""
 import sys
-import time
 sys.path.insert(0, {str(BENCH.parent)!r})
 import bench_triton_memory as bench
 bench.stub_kernels()

@@ -652,8 +652,10 @@ def test_threads_take_their_rows_apart_through_the_steps(monkeypatch, cls, norm,
     want = _flat(reference(x, lengths=lengths))
     sum((t * t).sum() for t in want).backward()
     assert_close(kept_none, got[0], rtol=0, atol=0)
-    pairs = [*zip(got, want), *((p.grad, q.grad) for p, q in zip(fast.parameters(),
-                                                                  reference.parameters()))]
+    pairs = [
+        *zip(got, want),
+        *((p.grad, q.grad) for p, q in zip(fast.parameters(), reference.parameters())),
+    ]
     for g, w in pairs:
         assert_close(g.double(), w, rtol=0, atol=5e-3 * w.abs().max().item())
 
