@@ -618,12 +618,13 @@ def _flat(result):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_threads_take_their_rows_apart_through_the_steps(monkeypatch, cls, norm, training):
     """Where no step mixes samples (every norm but batch norm in training, whose statistics do)
-    and the per-step product runs on brgemm, each of 2 threads takes its share of 33 samples
-    (17 and 16), some padded, through every step on its own: outputs, final states and gradients
-    within float32 rounding of the float64 loop, and the same outputs without a backward (no
-    activations kept). Batch norm in training, and 31 samples (fewer than 16 a thread), run the
-    steps together."""
+    and the per-step product runs on brgemm, each of 2 threads can take its share of 33 samples
+    (17 and 16), some padded, through every step on its own (asked for here: whether it does is
+    the next test's): outputs, final states and gradients within float32 rounding of the float64
+    loop, and the same outputs without a backward (no activations kept). Batch norm in training
+    runs the steps together even when asked."""
     monkeypatch.setenv("SEQNORM_CPU_PRODUCT", "brgemm")
+    monkeypatch.setenv("SEQNORM_CPU_LOOP", "apart")
     cpp.load()
     model = make(cls, norm, hidden_size=160, input_size=6)  # W_hh of 64K values and more
     for name, buf in model.named_buffers():  # eval mode's running statistics, not 0 and 1
@@ -643,9 +644,7 @@ def test_threads_take_their_rows_apart_through_the_steps(monkeypatch, cls, norm,
         sum((t * t).sum() for t in got).backward()
         with torch.no_grad():
             kept_none = fast(x.float(), lengths=lengths)[0]
-            apart = torch.ops.seqnorm_cpp.loops_apart() - count
-            fast(x[:, :31].float(), lengths=lengths[:31])
-            assert torch.ops.seqnorm_cpp.loops_apart() - count == apart  # 31 samples: together
+        apart = torch.ops.seqnorm_cpp.loops_apart() - count
     finally:
         torch.set_num_threads(before)
     assert apart == (0 if norm == "batch" and training else 2)
@@ -658,6 +657,51 @@ def test_threads_take_their_rows_apart_through_the_steps(monkeypatch, cls, norm,
     ]
     for g, w in pairs:
         assert_close(g.double(), w, rtol=0, atol=5e-3 * w.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "hidden, batch, loop, apart",
+    [
+        (128, 33, None, True),  # W^T of 256 KiB, in any core's L2; 16 rows a thread and more
+        (128, 31, None, False),  # fewer than 16 rows a thread
+        (1024, 33, None, False),  # W^T of 16 MiB, in no core's L2
+        (1024, 33, "apart", True),
+        (128, 33, "together", False),
+        (128, 1, "apart", False),  # a thread without a row
+    ],
+)
+def test_rows_go_apart_where_each_thread_has_16_and_the_weights_fit_its_cache(
+    monkeypatch, hidden, batch, loop, apart
+):
+    """On 2 threads, LN-LSTM inference on brgemm: rows go apart from 16 a thread where W^T fits
+    one core's L2 cache (as the C library reports it, or 1 MiB), or as SEQNORM_CPU_LOOP says
+    where they can; any other value of it is refused, naming it."""
+    monkeypatch.setenv("SEQNORM_CPU_PRODUCT", "brgemm")
+    if loop is None:
+        monkeypatch.delenv("SEQNORM_CPU_LOOP", raising=False)
+    else:
+        monkeypatch.setenv("SEQNORM_CPU_LOOP", loop)
+    cpp.load()
+    model = seqnorm.LSTM(4, hidden, norm="layer").eval()
+    model.backend = "cpp"
+    x = torch.randn(2, batch, 4)
+    before, count = torch.get_num_threads(), torch.ops.seqnorm_cpp.loops_apart()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            model(x)
+        assert torch.ops.seqnorm_cpp.loops_apart() - count == int(apart)
+        monkeypatch.setenv("SEQNORM_CPU_LOOP", "sometimes")
+        with (
+            pytest.raises(
+                RuntimeError,
+                match="SEQNORM_CPU_LOOP must be 'apart' or 'together', got 'sometimes'",
+            ),
+            torch.no_grad(),
+        ):
+            model(x if batch > 1 else x.expand(2, 2, 4))
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_the_per_step_product_is_the_one_asked_for_or_the_fastest(monkeypatch):

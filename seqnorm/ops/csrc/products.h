@@ -19,6 +19,8 @@
 #include <mutex>
 #include <type_traits>
 
+#include <unistd.h>
+
 namespace at::native {
 // oneDNN's matrix product as ATen runs it (result = beta * result + alpha * mat1 mat2, any
 // strides), declared in ATen/native/mkldnn/Matmul.h, a header torch does not install. Weak: a
@@ -151,6 +153,8 @@ struct BlockProduct {
     });
   }
 #else
+  Tensor blocks;
+  int64_t F = 0, K = 0, width = 0;
   static bool available() { return false; }
   explicit BlockProduct(const Tensor&) { TORCH_CHECK(false, "this torch has no float32 brgemm"); }
   void operator()(const Tensor&, const Tensor&) const {}
@@ -227,6 +231,10 @@ struct Product {
   // Whether rows_of can run: the block product, which runs on the calling thread inside a
   // parallel region.
   bool rows_apart() const { return way == Way::blocks; }
+  // The bytes of W^T the block product reads at every call (0 for the other ways).
+  int64_t weight_bytes() const {
+    return blocks ? blocks->blocks.numel() * blocks->blocks.element_size() : 0;
+  }
   // Rows [lo, hi) of x W^T (x's rows ldx apart) into the same rows of out, on this thread.
   template <typename scalar_t>
   const scalar_t* rows_of(const scalar_t* x, int64_t lo, int64_t hi, int64_t ldx,
@@ -319,15 +327,41 @@ inline std::atomic<int64_t>& loops_apart() {
   return count;
 }
 
-// Whether a forward's time loop takes its rows apart (run_steps): no step mixes samples (no
-// batch statistics; eval mode's running ones are known ahead), the per-step product runs on
-// brgemm (Product::rows_of) and each of two or more threads gets 16 rows or more. Apart, every
-// thread reads all of W_hh at every step, not its share of the columns, which stays in its
-// cache: with fewer rows that costs more than the fork-joins it saves (on the 2-core Zen 5 VM,
-// LN-LSTM inference at 100 steps, hidden 512, batch 4: 4.5 ms together, 7.0-8.5 apart).
+// The cache of one core that W^T must fit for rows to go apart: the L2 cache as the C library
+// reports it (glibc's sysconf), 1 MiB where it does not.
+inline int64_t core_cache_bytes() {
+  static const int64_t bytes = [] {
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (l2 > 0) return static_cast<int64_t>(l2);
+#endif
+    return int64_t(1) << 20;
+  }();
+  return bytes;
+}
+
+// Whether a forward's time loop takes its rows apart (run_steps). It can where no step mixes
+// samples (no batch statistics; eval mode's running ones are known ahead), the per-step product
+// runs on brgemm (Product::rows_of) and there are two threads or more, each with a row. It does
+// where each thread gets 16 rows or more and W^T fits one core's L2 cache. Apart, every thread
+// reads all of W^T at every step, not its share of the columns: with few rows that costs more
+// than the fork-joins it saves (on the 2-core Zen 5 VM, 1 MiB of L2, LN-LSTM inference at 100
+// steps, hidden 512, batch 4 took 7.0-8.5 ms apart against 4.5 together), and where W^T does not
+// fit, the reads come from a cache further away at every step (at shape C, W^T 4 MiB, the VM's
+// noise hid any difference: 1.11-1.19x torch.nn.LSTM either way), so such loops keep the way
+// measured before. SEQNORM_CPU_LOOP=apart or =together decides instead where it can (for tests
+// and benchmarks).
 inline bool rows_apart(const NormConfig& s, const Product& product, int64_t N) {
   const int64_t threads = at::get_num_threads();
-  return !(s.batch() && s.training) && product.rows_apart() && threads > 1 && N >= 16 * threads;
+  if ((s.batch() && s.training) || !product.rows_apart() || threads < 2 || N < threads)
+    return false;
+  if (const char* forced = std::getenv("SEQNORM_CPU_LOOP")) {
+    const std::string way(forced);
+    TORCH_CHECK(way == "apart" || way == "together",
+                "SEQNORM_CPU_LOOP must be 'apart' or 'together', got '", way, "'");
+    return way == "apart";
+  }
+  return N >= 16 * threads && product.weight_bytes() <= core_cache_bytes();
 }
 
 // Runs step(t, lo, hi) for t = 0, ..., steps - 1. Together: the rows [0, N) at each step, whose
