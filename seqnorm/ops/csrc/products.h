@@ -365,7 +365,7 @@ inline bool rows_apart(const NormConfig& s, const Product& product, int64_t N) {
 }
 
 // Runs step(t, lo, hi) for t = 0, ..., steps - 1. Together: the rows [0, N) at each step, whose
-// parts split the rows or features over the threads (two fork-joins a step, product and rows).
+// parts split the rows or features over the threads (a fork-join each: product, rows, ...).
 // Apart: each thread takes its own rows [lo, hi) through every step, with no wait for the others
 // (on the 2-core Zen 5 VM, inference at shape A: LN-LSTM 8.0-9.6 -> 7.5-8.1 ms, five rounds of
 // bench_rnn.py alternating the two builds).
