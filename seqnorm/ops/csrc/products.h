@@ -352,15 +352,14 @@ inline int64_t core_cache_bytes() {
 // measured before. SEQNORM_CPU_LOOP=apart or =together decides instead where it can (for tests
 // and benchmarks).
 inline bool rows_apart(const NormConfig& s, const Product& product, int64_t N) {
+  const char* forced = std::getenv("SEQNORM_CPU_LOOP");
+  const std::string way = forced ? forced : "";
+  TORCH_CHECK(!forced || way == "apart" || way == "together",
+              "SEQNORM_CPU_LOOP must be 'apart' or 'together', got '", way, "'");
   const int64_t threads = at::get_num_threads();
   if ((s.batch() && s.training) || !product.rows_apart() || threads < 2 || N < threads)
     return false;
-  if (const char* forced = std::getenv("SEQNORM_CPU_LOOP")) {
-    const std::string way(forced);
-    TORCH_CHECK(way == "apart" || way == "together",
-                "SEQNORM_CPU_LOOP must be 'apart' or 'together', got '", way, "'");
-    return way == "apart";
-  }
+  if (forced) return way == "apart";
   return N >= 16 * threads && product.weight_bytes() <= core_cache_bytes();
 }
 
