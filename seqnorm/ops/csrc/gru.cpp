@@ -50,14 +50,13 @@ std::vector<Tensor> gru_forward(Tensor& gx, const Tensor& h0, const Tensor& w_hh
   hs[0].copy_(h0);
   Product recurrent(w_hh, N);
   const bool apart = rows_apart(s, recurrent, N);  // run_steps
-  const bool ahead = s.batch() && !s.training;  // running statistics, written before the loop
 
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "seqnorm_gru_forward", [&] {
     const scalar_t* gam = ptr_or_null<scalar_t>(gamma_hh);
     const scalar_t* bias = ptr_or_null<scalar_t>(b_hh);
     const scalar_t* run = ptr_or_null<scalar_t>(running_hh);  // (2, steps, F): mean, var
     Tensor gh_buf = at::empty({N, F}, o);  // Nh(h W_hh^T) + b_hh of each row
-    if (ahead) running_stats_ahead(s, nb, steps, F, run, run + steps * F);
+    if (s.batch() && !s.training) running_stats_ahead(s, nb, steps, F, run, run + steps * F);
     const auto step = [&](int64_t t, int64_t lo, int64_t hi) {  // rows [lo, hi) of step t
       const bool* valid = m ? m + t * N : nullptr;
       const int64_t k = slots.act(t), now = slots.state(t), next = slots.state(t + 1);
@@ -68,7 +67,7 @@ std::vector<Tensor> gru_forward(Tensor& gx, const Tensor& h0, const Tensor& w_hh
                 : recurrent.rows(h_prev, N, H, xh, [&] { return hs[now]; },
                                  [&] { return xhat[normed ? k : 0]; });
       const StepNorm<scalar_t> norm_hh(s, nb, t, steps, N, F, z, valid, count[t], run,
-                                       run ? run + steps * F : nullptr, ahead);
+                                       run ? run + steps * F : nullptr);
       const scalar_t* g = gx.data_ptr<scalar_t>() + t * N * F;
       scalar_t* a = acts.data_ptr<scalar_t>() + k * N * F;
       scalar_t* h_new = hs.data_ptr<scalar_t>() + next * N * H;

@@ -65,6 +65,7 @@ std::vector<Tensor> input_forward(const Tensor& x, const Tensor& w_ih, const Opt
     const scalar_t* gam = ptr_or_null<scalar_t>(gamma);
     const scalar_t* shift = ptr_or_null<scalar_t>(bias);
     const scalar_t* run = ptr_or_null<scalar_t>(running);
+    if (s.batch() && !s.training) running_stats_ahead(s, nb, steps, F, run, run + steps * F);
     at::parallel_for(0, ir.steps, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t) {
         const int64_t first = t * ir.rows;

@@ -74,7 +74,6 @@ std::vector<Tensor> lstm_forward(Tensor& gx, const Tensor& h0, const Tensor& c0,
     projected = at::empty({N, P}, o);
   }
   const bool apart = !proj && rows_apart(s, recurrent, N);  // run_steps
-  const bool ahead = batch && !s.training;  // running statistics, written before the loop
 
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "seqnorm_lstm_forward", [&] {
     const scalar_t* gam_hh = ptr_or_null<scalar_t>(gamma_hh);
@@ -93,7 +92,7 @@ std::vector<Tensor> lstm_forward(Tensor& gx, const Tensor& h0, const Tensor& c0,
                                 : recurrent.rows(h_prev, N, P, xh, [&] { return hs[now]; },
                                                  [&] { return xhat_hh[normed ? k : 0]; });
       const StepNorm<scalar_t> norm_hh(s, nb_hh, t, steps, N, F, z, valid, count[t], run_hh,
-                                       run_hh ? run_hh + steps * F : nullptr, ahead);
+                                       run_hh ? run_hh + steps * F : nullptr);
       const scalar_t* g = gx.data_ptr<scalar_t>() + t * N * F;
       scalar_t* a = acts.data_ptr<scalar_t>() + k * N * F;
       const scalar_t* c_prev = cs.data_ptr<scalar_t>() + now * N * H;
@@ -136,7 +135,7 @@ SEQNORM_SIMD
       const bool two_walks = batch && s.uses_batch(count[t]);
       if (normed && !two_walks)
         norm_c.emplace(s, nb_c, t, steps, N, H, c_new, valid, count[t], run_c,
-                       run_c ? run_c + steps * H : nullptr, ahead);
+                       run_c ? run_c + steps * H : nullptr);
       // gates and the new cell state (and h', unless two_walks)
       for_rows(lo, hi, F, [&](int64_t n) {
         const scalar_t* gn = g + n * F;
@@ -178,7 +177,7 @@ SEQNORM_SIMD
         }
       }
     };
-    if (ahead) {
+    if (batch && !s.training) {  // running statistics, for StepNorm
       running_stats_ahead(s, nb_hh, steps, F, run_hh, run_hh + steps * F);
       running_stats_ahead(s, nb_c, steps, H, run_c, run_c + steps * H);
     }

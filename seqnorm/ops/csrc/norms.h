@@ -221,9 +221,9 @@ void batch_norm_backward(const scalar_t* dy, scalar_t* dx, const scalar_t* xhat,
 }
 
 // Batch norm in eval mode: the running statistics of every step written to buf ahead of the
-// time loop, in one parallel pass over the steps, for StepNorm (ahead true) to read: a loop whose
-// threads take their rows through the steps apart cannot compute them step by step. run_mean and
-// run_var (steps, F).
+// steps, in one parallel pass over them, for StepNorm to read (a loop whose threads take their
+// rows through the steps apart could not compute them step by step). Every caller of StepNorm
+// calls it first in eval mode. run_mean and run_var (steps, F).
 template <typename scalar_t>
 void running_stats_ahead(const NormConfig& s, NormBuffers& buf, int64_t steps, int64_t F,
                          const scalar_t* run_mean, const scalar_t* run_var) {
@@ -240,8 +240,9 @@ void running_stats_ahead(const NormConfig& s, NormBuffers& buf, int64_t steps, i
                    });
 }
 
-// A norm's view of one step: its statistics (batch statistics are computed over all rows here,
-// before the rows run, unless written ahead; group statistics by each row as it is normalized).
+// A norm's view of one step: its statistics (batch statistics in training are computed over all
+// rows here, before the rows run; eval mode's running ones were written by running_stats_ahead;
+// group statistics come by each row as it is normalized).
 template <typename scalar_t>
 struct StepNorm {
   const NormConfig& s;
@@ -250,9 +251,9 @@ struct StepNorm {
   // values (N, F) of step t of `steps`; run_mean and run_var (steps, F) or null.
   StepNorm(const NormConfig& s_, NormBuffers& buf, int64_t t, int64_t steps, int64_t N,
            int64_t F_, const scalar_t* values, const bool* valid, int64_t count,
-           const scalar_t* run_mean, const scalar_t* run_var, bool ahead = false)
+           const scalar_t* run_mean, const scalar_t* run_var)
       : s(s_), F(F_), stats(buf.stats.data_ptr<scalar_t>() + t * buf.stride) {
-    if (!s.batch() || ahead) return;
+    if (!s.batch() || !s.training) return;
     scalar_t* batch = buf.batch_stats.data_ptr<scalar_t>();
     batch_stats(s, values, N, F, valid, count, run_mean + t * F, run_var + t * F, stats,
                 stats + F, batch + t * F, batch + (steps + t) * F);
