@@ -30,3 +30,24 @@ def make(
     if backend is not None:
         model.backend = backend
     return model
+
+
+def flat(outputs) -> list[torch.Tensor]:
+    """The tensors of a layer's result (or of any nesting of tuples), in order: a PackedSequence
+    gives its data."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if isinstance(outputs, torch.nn.utils.rnn.PackedSequence):
+        return [outputs.data]
+    return [t for o in outputs for t in flat(o)]
+
+
+@torch.no_grad()
+def randomize_running(model: torch.nn.Module) -> None:
+    """Batch norm's running statistics away from 0 and 1 (means ~ N(0, 1), variances in
+    [0.5, 1.5)), so that eval mode is tested on statistics of its own."""
+    for name, buf in model.named_buffers():
+        if "running_mean" in name:
+            buf.copy_(torch.randn_like(buf))
+        elif "running_var" in name:
+            buf.copy_(torch.rand_like(buf) + 0.5)

@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import NORM_CASES, make
+from helpers import NORM_CASES, flat, make, randomize_running
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.testing import assert_close
 
@@ -607,12 +607,6 @@ def test_the_brgemm_product_splits_any_width(monkeypatch, threads, batch):
         assert_close(p.grad.double(), q.grad, rtol=0, atol=1e-4 * q.grad.abs().max().item())
 
 
-def _flat(result):
-    """A layer's output and final states, in a list."""
-    out, state = result
-    return [out, *(state if isinstance(state, tuple) else (state,))]
-
-
 @pytest.mark.parametrize("cls", ["LSTM", "GRU"])
 @pytest.mark.parametrize("norm", NORM_CASES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -627,9 +621,7 @@ def test_threads_take_their_rows_apart_through_the_steps(monkeypatch, cls, norm,
     monkeypatch.setenv("SEQNORM_CPU_LOOP", "apart")
     cpp.load()
     model = make(cls, norm, hidden_size=160, input_size=6)  # W_hh of 64K values and more
-    for name, buf in model.named_buffers():  # eval mode's running statistics, not 0 and 1
-        if "running" in name:
-            buf.copy_(torch.rand_like(buf) + 0.5 if "var" in name else torch.randn_like(buf))
+    randomize_running(model)
     model.train(training)
     reference = copy.deepcopy(model)
     reference.backend = "python"
@@ -640,7 +632,7 @@ def test_threads_take_their_rows_apart_through_the_steps(monkeypatch, cls, norm,
     before, count = torch.get_num_threads(), torch.ops.seqnorm_cpp.loops_apart()
     torch.set_num_threads(2)
     try:
-        got = _flat(fast(x.float(), lengths=lengths))
+        got = flat(fast(x.float(), lengths=lengths))
         sum((t * t).sum() for t in got).backward()
         with torch.no_grad():
             kept_none = fast(x.float(), lengths=lengths)[0]
@@ -648,7 +640,7 @@ def test_threads_take_their_rows_apart_through_the_steps(monkeypatch, cls, norm,
     finally:
         torch.set_num_threads(before)
     assert apart == (0 if norm == "batch" and training else 2)
-    want = _flat(reference(x, lengths=lengths))
+    want = flat(reference(x, lengths=lengths))
     sum((t * t).sum() for t in want).backward()
     assert_close(kept_none, got[0], rtol=0, atol=0)
     pairs = [

@@ -22,6 +22,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.utils.prune
+from helpers import flat
 from torch import nn
 from torch.nn.utils import rnn as rnn_utils
 from torch.testing import assert_close
@@ -50,14 +51,6 @@ def batch_of_one_ok(module, impl: str):
     if impl == "batch":
         module.eval()
     return module
-
-
-def flat(outputs) -> list[torch.Tensor]:
-    if isinstance(outputs, torch.Tensor):
-        return [outputs]
-    if isinstance(outputs, rnn_utils.PackedSequence):
-        return [outputs.data]
-    return [t for o in outputs for t in flat(o)]
 
 
 # --- the ModuleInfo samples (common_modules.py), rewritten -------------------------------------
