@@ -22,7 +22,9 @@ struct NormBuffers {
     const auto o = like.options();
     stride = s.kind == NormKind::group ? N * s.groups : s.batch() ? 2 * F : 0;
     stats = at::empty({steps * stride}, o);
-    batch_stats = at::zeros({2, s.batch() ? steps : 0, F}, o);
+    // zero where a step keeps the running statistics (fewer than two valid samples); none in
+    // eval mode, which moves nothing
+    batch_stats = at::zeros({2, s.batch() && s.training ? steps : 0, F}, o);
   }
 };
 
@@ -38,9 +40,9 @@ void batch_stats_range(const NormConfig& s, const scalar_t* x, int64_t N, int64_
   constexpr bool one_pass = std::is_same_v<scalar_t, float>;
   if (!s.uses_batch(count)) {
     std::copy(run_mean + lo, run_mean + hi, mean + lo);
+    const scalar_t one = 1, eps = static_cast<scalar_t>(s.eps);  // as torch.rsqrt(var + eps)
 SEQNORM_SIMD
-    for (int64_t f = lo; f < hi; ++f)
-      rstd[f] = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(run_var[f]) + s.eps));
+    for (int64_t f = lo; f < hi; ++f) rstd[f] = one / std::sqrt(run_var[f] + eps);
     return;
   }
   constexpr int64_t block = 64;
