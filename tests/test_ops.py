@@ -301,15 +301,32 @@ def test_without_grad_matches_python_loop(cls, norm, mode):
 
 @pytest.mark.parametrize("cls", CELLS)
 @pytest.mark.parametrize("norm", NORM_CASES)
-def test_eval_mode_matches_python_loop(cls, norm):
+def test_eval_mode_matches_python_loop(monkeypatch, cls, norm):
+    """Eval mode against the loop; without a backward to follow, batch norm hands the kernel the
+    module's running rows themselves (stacking copies of them took 147 us a call at batch 1), and
+    copies where one may follow (autograd keeps them, and a training forward would move the
+    module's rows under it)."""
     model = _make(cls, norm, hidden_size=16).eval()
     if norm == "batch":  # non-trivial running statistics
         for name, buf in model.named_buffers():
             buf.uniform_(0.5, 1.5) if "var" in name else buf.normal_()
     fast, reference = _pair(model)
+    own = [b.data_ptr() for name, b in fast.named_buffers() if "running" in name]
+    handed = []  # what the direction was handed: whether a backward may follow, and the rows
+    rows_of = ops._running_rows
+    monkeypatch.setattr(
+        ops, "_running_rows", lambda *a: handed.append((a[2], rows_of(*a))) or handed[-1][1]
+    )
     x = torch.randn(7, 1, 5, dtype=torch.float64)  # batch of one: fine in eval mode
     with torch.no_grad():
         assert_close(fast(x)[0], reference(x)[0])
+    ptrs = [[None if r is None else r.data_ptr() for r in rows] for _, rows in handed]
+    assert [keep for keep, _ in handed] == [False]
+    assert ptrs == [own or [None] * (4 if cls == "GRU" else 6)]
+    handed.clear()
+    fast(x.clone().requires_grad_())
+    assert [keep for keep, _ in handed] == [True]
+    assert not set(own) & {r.data_ptr() for r in handed[0][1] if r is not None}
     # padded samples, and a backward through the running statistics (frozen-norm fine-tuning)
     x = torch.randn(9, 6, 5, dtype=torch.float64)
     grads = []
@@ -320,6 +337,31 @@ def test_eval_mode_matches_python_loop(cls, norm):
         grads.append((out, xs.grad, *(p.grad for p in m.parameters())))
     for got, want in zip(*grads):
         assert_close(got, want)
+
+
+def test_the_kernels_refuse_running_rows_of_another_shape():
+    """The C++ kernels read each site's running mean and variance through raw pointers: rows of
+    the wrong shape, non-contiguous ones or a missing variance are refused, naming the site."""
+    cpp.load()
+    kernels = torch.ops.seqnorm_cpp
+    x, w_ih = torch.randn(4, 2, 3), torch.randn(8, 3)
+    mean, var = torch.zeros(4, 8), torch.ones(4, 8)
+    config = ("batch", 1, 1e-5, False, False)
+    y = kernels.input_forward(x, w_ih, None, None, mean, var, None, *config)[0]
+    assert y.shape == (4, 2, 8)
+    bad = [(mean[:3], var), (mean, torch.ones(8, 4).t()), (mean, None), (None, None)]
+    for m, v in bad:
+        with pytest.raises(RuntimeError, match="the input projection"):
+            kernels.input_forward(x, w_ih, None, None, m, v, None, *config)
+    gx, h0 = torch.randn(4, 2, 6), torch.zeros(2, 2)
+    with pytest.raises(RuntimeError, match=r"recurrent projection must be contiguous \(4, 6\)"):
+        kernels.gru_forward(gx, h0, torch.randn(6, 2), None, None, mean, var, None, *config)
+    gx, c0 = torch.randn(4, 2, 8), torch.zeros(2, 2)
+    rows = (mean, var, torch.zeros(4, 3), torch.ones(4, 3))  # the cell state's are (4, 2)
+    with pytest.raises(RuntimeError, match=r"cell state must be contiguous \(4, 2\), got \[4, 3\]"):
+        kernels.lstm_forward(
+            gx, h0, c0, torch.randn(8, 2), None, None, None, None, *rows, None, *config
+        )
 
 
 # --- the operators themselves -------------------------------------------------------------
@@ -343,10 +385,10 @@ def _lstm_op_inputs(norm, masked, training, proj):
         *(None if m is None else m.weight for m in norms),
         None if norms[2] is None else norms[2].bias,
     )
-    running = [None] * 3
+    running = [None] * 6  # a mean and a variance (T, F) per site
     if norm == "batch":  # non-trivial running statistics, for the fallback and eval mode
         running = [
-            torch.stack((torch.randn(t, f), torch.rand(t, f) + 0.5)).double() for f in (32, 32, 8)
+            row.double() for f in (32, 32, 8) for row in (torch.randn(t, f), torch.rand(t, f) + 0.5)
         ]
     x = torch.randn(t, n, 3, dtype=torch.float64)
     h0 = torch.randn(n, 5 if proj else 8, dtype=torch.float64)
@@ -387,10 +429,10 @@ def _gru_op_inputs(norm, masked, training):
         model.bias_hh_l0,
         *(None if m is None else m.weight for m in (model.norm_ih_l0, model.norm_hh_l0)),
     )
-    running = [None] * 2
+    running = [None] * 4
     if norm == "batch":
         running = [
-            torch.stack((torch.randn(t, 24), torch.rand(t, 24) + 0.5)).double() for _ in "ih"
+            row.double() for _ in "ih" for row in (torch.randn(t, 24), torch.rand(t, 24) + 0.5)
         ]
     x, h0 = _leaves(
         torch.randn(t, n, 3, dtype=torch.float64), torch.randn(n, 8, dtype=torch.float64)

@@ -262,11 +262,23 @@ def test_the_cuda_kernels_run_with_their_inputs_device_current(monkeypatch):
     triton = SimpleNamespace(**{n: lambda *args, n=n: (n, current[-1], args) for n in names})
     monkeypatch.setattr(library, "_triton", lambda: triton)
     x, on_cpu = torch.empty(2, 3, device="meta"), torch.empty(2)  # a CPU tensor (counts) first
+    mean, var = torch.zeros(2, 3, device="meta"), torch.ones(2, 3, device="meta")
     for name in names:
+        op = getattr(library, name)
+        args = [None] * len(op.Args._fields)
+        args[:2] = on_cpu, x
+        fields = op.Args._fields
+        args[fields.index("running_mean_ih")] = mean
+        args[fields.index("running_var_ih")] = var
         current.clear()
-        got = library._on_cuda(name)(None, on_cpu, x, 1.0)
-        assert got == (name, x.device, (None, on_cpu, x, 1.0))
+        got, device, taken = library._on_cuda(op, name)(*args)
+        assert (got, device) == (name, x.device)
         assert current == [x.device, None]
+        # as the Triton kernels take them: the input half's mean and variance, one (2, T, F)
+        place = fields.index("running_mean_ih")
+        assert len(taken) == len(args) - len([f for f in fields if f.startswith("running_var")])
+        assert taken[:2] == (on_cpu, x) and taken[place].shape == (2, 2, 3)
+        assert all(t is None for i, t in enumerate(taken) if i not in (0, 1, place))
 
 
 HALF_TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 5e-2}  # of the largest entry
@@ -334,16 +346,15 @@ def test_gradcheck_of_the_operator_on_triton(cls, norm):
     if lstm:
         params += leaves(None if norms[2] is None else norms[2].bias)
     features = {"norm_c_l0": 4}
-    running = [None] * len(sites)
+    running = [None] * 2 * len(sites)  # a mean and a variance (T, F) per site
     if norm == "batch":
         running = [
-            torch.stack(
-                (
-                    torch.randn(3, features.get(s, 16 if lstm else 12)),
-                    torch.rand(3, features.get(s, 16 if lstm else 12)) + 0.5,
-                )
-            ).double()
+            row.double()
             for s in sites
+            for row in (
+                torch.randn(3, features.get(s, 16 if lstm else 12)),
+                torch.rand(3, features.get(s, 16 if lstm else 12)) + 0.5,
+            )
         ]
     out_size = 3 if cls == "LSTM-proj" else 4
     state = leaves(torch.randn(2, out_size, dtype=torch.float64))

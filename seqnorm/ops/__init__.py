@@ -72,7 +72,7 @@ def lstm(
         _update(running, stats)
         return out, (h, c)
     keep = _keep(x, h0, c0, *params)
-    rows = _stacked_rows(running, x.shape[0])
+    rows = _running_rows(running, x.shape[0], keep)
     p = _Precision(backend, x, (h0, c0, *rows), params)
     with p.context:
         result = torch.ops.seqnorm.lstm_forward(
@@ -104,7 +104,7 @@ def gru(
         _update(running, stats)
         return out, h
     keep = _keep(x, h0, *params)
-    rows = _stacked_rows(running, x.shape[0])
+    rows = _running_rows(running, x.shape[0], keep)
     p = _Precision(backend, x, (h0, *rows), params)
     with p.context:
         result = torch.ops.seqnorm.gru_forward(
@@ -127,7 +127,7 @@ class _Precision:
     float32 under autocast. The operator then runs with autocast off.
 
     Args:
-        tensors: the state and the stacked running statistics (None where absent).
+        tensors: the state and the running means and variances (None where absent).
     """
 
     def __init__(self, backend: str, x: Tensor, tensors: tuple, params):
@@ -171,23 +171,26 @@ def _rows(running: Running | None, steps) -> reference.Rows | None:
     return SF.running_rows(running.mean, 0, steps), SF.running_rows(running.var, 0, steps)
 
 
-def _stacked_rows(running, steps) -> tuple[Tensor | None, ...]:
-    """Each site's running rows of ``steps`` steps as one ``(2, steps, F)`` tensor (mean, var).
-    In eager mode, when every step has its own row, the rows are a slice (a gather of them took
-    4-5x as long at 100 steps); traced or compiled, where ``steps`` may vary, always the gather."""
+def _running_rows(running, steps, keep: bool) -> tuple[Tensor | None, ...]:
+    """Each site's running mean and variance of ``steps`` steps, ``(steps, F)`` each, in turn
+    (two Nones for a site without batch norm). In eager mode, when every step has its own row,
+    the module's own rows, sliced (a gather of them took 4-5x as long at 100 steps), and copied
+    where a backward may follow (``keep``): autograd keeps them for it, and a training forward
+    moves the module's rows in place. Traced or compiled, where ``steps`` may vary, always the
+    gather."""
     sliced = (
         isinstance(steps, int) and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
     )
-    return tuple(
-        None
-        if r is None
-        else torch.stack(
-            (r.mean[:steps], r.var[:steps])
-            if sliced and steps <= r.mean.shape[0]
-            else _rows(r, steps)
-        )
-        for r in running
-    )
+    rows = []
+    for r in running:
+        if r is None:
+            rows += (None, None)
+        elif sliced and steps <= r.mean.shape[0]:
+            mean, var = r.mean[:steps], r.var[:steps]
+            rows += (mean.clone(), var.clone()) if keep else (mean, var)
+        else:
+            rows += _rows(r, steps)
+    return tuple(rows)
 
 
 def _update(running, stats) -> None:

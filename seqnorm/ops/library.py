@@ -76,9 +76,12 @@ def lstm_forward(
     gamma_hh: _Opt,
     gamma_c: _Opt,
     beta_c: _Opt,
-    running_ih: _Opt,
-    running_hh: _Opt,
-    running_c: _Opt,
+    running_mean_ih: _Opt,
+    running_var_ih: _Opt,
+    running_mean_hh: _Opt,
+    running_var_hh: _Opt,
+    running_mean_c: _Opt,
+    running_var_c: _Opt,
     mask: _Opt,
     norm: str,
     groups: int,
@@ -107,7 +110,8 @@ def lstm_forward(
 ]:
     """One direction of an LSTM layer.
 
-    ``running_*``: batch norm's running mean and variance of every step, ``(2, T, F)``.
+    ``running_mean_*``, ``running_var_*``: batch norm's running statistics of every step at a
+    site, ``(T, F)``.
     ``keep``: a backward will follow (else nothing is saved). Returns ``out`` ``(T, N, P)``,
     ``h_n``, ``c_n``, the batch statistics of the three sites (``(2, T, F)``: mean and biased
     variance; empty unless batch norm in training) and the fields of :class:`LSTMSaved`.
@@ -152,16 +156,14 @@ def _(*args):
 def _(*args):
     a = lstm_forward.Args(*args)
     if a.backend == "triton":
-        return _triton().lstm_forward(*a)
+        return _triton().lstm_forward(*_stacked(a))
     cpp.load()
     kernels = torch.ops.seqnorm_cpp
     x, norm, groups, eps, training, keep = a.x, a.norm, a.groups, a.eps, a.training, a.keep
-    mask, running_ih, running_hh, running_c = _contiguous(
-        a.mask, a.running_ih, a.running_hh, a.running_c
-    )
+    mask, *running = _contiguous(a.mask, *_running(a))
     bias = None if a.b_ih is None else a.b_ih + a.b_hh
     gx, xhat_ih, stats_ih, batch_ih, _ = kernels.input_forward(
-        x, a.w_ih, bias, a.gamma_ih, running_ih, mask, norm, groups, eps, training, keep
+        x, a.w_ih, bias, a.gamma_ih, *running[:2], mask, norm, groups, eps, training, keep
     )
     (
         out,
@@ -187,8 +189,7 @@ def _(*args):
         a.gamma_hh,
         a.gamma_c,
         a.beta_c,
-        running_hh,
-        running_c,
+        *running[2:],
         mask,
         norm,
         groups,
@@ -220,7 +221,7 @@ def _(*args):
 def recomputes_input_xhat(norm: str, backend: str) -> bool:
     """Whether the forward leaves the input half's x_hat and statistics unsaved (empty), for the
     backward to compute them again from the input (and, for batch norm, the running statistics
-    the forward was given, ``running_ih``): the Triton kernels do."""
+    the forward was given, ``running_mean_ih`` and ``running_var_ih``): the Triton kernels do."""
     return backend == "triton" and norm != "none"
 
 
@@ -263,7 +264,8 @@ def lstm_backward(
     xhat_ih: Tensor,
     stats_ih: Tensor,
     counts: Tensor,
-    running_ih: _Opt,
+    running_mean_ih: _Opt,
+    running_var_ih: _Opt,
     norm: str,
     groups: int,
     eps: float,
@@ -273,8 +275,9 @@ def lstm_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradients of :func:`lstm_forward`: those of ``x, h0, c0, w_ih, w_hh``, the bias
     (``b_ih`` and ``b_hh`` alike), ``w_hr, gamma_ih, gamma_hh, gamma_c, beta_c``, in that order
-    (``needs`` says which are wanted; the others are empty). ``running_ih``: the forward's, for
-    a backward that normalizes the input half again (:func:`recomputes_input_xhat`)."""
+    (``needs`` says which are wanted; the others are empty). ``running_mean_ih``,
+    ``running_var_ih``: the forward's, for a backward that normalizes the input half again
+    (:func:`recomputes_input_xhat`)."""
     raise NotImplementedError("seqnorm::lstm_backward has kernels for CPU and CUDA only")
 
 
@@ -307,7 +310,7 @@ def _(*args):
 def _(*args):
     a = lstm_backward.Args(*args)
     if a.backend == "triton":
-        return _triton().lstm_backward(*a)
+        return _triton().lstm_backward(*_stacked(a))
     grads = torch.ops.seqnorm_cpp.lstm_backward(
         a.grad_out,
         a.grad_h,
@@ -353,8 +356,8 @@ def _lstm_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[3:])
     (x, h0, c0, *rest) = inputs
     params = LSTMParams(*rest[:9])
-    running = rest[9:12]
-    mask, norm, groups, eps, training, keep, backend = rest[12:]
+    running = rest[9:15]
+    mask, norm, groups, eps, training, keep, backend = rest[15:]
     ctx.config = NormConfig(norm, groups, eps, training)
     ctx.backend, ctx.has_mask = backend, mask is not None
     ctx.optional = [t is not None for t in (*params, *running)]
@@ -402,7 +405,7 @@ def _lstm_backward(ctx, grad_out, grad_h, grad_c, *unused):
             params.beta_c,
             mask if ctx.has_mask else None,
             *s,
-            running[0],  # the forward's input half's (a copy of the module's rows): for Triton
+            *running[:2],  # the forward's input half's (a copy of the module's rows): for Triton
             *ctx.config,
             needs,
             ctx.backend,
@@ -429,8 +432,10 @@ def gru_forward(
     b_hh: _Opt,
     gamma_ih: _Opt,
     gamma_hh: _Opt,
-    running_ih: _Opt,
-    running_hh: _Opt,
+    running_mean_ih: _Opt,
+    running_var_ih: _Opt,
+    running_mean_hh: _Opt,
+    running_var_hh: _Opt,
     mask: _Opt,
     norm: str,
     groups: int,
@@ -479,16 +484,16 @@ def _(*args):
 def _(*args):
     a = gru_forward.Args(*args)
     if a.backend == "triton":
-        return _triton().gru_forward(*a)
+        return _triton().gru_forward(*_stacked(a))
     cpp.load()
     kernels = torch.ops.seqnorm_cpp
     x, norm, groups, eps, training, keep = a.x, a.norm, a.groups, a.eps, a.training, a.keep
-    mask, running_ih, running_hh = _contiguous(a.mask, a.running_ih, a.running_hh)
+    mask, *running = _contiguous(a.mask, *_running(a))
     gx, xhat_ih, stats_ih, batch_ih, _ = kernels.input_forward(
-        x, a.w_ih, a.b_ih, a.gamma_ih, running_ih, mask, norm, groups, eps, training, keep
+        x, a.w_ih, a.b_ih, a.gamma_ih, *running[:2], mask, norm, groups, eps, training, keep
     )
     out, h, hs, acts, gh_n, xhat_hh, stats_hh, batch_hh, counts = kernels.gru_forward(
-        gx, a.h0, a.w_hh, a.b_hh, a.gamma_hh, running_hh, mask, norm, groups, eps, training, keep
+        gx, a.h0, a.w_hh, a.b_hh, a.gamma_hh, *running[2:], mask, norm, groups, eps, training, keep
     )
     batch = norm == "batch" and training
     heads = (out, h, *(b if batch else _empty(x) for b in (batch_ih, batch_hh)))
@@ -527,7 +532,8 @@ def gru_backward(
     xhat_ih: Tensor,
     stats_ih: Tensor,
     counts: Tensor,
-    running_ih: _Opt,
+    running_mean_ih: _Opt,
+    running_var_ih: _Opt,
     norm: str,
     groups: int,
     eps: float,
@@ -556,7 +562,7 @@ def _(*args):
 def _(*args):
     a = gru_backward.Args(*args)
     if a.backend == "triton":
-        return _triton().gru_backward(*a)
+        return _triton().gru_backward(*_stacked(a))
     grads = torch.ops.seqnorm_cpp.gru_backward(
         a.grad_out,
         a.grad_h,
@@ -582,8 +588,8 @@ def _gru_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[2:])
     x, h0, *rest = inputs
     params = GRUParams(*rest[:6])
-    running = rest[6:8]
-    mask, norm, groups, eps, training, keep, backend = rest[8:]
+    running = rest[6:10]
+    mask, norm, groups, eps, training, keep, backend = rest[10:]
     ctx.config = NormConfig(norm, groups, eps, training)
     ctx.backend, ctx.has_mask, ctx.keep = backend, mask is not None, keep
     ctx.optional = [t is not None for t in (*params, *running)]
@@ -616,7 +622,7 @@ def _gru_backward(ctx, grad_out, grad_h, *unused):
             params.gamma_hh,
             mask if ctx.has_mask else None,
             *GRUSaved(*saved),
-            running[0],  # as for the LSTM
+            *running[:2],  # as for the LSTM
             *ctx.config,
             needs,
             ctx.backend,
@@ -648,8 +654,27 @@ def _recompute(grads) -> bool:
 
 
 def _rows(running) -> tuple:
-    """The (mean, var) rows per site from the forward's ``(2, T, F)`` running inputs."""
-    return tuple(None if r is None else (r[0], r[1]) for r in running)
+    """The (mean, var) rows per site from the forward's running inputs (a mean and a variance
+    per site, in turn)."""
+    return tuple(None if m is None else (m, v) for m, v in zip(running[::2], running[1::2]))
+
+
+def _running(args) -> list:
+    """An operator's running statistics arguments (its ``Args``), in order."""
+    return [value for name, value in zip(args._fields, args) if name.startswith("running_")]
+
+
+def _stacked(args) -> list:
+    """An operator's arguments (its ``Args``) as the Triton kernels take them: each site's
+    running mean and variance as one ``(2, T, F)`` tensor, in the mean's place."""
+    taken = []
+    for name, value in zip(args._fields, args):
+        if name.startswith("running_mean_"):
+            var = getattr(args, "running_var_" + name.removeprefix("running_mean_"))
+            taken.append(None if value is None else torch.stack((value, var)))
+        elif not name.startswith("running_var_"):
+            taken.append(value)
+    return taken
 
 
 def _asked(results, needs, inputs) -> list:
@@ -687,8 +712,10 @@ def _triton():
     return triton_kernels
 
 
-def _on_cuda(name: str):
-    """The Triton implementation of operator ``name``, run with its GPU inputs' device current:
+def _on_cuda(op, name: str):
+    """The Triton implementation of operator ``op`` (the function ``name`` of
+    :mod:`.triton_kernels`, which takes the arguments as :func:`_stacked` gives them), run with
+    its GPU inputs' device current:
     Triton launches on the current device, so a model on cuda:1 while cuda:0 is current would
     otherwise run its kernels on the wrong GPU (an error, or wrong values where the GPUs can read
     each other's memory)."""
@@ -696,7 +723,7 @@ def _on_cuda(name: str):
     def kernel(*args):
         device = next(a.device for a in args if isinstance(a, Tensor) and a.device.type != "cpu")
         with torch.cuda.device(device):
-            return getattr(_triton(), name)(*args)
+            return getattr(_triton(), name)(*_stacked(op.Args(*args)))
 
     return kernel
 
@@ -708,7 +735,7 @@ for _op, _name in (
     (gru_forward, "gru_forward"),
     (gru_backward, "gru_backward"),
 ):
-    _op.register_kernel("cuda")(_on_cuda(_name))
+    _op.register_kernel("cuda")(_on_cuda(_op, _name))
 
 
 @torch.library.custom_op(

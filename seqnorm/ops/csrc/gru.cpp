@@ -27,7 +27,8 @@ struct GRUSaved {
 
 std::vector<Tensor> gru_forward(Tensor& gx, const Tensor& h0, const Tensor& w_hh,
                                 const OptTensor& b_hh, const OptTensor& gamma_hh,
-                                const OptTensor& running_hh, const OptTensor& mask,
+                                const OptTensor& running_mean_hh,
+                                const OptTensor& running_var_hh, const OptTensor& mask,
                                 const std::string& norm, int64_t groups, double eps,
                                 bool training, bool keep) {
   const NormConfig s = NormConfig::parse(norm, groups, eps, training);
@@ -35,7 +36,7 @@ std::vector<Tensor> gru_forward(Tensor& gx, const Tensor& h0, const Tensor& w_hh
   const int64_t steps = gx.size(0), N = gx.size(1), F = gx.size(2), H = F / 3;
   TORCH_CHECK(h0.sizes() == at::IntArrayRef({N, H}), "h0 must be (N, H)");
   TORCH_CHECK(w_hh.size(0) == F && w_hh.size(1) == H, "w_hh must be (3H, H)");
-  TORCH_CHECK(!s.batch() || present(running_hh), "batch norm needs its running statistics");
+  check_running(s, running_mean_hh, running_var_hh, steps, F, "the recurrent projection");
   const bool normed = s.normed();
   const auto o = gx.options();
   const StepSlots slots(steps, keep);
@@ -54,9 +55,9 @@ std::vector<Tensor> gru_forward(Tensor& gx, const Tensor& h0, const Tensor& w_hh
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "seqnorm_gru_forward", [&] {
     const scalar_t* gam = ptr_or_null<scalar_t>(gamma_hh);
     const scalar_t* bias = ptr_or_null<scalar_t>(b_hh);
-    const scalar_t* run = ptr_or_null<scalar_t>(running_hh);  // (2, steps, F): mean, var
+    const RunningRows<scalar_t> run(running_mean_hh, running_var_hh);
     Tensor gh_buf = at::empty({N, F}, o);  // Nh(h W_hh^T) + b_hh of each row
-    if (s.batch() && !s.training) running_stats_ahead(s, nb, steps, F, run, run + steps * F);
+    if (s.batch() && !s.training) running_stats_ahead(s, nb, steps, F, run);
     const auto step = [&](int64_t t, int64_t lo, int64_t hi) {  // rows [lo, hi) of step t
       const bool* valid = m ? m + t * N : nullptr;
       const int64_t k = slots.act(t), now = slots.state(t), next = slots.state(t + 1);
@@ -66,8 +67,7 @@ std::vector<Tensor> gru_forward(Tensor& gx, const Tensor& h0, const Tensor& w_hh
           apart ? recurrent.rows_of(h_prev, lo, hi, H, xh)
                 : recurrent.rows(h_prev, N, H, xh, [&] { return hs[now]; },
                                  [&] { return xhat[normed ? k : 0]; });
-      const StepNorm<scalar_t> norm_hh(s, nb, t, steps, N, F, z, valid, count[t], run,
-                                       run ? run + steps * F : nullptr);
+      const StepNorm<scalar_t> norm_hh(s, nb, t, steps, N, F, z, valid, count[t], run);
       const scalar_t* g = gx.data_ptr<scalar_t>() + t * N * F;
       scalar_t* a = acts.data_ptr<scalar_t>() + k * N * F;
       scalar_t* h_new = hs.data_ptr<scalar_t>() + next * N * H;

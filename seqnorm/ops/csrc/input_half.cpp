@@ -43,8 +43,8 @@ Tensor project(const Tensor& x, const Tensor& w, const OptTensor& bias) {
 }  // namespace
 
 std::vector<Tensor> input_forward(const Tensor& x, const Tensor& w_ih, const OptTensor& bias,
-                                  const OptTensor& gamma, const OptTensor& running,
-                                  const OptTensor& mask, const std::string& norm, int64_t groups,
+                                  const OptTensor& gamma, const OptTensor& running_mean,
+                                  const OptTensor& running_var, const OptTensor& mask, const std::string& norm, int64_t groups,
                                   double eps, bool training, bool keep) {
   const NormConfig s = NormConfig::parse(norm, groups, eps, training);
   const int64_t steps = x.size(0), N = x.size(1), F = w_ih.size(0);
@@ -55,7 +55,7 @@ std::vector<Tensor> input_forward(const Tensor& x, const Tensor& w_ih, const Opt
     const Tensor y = project(x, w_ih, bias);
     return {y, y, at::empty({0}, x.options()), at::empty({0}, x.options()), counts};
   }
-  TORCH_CHECK(!s.batch() || present(running), "batch norm needs its running statistics");
+  check_running(s, running_mean, running_var, steps, F, "the input projection");
   // x_hat overwrites the projection, and so does y without a backward.
   const Tensor xhat = project(x, w_ih, std::nullopt);
   Tensor y = keep ? buffer(xhat.sizes(), xhat.options()) : xhat;
@@ -64,15 +64,14 @@ std::vector<Tensor> input_forward(const Tensor& x, const Tensor& w_ih, const Opt
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqnorm_input_forward", [&] {
     const scalar_t* gam = ptr_or_null<scalar_t>(gamma);
     const scalar_t* shift = ptr_or_null<scalar_t>(bias);
-    const scalar_t* run = ptr_or_null<scalar_t>(running);
-    if (s.batch() && !s.training) running_stats_ahead(s, nb, steps, F, run, run + steps * F);
+    const RunningRows<scalar_t> run(running_mean, running_var);
+    if (s.batch() && !s.training) running_stats_ahead(s, nb, steps, F, run);
     at::parallel_for(0, ir.steps, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t) {
         const int64_t first = t * ir.rows;
         scalar_t* xt = xhat.data_ptr<scalar_t>() + first * F;
         const StepNorm<scalar_t> step_norm(s, nb, t, ir.steps, ir.rows, F, xt,
-                                           m ? m + t * N : nullptr, count[t], run,
-                                           run ? run + steps * F : nullptr);
+                                           m ? m + t * N : nullptr, count[t], run);
         ir.each_row(F, [&](int64_t n) {
           scalar_t* xn = xt + n * F;
           scalar_t* yn = y.data_ptr<scalar_t>() + (first + n) * F;

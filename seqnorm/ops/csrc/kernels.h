@@ -16,8 +16,10 @@ using GRUNeeds = std::array<bool, 8>;
 std::vector<Tensor> lstm_forward(Tensor& gx, const Tensor& h0, const Tensor& c0,
                                  const Tensor& w_hh, const OptTensor& w_hr,
                                  const OptTensor& gamma_hh, const OptTensor& gamma_c,
-                                 const OptTensor& beta_c, const OptTensor& running_hh,
-                                 const OptTensor& running_c, const OptTensor& mask,
+                                 const OptTensor& beta_c, const OptTensor& running_mean_hh,
+                                 const OptTensor& running_var_hh,
+                                 const OptTensor& running_mean_c,
+                                 const OptTensor& running_var_c, const OptTensor& mask,
                                  const std::string& norm, int64_t groups, double eps,
                                  bool training, bool keep);
 
@@ -31,7 +33,8 @@ std::vector<Tensor> lstm_backward(const Tensor& grad_out, const Tensor& grad_h,
 
 std::vector<Tensor> gru_forward(Tensor& gx, const Tensor& h0, const Tensor& w_hh,
                                 const OptTensor& b_hh, const OptTensor& gamma_hh,
-                                const OptTensor& running_hh, const OptTensor& mask,
+                                const OptTensor& running_mean_hh,
+                                const OptTensor& running_var_hh, const OptTensor& mask,
                                 const std::string& norm, int64_t groups, double eps,
                                 bool training, bool keep);
 

@@ -36,8 +36,10 @@ struct LSTMSaved {
 std::vector<Tensor> lstm_forward(Tensor& gx, const Tensor& h0, const Tensor& c0,
                                  const Tensor& w_hh, const OptTensor& w_hr,
                                  const OptTensor& gamma_hh, const OptTensor& gamma_c,
-                                 const OptTensor& beta_c, const OptTensor& running_hh,
-                                 const OptTensor& running_c, const OptTensor& mask,
+                                 const OptTensor& beta_c, const OptTensor& running_mean_hh,
+                                 const OptTensor& running_var_hh,
+                                 const OptTensor& running_mean_c,
+                                 const OptTensor& running_var_c, const OptTensor& mask,
                                  const std::string& norm, int64_t groups, double eps,
                                  bool training, bool keep) {
   const NormConfig s = NormConfig::parse(norm, groups, eps, training);
@@ -48,8 +50,8 @@ std::vector<Tensor> lstm_forward(Tensor& gx, const Tensor& h0, const Tensor& c0,
               "h0 must be (N, P) and c0 (N, H)");
   TORCH_CHECK(w_hh.size(0) == F && w_hh.size(1) == P, "w_hh must be (4H, P)");
   TORCH_CHECK(proj ? w_hr->sizes() == at::IntArrayRef({P, H}) : P == H, "w_hr must be (P, H)");
-  TORCH_CHECK(!batch || (present(running_hh) && present(running_c)),
-              "batch norm needs its running statistics");
+  check_running(s, running_mean_hh, running_var_hh, steps, F, "the recurrent projection");
+  check_running(s, running_mean_c, running_var_c, steps, H, "the cell state");
   const auto o = gx.options();
   const StepSlots slots(steps, keep);
   Tensor out = buffer({steps, N, P}, o);
@@ -79,8 +81,8 @@ std::vector<Tensor> lstm_forward(Tensor& gx, const Tensor& h0, const Tensor& c0,
     const scalar_t* gam_hh = ptr_or_null<scalar_t>(gamma_hh);
     const scalar_t* gam_c = ptr_or_null<scalar_t>(gamma_c);
     const scalar_t* bet_c = ptr_or_null<scalar_t>(beta_c);
-    const scalar_t* run_hh = ptr_or_null<scalar_t>(running_hh);  // (2, steps, F): mean, var
-    const scalar_t* run_c = ptr_or_null<scalar_t>(running_c);
+    const RunningRows<scalar_t> run_hh(running_mean_hh, running_var_hh);
+    const RunningRows<scalar_t> run_c(running_mean_c, running_var_c);
     Tensor normed_c = at::empty({N, H}, o);  // Nc(c') of each row
     const auto step = [&](int64_t t, int64_t lo, int64_t hi) {  // rows [lo, hi) of step t
       const bool* valid = m ? m + t * N : nullptr;
@@ -91,8 +93,7 @@ std::vector<Tensor> lstm_forward(Tensor& gx, const Tensor& h0, const Tensor& c0,
       const scalar_t* z = apart ? recurrent.rows_of(h_prev, lo, hi, P, xh)
                                 : recurrent.rows(h_prev, N, P, xh, [&] { return hs[now]; },
                                                  [&] { return xhat_hh[normed ? k : 0]; });
-      const StepNorm<scalar_t> norm_hh(s, nb_hh, t, steps, N, F, z, valid, count[t], run_hh,
-                                       run_hh ? run_hh + steps * F : nullptr);
+      const StepNorm<scalar_t> norm_hh(s, nb_hh, t, steps, N, F, z, valid, count[t], run_hh);
       const scalar_t* g = gx.data_ptr<scalar_t>() + t * N * F;
       scalar_t* a = acts.data_ptr<scalar_t>() + k * N * F;
       const scalar_t* c_prev = cs.data_ptr<scalar_t>() + now * N * H;
@@ -134,8 +135,7 @@ SEQNORM_SIMD
       // statistics come row by row, and running ones (eval mode) are there from the start.
       const bool two_walks = batch && s.uses_batch(count[t]);
       if (normed && !two_walks)
-        norm_c.emplace(s, nb_c, t, steps, N, H, c_new, valid, count[t], run_c,
-                       run_c ? run_c + steps * H : nullptr);
+        norm_c.emplace(s, nb_c, t, steps, N, H, c_new, valid, count[t], run_c);
       // gates and the new cell state (and h', unless two_walks)
       for_rows(lo, hi, F, [&](int64_t n) {
         const scalar_t* gn = g + n * F;
@@ -163,8 +163,7 @@ SEQNORM_SIMD
         if (!two_walks) output(n);
       });
       if (two_walks) {
-        norm_c.emplace(s, nb_c, t, steps, N, H, c_new, valid, count[t], run_c,
-                       run_c + steps * H);
+        norm_c.emplace(s, nb_c, t, steps, N, H, c_new, valid, count[t], run_c);
         for_rows(lo, hi, H, output);
       }
       if (proj) {  // h' = (sig(o) tanh(Nc(c'))) W_hr^T for the valid rows
@@ -178,8 +177,8 @@ SEQNORM_SIMD
       }
     };
     if (batch && !s.training) {  // running statistics, for StepNorm
-      running_stats_ahead(s, nb_hh, steps, F, run_hh, run_hh + steps * F);
-      running_stats_ahead(s, nb_c, steps, H, run_c, run_c + steps * H);
+      running_stats_ahead(s, nb_hh, steps, F, run_hh);
+      running_stats_ahead(s, nb_c, steps, H, run_c);
     }
     run_steps(steps, N, apart, step);
   });

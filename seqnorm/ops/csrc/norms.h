@@ -222,13 +222,35 @@ void batch_norm_backward(const scalar_t* dy, scalar_t* dx, const scalar_t* xhat,
   });
 }
 
+// Batch norm's running mean and variance of every step, (steps, F) each, as the kernels read
+// them (null for the other norms).
+template <typename scalar_t>
+struct RunningRows {
+  const scalar_t* mean;
+  const scalar_t* var;
+  RunningRows(const OptTensor& mean_, const OptTensor& var_)
+      : mean(ptr_or_null<scalar_t>(mean_)), var(ptr_or_null<scalar_t>(var_)) {}
+};
+
+// Checks what a kernel was given as a site's running statistics (batch norm only).
+inline void check_running(const NormConfig& s, const OptTensor& mean, const OptTensor& var,
+                          int64_t steps, int64_t F, const char* site) {
+  if (!s.batch()) return;
+  TORCH_CHECK(present(mean) && present(var), "batch norm needs the running mean and variance of ",
+              site);
+  for (const Tensor& t : {*mean, *var})
+    TORCH_CHECK(t.sizes() == at::IntArrayRef({steps, F}) && t.is_contiguous(), "the running ",
+                "statistics of ", site, " must be contiguous (", steps, ", ", F, "), got ",
+                t.sizes());
+}
+
 // Batch norm in eval mode: the running statistics of every step written to buf ahead of the
 // steps, in one parallel pass over them, for StepNorm to read (a loop whose threads take their
 // rows through the steps apart could not compute them step by step). Every caller of StepNorm
-// calls it first in eval mode. run_mean and run_var (steps, F).
+// calls it first in eval mode.
 template <typename scalar_t>
 void running_stats_ahead(const NormConfig& s, NormBuffers& buf, int64_t steps, int64_t F,
-                         const scalar_t* run_mean, const scalar_t* run_var) {
+                         const RunningRows<scalar_t>& run) {
   TORCH_CHECK(s.batch() && !s.training, "running_stats_ahead: batch norm in eval mode only");
   scalar_t* stats = buf.stats.data_ptr<scalar_t>();
   at::parallel_for(0, steps, std::max<int64_t>(1, 4096 / std::max<int64_t>(F, 1)),
@@ -236,7 +258,7 @@ void running_stats_ahead(const NormConfig& s, NormBuffers& buf, int64_t steps, i
                      for (int64_t t = lo; t < hi; ++t) {
                        scalar_t* mean = stats + t * buf.stride;
                        batch_stats_range<scalar_t>(s, nullptr, 0, F, 0, F, nullptr, 0,
-                                                   run_mean + t * F, run_var + t * F, mean,
+                                                   run.mean + t * F, run.var + t * F, mean,
                                                    mean + F, nullptr, nullptr);
                      }
                    });
@@ -250,14 +272,14 @@ struct StepNorm {
   const NormConfig& s;
   int64_t F;
   scalar_t* stats;  // group: rstd (N, G); batch: mean (F) and rstd (F)
-  // values (N, F) of step t of `steps`; run_mean and run_var (steps, F) or null.
+  // values (N, F) of step t of `steps`.
   StepNorm(const NormConfig& s_, NormBuffers& buf, int64_t t, int64_t steps, int64_t N,
            int64_t F_, const scalar_t* values, const bool* valid, int64_t count,
-           const scalar_t* run_mean, const scalar_t* run_var)
+           const RunningRows<scalar_t>& run)
       : s(s_), F(F_), stats(buf.stats.data_ptr<scalar_t>() + t * buf.stride) {
     if (!s.batch() || !s.training) return;
     scalar_t* batch = buf.batch_stats.data_ptr<scalar_t>();
-    batch_stats(s, values, N, F, valid, count, run_mean + t * F, run_var + t * F, stats,
+    batch_stats(s, values, N, F, valid, count, run.mean + t * F, run.var + t * F, stats,
                 stats + F, batch + t * F, batch + (steps + t) * F);
   }
   void row(int64_t n, const scalar_t* x, scalar_t* xhat) const {

@@ -10,13 +10,15 @@
 TORCH_LIBRARY(seqnorm_cpp, m) {
   using namespace seqnorm;
   m.def(
-      "input_forward(Tensor x, Tensor w_ih, Tensor? bias, Tensor? gamma, Tensor? running, "
-      "Tensor? mask, str norm, int groups, float eps, bool training, bool keep) -> Tensor[]",
+      "input_forward(Tensor x, Tensor w_ih, Tensor? bias, Tensor? gamma, Tensor? running_mean, "
+      "Tensor? running_var, Tensor? mask, str norm, int groups, float eps, bool training, "
+      "bool keep) -> Tensor[]",
       &input_forward);
   m.def(
       "lstm_forward(Tensor(a!) gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, "
-      "Tensor? gamma_hh, Tensor? gamma_c, Tensor? beta_c, Tensor? running_hh, Tensor? running_c, "
-      "Tensor? mask, str norm, int groups, float eps, bool training, bool keep) -> Tensor[]",
+      "Tensor? gamma_hh, Tensor? gamma_c, Tensor? beta_c, Tensor? running_mean_hh, "
+      "Tensor? running_var_hh, Tensor? running_mean_c, Tensor? running_var_c, Tensor? mask, "
+      "str norm, int groups, float eps, bool training, bool keep) -> Tensor[]",
       &lstm_forward);
   m.def(
       "lstm_backward(Tensor grad_out, Tensor grad_h, Tensor grad_c, Tensor[] saved, Tensor x, "
@@ -26,8 +28,8 @@ TORCH_LIBRARY(seqnorm_cpp, m) {
       &lstm_backward);
   m.def(
       "gru_forward(Tensor(a!) gx, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? gamma_hh, "
-      "Tensor? running_hh, Tensor? mask, str norm, int groups, float eps, bool training, "
-      "bool keep) -> Tensor[]",
+      "Tensor? running_mean_hh, Tensor? running_var_hh, Tensor? mask, str norm, int groups, "
+      "float eps, bool training, bool keep) -> Tensor[]",
       &gru_forward);
   m.def(
       "gru_backward(Tensor grad_out, Tensor grad_h, Tensor[] saved, Tensor x, Tensor w_ih, "
