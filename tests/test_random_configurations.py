@@ -2,7 +2,9 @@
 in float64: the combinations the parametrized tests take one axis at a time (cell, norm, layers,
 direction, batch_first, bias, padding by lengths or PackedSequence, unbatched input, initial
 states, train or eval, batch norm's max_steps) drawn together. Outputs, final states, the
-gradients of the input, the states and every parameter, and the running statistics must agree."""
+gradients of the input, the states and every parameter, and the running statistics must agree;
+in eval mode, a run without a backward (which keeps nothing, and reads batch norm's running rows
+in place) must give the kernel's outputs again, bit for bit."""
 
 import copy
 import random
@@ -108,3 +110,7 @@ def test_a_random_configuration_on_the_kernel_equals_the_loop(seed):
             assert_close(g, w, rtol=1e-8, atol=1e-8)
     for (name, g), (_, w) in zip(kernel.named_buffers(), loop.named_buffers()):
         assert_close(g, w, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"{name}: {m}")
+    if not c["training"]:  # without a backward: nothing kept, batch norm's rows read in place
+        with torch.no_grad():
+            for g, w in zip(flat(run(kernel)), got):
+                assert_close(g, w, rtol=0, atol=0)
