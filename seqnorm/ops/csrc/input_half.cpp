@@ -44,8 +44,9 @@ Tensor project(const Tensor& x, const Tensor& w, const OptTensor& bias) {
 
 std::vector<Tensor> input_forward(const Tensor& x, const Tensor& w_ih, const OptTensor& bias,
                                   const OptTensor& gamma, const OptTensor& running_mean,
-                                  const OptTensor& running_var, const OptTensor& mask, const std::string& norm, int64_t groups,
-                                  double eps, bool training, bool keep) {
+                                  const OptTensor& running_var, const OptTensor& mask,
+                                  const std::string& norm, int64_t groups, double eps,
+                                  bool training, bool keep) {
   const NormConfig s = NormConfig::parse(norm, groups, eps, training);
   const int64_t steps = x.size(0), N = x.size(1), F = w_ih.size(0);
   const bool* m = mask_ptr(mask);

@@ -10,13 +10,14 @@
 namespace seqnorm {
 
 // Projects, normalizes and shifts the input of every step: x (steps, N, I), w_ih (F, I),
-// running_mean and running_var (steps, F): batch norm's, of every step. Returns the gates' input half y
-// (steps, N, F), x_hat, the statistics, the batch statistics and the valid counts; x_hat and y
-// share one buffer without a backward (keep false), and are one tensor without a norm.
+// running_mean and running_var (steps, F): batch norm's, of every step. Returns the gates' input
+// half y (steps, N, F), x_hat, the statistics, the batch statistics and the valid counts; x_hat
+// and y share one buffer without a backward (keep false), and are one tensor without a norm.
 std::vector<Tensor> input_forward(const Tensor& x, const Tensor& w_ih, const OptTensor& bias,
                                   const OptTensor& gamma, const OptTensor& running_mean,
-                                  const OptTensor& running_var, const OptTensor& mask, const std::string& norm, int64_t groups,
-                                  double eps, bool training, bool keep);
+                                  const OptTensor& running_var, const OptTensor& mask,
+                                  const std::string& norm, int64_t groups, double eps,
+                                  bool training, bool keep);
 
 // Which gradients of the input half to compute.
 struct InputNeeds {
