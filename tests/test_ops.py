@@ -339,6 +339,22 @@ def test_eval_mode_matches_python_loop(monkeypatch, cls, norm):
         assert_close(got, want)
 
 
+def test_the_rows_a_backward_keeps_reach_the_triton_kernels_without_another_copy():
+    """Where a backward may follow, each site's running rows are copied once, mean and variance
+    side by side, and the Triton kernels' wrapper takes them as one (2, T, F) view; rows apart in
+    memory (the module's own, read in place without a backward) are stacked into a copy."""
+    model = make("LSTM", "batch", hidden_size=4, input_size=3)
+    randomize_running(model)
+    run = ops.Running(model.norm_hh_l0.running_mean, model.norm_hh_l0.running_var, 0.1)
+    want = torch.stack((run.mean[:5], run.var[:5]))
+    for keep in (True, False):
+        mean, var = ops._running_rows([run], 5, keep)
+        assert (mean.data_ptr() == run.mean.data_ptr()) == (not keep)
+        pair = library._pair(mean, var)
+        assert_close(pair, want, rtol=0, atol=0)
+        assert (pair.data_ptr() == mean.data_ptr()) == keep
+
+
 def test_the_kernels_refuse_running_rows_of_another_shape():
     """The C++ kernels read each site's running mean and variance through raw pointers: rows of
     the wrong shape, non-contiguous ones or a missing variance are refused, naming the site."""

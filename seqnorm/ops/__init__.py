@@ -174,10 +174,11 @@ def _rows(running: Running | None, steps) -> reference.Rows | None:
 def _running_rows(running, steps, keep: bool) -> tuple[Tensor | None, ...]:
     """Each site's running mean and variance of ``steps`` steps, ``(steps, F)`` each, in turn
     (two Nones for a site without batch norm). In eager mode, when every step has its own row,
-    the module's own rows, sliced (a gather of them took 4-5x as long at 100 steps), and copied
-    where a backward may follow (``keep``): autograd keeps them for it, and a training forward
-    moves the module's rows in place. Traced or compiled, where ``steps`` may vary, always the
-    gather."""
+    the module's own rows, sliced (a gather of them took 4-5x as long at 100 steps); traced or
+    compiled, where ``steps`` may vary, always the gather. Where a backward may follow
+    (``keep``), a copy, since autograd keeps them for it and a training forward moves the
+    module's rows in place: one ``(2, steps, F)`` tensor, mean then variance, which the Triton
+    kernels read as it is (:func:`.library._stacked`)."""
     sliced = (
         isinstance(steps, int) and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
     )
@@ -185,11 +186,11 @@ def _running_rows(running, steps, keep: bool) -> tuple[Tensor | None, ...]:
     for r in running:
         if r is None:
             rows += (None, None)
-        elif sliced and steps <= r.mean.shape[0]:
-            mean, var = r.mean[:steps], r.var[:steps]
-            rows += (mean.clone(), var.clone()) if keep else (mean, var)
-        else:
-            rows += _rows(r, steps)
+            continue
+        pair = (r.mean[:steps], r.var[:steps]) if sliced and steps <= r.mean.shape[0] else None
+        if pair is None:
+            pair = _rows(r, steps)
+        rows += torch.stack(pair).unbind() if keep else pair
     return tuple(rows)
 
 

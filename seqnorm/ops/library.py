@@ -671,10 +671,27 @@ def _stacked(args) -> list:
     for name, value in zip(args._fields, args):
         if name.startswith("running_mean_"):
             var = getattr(args, "running_var_" + name.removeprefix("running_mean_"))
-            taken.append(None if value is None else torch.stack((value, var)))
+            taken.append(None if value is None else _pair(value, var))
         elif not name.startswith("running_var_"):
             taken.append(value)
     return taken
+
+
+def _pair(mean: Tensor, var: Tensor) -> Tensor:
+    """``mean`` and ``var`` ``(T, F)`` as one ``(2, T, F)`` tensor: a view where ``var`` follows
+    ``mean`` in memory (as ``seqnorm.ops._running_rows`` lays out the rows a backward keeps), so
+    that neither the forward nor the backward copies them again; else a copy."""
+    steps, features = mean.shape
+    if (
+        mean.is_contiguous()
+        and var.is_contiguous()
+        and var.dtype == mean.dtype
+        and var.device == mean.device
+        and var.untyped_storage().data_ptr() == mean.untyped_storage().data_ptr()
+        and var.storage_offset() == mean.storage_offset() + steps * features
+    ):
+        return mean.as_strided((2, steps, features), (steps * features, features, 1))
+    return torch.stack((mean, var))
 
 
 def _asked(results, needs, inputs) -> list:
