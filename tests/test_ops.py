@@ -307,9 +307,7 @@ def test_eval_mode_matches_python_loop(monkeypatch, cls, norm):
     copies where one may follow (autograd keeps them, and a training forward would move the
     module's rows under it)."""
     model = _make(cls, norm, hidden_size=16).eval()
-    if norm == "batch":  # non-trivial running statistics
-        for name, buf in model.named_buffers():
-            buf.uniform_(0.5, 1.5) if "var" in name else buf.normal_()
+    randomize_running(model)
     fast, reference = _pair(model)
     own = [b.data_ptr() for name, b in fast.named_buffers() if "running" in name]
     handed = []  # what the direction was handed: whether a backward may follow, and the rows
@@ -353,6 +351,9 @@ def test_the_rows_a_backward_keeps_reach_the_triton_kernels_without_another_copy
         pair = library._pair(mean, var)
         assert_close(pair, want, rtol=0, atol=0)
         assert (pair.data_ptr() == mean.data_ptr()) == keep
+    both = torch.zeros(40)  # side by side, but not of one shape: refused, not viewed as (2, 5, 4)
+    with pytest.raises(RuntimeError, match="stack expects each tensor to be equal size"):
+        library._pair(both[:20].view(5, 4), both[20:].view(4, 5))
 
 
 def test_the_kernels_refuse_running_rows_of_another_shape():

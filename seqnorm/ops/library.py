@@ -685,6 +685,7 @@ def _pair(mean: Tensor, var: Tensor) -> Tensor:
     if (
         mean.is_contiguous()
         and var.is_contiguous()
+        and var.shape == mean.shape
         and var.dtype == mean.dtype
         and var.device == mean.device
         and var.untyped_storage().data_ptr() == mean.untyped_storage().data_ptr()
