@@ -59,6 +59,8 @@ TRAINER_DISPLAY_AND_FILES = (
     "profiler", "max_steps", "limit_val_batches", "num_sanity_val_steps", "val_check_interval",
     "check_val_every_n_epoch",
 )  # fmt: skip
+# Data settings that training never reads (the documents `predict` classifies)
+DATA_NOT_TRAINED_ON = ("predict_path",)
 NORMS = ("none", "batch", "layer", "group")
 
 
@@ -205,7 +207,12 @@ class Study:
             "samples": self.sweep.samples,
             "steps": self.sweep.samples // batch,
             "model": self._run_config(norm, batch, multiplier, seed).model.as_dict(),
-            "data": self._data_args(self.config).as_dict() | {"batch_size": batch},
+            "data": {
+                k: v
+                for k, v in self._data_args(self.config).as_dict().items()
+                if k not in DATA_NOT_TRAINED_ON
+            }
+            | {"batch_size": batch},
             "trainer": {
                 k: v
                 for k, v in self.config.trainer.as_dict().items()
@@ -389,10 +396,10 @@ def _difference(old: dict, new: dict, prefix: str = "") -> list[str]:
     """The settings that differ, as ``name: old then, new now``, nested names dotted."""
     new, changes = json.loads(json.dumps(new)), []
     for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
+        a, b = old.get(key, "(absent)"), new.get(key, "(absent)")
         if isinstance(a, dict) and isinstance(b, dict):
             changes += _difference(a, b, f"{prefix}{key}.")
-        elif a != b:
+        elif a != b or (key in old) != (key in new):
             changes.append(f"{prefix}{key}: {a!r} then, {b!r} now")
     return changes
 
