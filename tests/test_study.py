@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -320,3 +321,34 @@ def test_a_runs_commit_is_marked_changed_by_code_changes_not_by_results(tmp_path
 def test_report_needs_a_study_folder(tmp_path):
     with pytest.raises(SystemExit):
         report.main([str(tmp_path)])
+
+
+SHIPPED = sorted(glob.glob(os.path.join(ROOT, "results", "batch_size_study", "*", "study.json")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("described", SHIPPED, ids=[p.split(os.sep)[-2] for p in SHIPPED])
+def test_every_shipped_study_reads_back_into_its_summary(described, tmp_path, monkeypatch):
+    """Each results folder's runs, read back with the command that trained them (no training),
+    give the summary shipped beside them: a setting added to a recipe since would otherwise make
+    a finished study unreadable (it would not resume, nor could its report be redrawn)."""
+    folder = os.path.dirname(described)
+    command = shlex.split(json.loads(study.Path(described).read_text())["command"])
+    assert command[:2] == ["python", "recipes/batch_size_study.py"]
+    shutil.copytree(os.path.join(folder, "runs"), tmp_path / "runs")
+    monkeypatch.chdir(ROOT)  # the commands name configs/ and data relative to the checkout
+
+    def no_training(*a, **k):
+        raise AssertionError("a shipped run was not read back")
+
+    monkeypatch.setattr(study.Study, "_train", no_training)
+    rows = study.main([*command[2:], "--sweep.train=false", f"--sweep.out={tmp_path}"])
+    assert rows
+
+    def without_command(path):
+        text = study.Path(path).read_text()
+        return re.sub(r"^Command: .*$", "", text, count=1, flags=re.M)
+
+    assert without_command(tmp_path / "summary.md") == without_command(
+        os.path.join(folder, "summary.md")
+    )

@@ -182,6 +182,7 @@ def write(out) -> dict:
     commits = sorted({r["commit"] for r in results})
     trained = [r for r in results if r["status"] == "ok"]
     total = sum(r["train_seconds"] for r in trained)
+    incomplete = any(c["status"] in ("not run", "partial") for c in cells.values())
     (out / "summary.md").write_text(
         f"# Batch-size study: {study['recipe']}, test {study['metric']}\n\n"
         f"Command: `{study['command']}`\n\nCommits of the runs: {', '.join(commits) or 'none'}\n\n"
@@ -193,7 +194,7 @@ def write(out) -> dict:
         f"{total / 3600:.2f} hours of training in all. The full config is in study.json.\n\n"
         + (
             ""
-            if sweep.get("train", True)
+            if sweep.get("train", True) or not incomplete
             else "Reported without training (`--sweep.train false`): the same command without "
             "it trains the runs marked not run.\n\n"
         )
