@@ -286,6 +286,16 @@ def test_quick_classification_writes_every_output(tmp_path):
     _check_quick(out, ["none", "batch", "layer", "group"], rows)
 
 
+def test_a_setting_that_exists_on_one_side_only_is_named():
+    old = {"lr": 0.1, "data": {"path": "a.tsv", "gone": 3}}
+    new = {"lr": 0.1, "data": {"path": "a.tsv", "added": None}}
+    assert study._difference(old, new) == [
+        "data.added: '(absent)' then, None now",
+        "data.gone: 3 then, '(absent)' now",
+    ]
+    assert study._difference(old, old) == []
+
+
 def test_quick_check_does_not_write_over_the_shipped_results():
     full = study.Sweep(out="results/batch_size_study/char_lm_shakespeare")
     quick = study.Sweep(out="results/batch_size_study/char_lm_shakespeare", quick=True)
