@@ -303,9 +303,9 @@ def test_without_grad_matches_python_loop(cls, norm, mode):
 @pytest.mark.parametrize("norm", NORM_CASES)
 def test_eval_mode_matches_python_loop(monkeypatch, cls, norm):
     """Eval mode against the loop; without a backward to follow, batch norm hands the kernel the
-    module's running rows themselves (stacking copies of them took 147 us a call at batch 1), and
-    copies where one may follow (autograd keeps them, and a training forward would move the
-    module's rows under it)."""
+    module's running rows themselves (stacking copies of them took 147 us a call with cold
+    caches, benchmarks/README.md), and copies where one may follow (autograd keeps them, and a
+    training forward would move the module's rows under it)."""
     model = _make(cls, norm, hidden_size=16).eval()
     randomize_running(model)
     fast, reference = _pair(model)

@@ -265,9 +265,9 @@ def test_the_cuda_kernels_run_with_their_inputs_device_current(monkeypatch):
     mean, var = torch.zeros(2, 3, device="meta"), torch.ones(2, 3, device="meta")
     for name in names:
         op = getattr(library, name)
-        args = [None] * len(op.Args._fields)
-        args[:2] = on_cpu, x
         fields = op.Args._fields
+        args = [None] * len(fields)
+        args[:2] = on_cpu, x
         args[fields.index("running_mean_ih")] = mean
         args[fields.index("running_var_ih")] = var
         current.clear()

@@ -187,9 +187,8 @@ def _running_rows(running, steps, keep: bool) -> tuple[Tensor | None, ...]:
         if r is None:
             rows += (None, None)
             continue
-        pair = (r.mean[:steps], r.var[:steps]) if sliced and steps <= r.mean.shape[0] else None
-        if pair is None:
-            pair = _rows(r, steps)
+        in_place = sliced and steps <= r.mean.shape[0]
+        pair = (r.mean[:steps], r.var[:steps]) if in_place else _rows(r, steps)
         rows += torch.stack(pair).unbind() if keep else pair
     return tuple(rows)
 
